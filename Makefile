@@ -1,0 +1,45 @@
+# One-command set-up: `make demo` and `make test` each create or reuse .venv,
+# install the project and the offline assets, then do their job.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FG     := $(VENV)/bin/finegrained
+# The CUDA builds a GPU user wants; on the build machines pip takes them from local files.
+TORCH_VERSION       := 2.14.1
+TORCHVISION_VERSION := 0.29.1
+STAMP  := $(VENV)/.finegrained-installed
+DEMO   := runs/demo
+
+.PHONY: setup assets demo test clean
+
+setup: $(STAMP) assets
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+assets:
+	@bash scripts/install-assets.sh
+
+demo: setup
+	$(FG) fit --config recipes/demo.yaml
+	$(FG) test --config recipes/demo.yaml --ckpt_path $(DEMO)/checkpoints/best.ckpt
+	$(FG) export --ckpt $(DEMO)/checkpoints/best.ckpt --format onnx --out $(DEMO)/demo.onnx
+	$(FG) data samples --config recipes/demo.yaml --split test --n 8 --out $(DEMO)/samples
+	$(FG) predict-images --model $(DEMO)/demo.onnx $(DEMO)/samples --csv $(DEMO)/predictions.csv
+	@echo
+	@echo "Demo outputs:"
+	@echo "  checkpoints      $(DEMO)/checkpoints/{best,last}.ckpt"
+	@echo "  logs + config    $(DEMO)/lightning_logs/"
+	@echo "  ONNX model       $(DEMO)/demo.onnx (+ $(DEMO)/demo.onnx.json manifest)"
+	@echo "  sample images    $(DEMO)/samples/"
+	@echo "  predictions      $(DEMO)/predictions.csv"
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,29 @@
+"""B-CNN: bilinear pooling with signed square root and l2 normalisation.
+
+Lin, RoyChowdhury, Maji, "Bilinear CNN Models for Fine-grained Visual Recognition", ICCV 2015.
+The symmetric (single-stream) form: G = (1/M)·X·Xᵀ (uncentred), all C² entries,
+then sign(g)·√(|g| + ε) and l2. VGG-16 relu5_3 gives 512² = 262,144 values.
+
+Shapes: (B, C, H, W) -> (B, C²).
+"""
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finegrained.heads import register_head
+from finegrained.heads._precision import float32_matrices
+from finegrained.linalg import gram, signed_sqrt
+
+
+@register_head("bcnn")
+class BilinearHead(nn.Module):
+    """Bilinear pooling; ``eps`` sits inside the square root so the gradient is finite at 0."""
+
+    def __init__(self, in_channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.output_dim = in_channels * in_channels
+
+    @float32_matrices
+    def forward(self, x: Tensor) -> Tensor:
+        g = gram(x).flatten(1)
+        return F.normalize(signed_sqrt(g, self.eps), dim=1)

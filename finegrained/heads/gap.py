@@ -1,0 +1,20 @@
+"""Global average pooling: the first-order baseline of every table.
+
+Used by Inception, ResNet and DenseNet (Lin, Chen, Yan, "Network In Network", ICLR 2014).
+Shapes: (B, C, H, W) -> (B, C).
+"""
+from torch import Tensor, nn
+
+from finegrained.heads import register_head
+
+
+@register_head("gap")
+class GlobalAvgPoolHead(nn.Module):
+    """Mean over positions; ``output_dim = in_channels``."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.output_dim = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))

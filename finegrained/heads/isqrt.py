@@ -1,0 +1,54 @@
+"""iSQRT-COV: covariance pooling with iterative matrix square-root normalisation.
+
+Li, Xie, Wang, Gao, "Towards Faster Training of Global Covariance Pooling Networks by
+Iterative Matrix Square Root Normalization", CVPR 2018.
+
+Pipeline: optional reduction (1×1 conv C→r without bias, BN, ReLU; Kaiming fan_out init)
+-> covariance Σ -> Newton–Schulz square root (trace pre-normalisation, N iterations,
+√tr Σ post-compensation) -> upper triangle.
+
+Shapes: (B, C, H, W) -> (B, d(d+1)/2) with d = r (or C without reduction);
+r = 256 gives 32,896 values.
+"""
+from typing import Optional
+
+from torch import Tensor, nn
+
+from finegrained.heads import register_head
+from finegrained.heads._precision import float32_matrices
+from finegrained.linalg import covariance, sqrtm_newton_schulz, triu_vec
+
+
+def channel_reduction(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1×1 conv (no bias) + BN + ReLU, initialised as in the official iSQRT-COV code."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    bn = nn.BatchNorm2d(out_channels)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return nn.Sequential(conv, bn, nn.ReLU(inplace=True))
+
+
+@register_head("isqrt")
+class ISqrtCovHead(nn.Module):
+    """iSQRT-COV head.
+
+    Args:
+        in_channels: C of the backbone's feature map.
+        reduction: channels after the 1×1 reduction (256 in the paper); ``None`` keeps C.
+        iterations: Newton–Schulz iterations (5 in the paper's fine-grained models).
+    """
+
+    def __init__(self, in_channels: int, reduction: Optional[int] = 256, iterations: int = 5):
+        super().__init__()
+        self.reduce = channel_reduction(in_channels, reduction) if reduction else nn.Identity()
+        self.dim = reduction or in_channels
+        self.iterations = iterations
+        self.output_dim = self.dim * (self.dim + 1) // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.reduce(x))
+
+    @float32_matrices
+    def pool(self, x: Tensor) -> Tensor:
+        return triu_vec(sqrtm_newton_schulz(covariance(x), self.iterations))
