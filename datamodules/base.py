@@ -1,0 +1,78 @@
+"""Base LightningDataModule with the fine-grained transforms.
+
+Subclasses implement :meth:`FineGrainedDataModule.build_datasets` and :attr:`class_names`.
+After ``setup()`` every DataModule exposes ``train_dataset``, ``val_dataset``,
+``test_dataset``, ``num_classes`` and ``class_names``; batches are
+``(images (B, 3, crop, crop) float32, labels (B,) int64)``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, preprocessing_spec,
+                                    train_transform)
+
+
+class FineGrainedDataModule(pl.LightningDataModule):
+    """Common loader and transform settings.
+
+    Args:
+        batch_size: images per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+        resize_size: int = shorter side (aspect kept) or [h, w].
+        crop_size: square crop side, or [h, w].
+        mean, std: normalisation (ImageNet by default).
+        hflip: random horizontal flips in training.
+    """
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 2,
+                 resize_size: Union[int, List[int]] = 512, crop_size: Union[int, List[int]] = 448,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 hflip: bool = True):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.preprocessing = preprocessing_spec(resize_size, crop_size, mean, std)
+        self.train_transform = train_transform(resize_size, crop_size, mean, std, hflip)
+        self.eval_transform = eval_transform(self.preprocessing)
+        self.train_dataset: Optional[Dataset] = None
+        self.val_dataset: Optional[Dataset] = None
+        self.test_dataset: Optional[Dataset] = None
+
+    # -- to implement ---------------------------------------------------------------------
+    @property
+    def class_names(self) -> List[str]:
+        raise NotImplementedError
+
+    def build_datasets(self) -> Tuple[Dataset, Dataset, Dataset]:
+        """Return (train, val, test) datasets with the train/eval transforms attached."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset, self.val_dataset, self.test_dataset = self.build_datasets()
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)

@@ -1,0 +1,97 @@
+"""Your own data: one folder per class, ``root/{train,val,test}/<class>/<image>``.
+
+Classes are the sorted folder names of ``root/train`` (as torchvision's ImageFolder).
+``val`` may also be spelled ``valid``/``validation``; without it, a stratified
+``val_fraction`` of train is held out (scikit-learn, fixed seed). Without ``test``,
+the validation set doubles as the test set and a warning says so.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import Counter
+from functools import cached_property
+from typing import List, Tuple
+
+from sklearn.model_selection import train_test_split
+from torchvision.datasets.folder import make_dataset
+
+from datamodules.base import FineGrainedDataModule
+from datamodules.datasets import ImageListDataset
+from datamodules.io import IMAGE_EXTENSIONS
+
+_SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
+                "test": ("test", "testing")}
+
+
+class ImageFolderDataModule(FineGrainedDataModule):
+    """Args:
+        root: folder holding ``train/`` (and optionally ``val/`` and ``test/``).
+        val_fraction: share of train held out for validation when there is no val folder.
+        seed: seed of that split.
+        **kwargs: loader and transform settings of :class:`FineGrainedDataModule`.
+    """
+
+    def __init__(self, root: str, val_fraction: float = 0.1, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.root = os.path.expanduser(root)
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def _split_dir(self, split: str):
+        for name in _SPLIT_NAMES[split]:
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path):
+                return path
+        return None
+
+    @cached_property
+    def class_names(self) -> List[str]:
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"dataset root {self.root!r} does not exist; expected a folder with "
+                                    f"train/<class>/<image> (and optionally val/ and test/)")
+        train_dir = self._split_dir("train")
+        if train_dir is None:
+            raise FileNotFoundError(f"{self.root!r} has no train/ folder; expected "
+                                    f"{self.root}/train/<class>/<image>")
+        classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"{train_dir!r} has no class folders; expected {train_dir}/<class>/<image>")
+        return classes
+
+    def _samples(self, split_dir: str):
+        index = {name: i for i, name in enumerate(self.class_names)}
+        extra = sorted(set(e.name for e in os.scandir(split_dir) if e.is_dir()) - set(index))
+        if extra:
+            raise ValueError(f"{split_dir!r} has class folders not in train/: {extra}")
+        return make_dataset(split_dir, index, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+
+    def _stratified_holdout(self, train):
+        """Hold out ``val_fraction`` of train, at least one image per class, same for every seed run."""
+        labels = [label for _, label in train]
+        counts = Counter(labels)
+        too_few = [self.class_names[c] for c in range(len(self.class_names)) if counts[c] < 2]
+        if too_few:
+            raise ValueError(f"cannot hold out a stratified validation split from {self._split_dir('train')!r}: "
+                             f"classes {too_few[:10]} have fewer than 2 images; add a val/ folder or more images")
+        n_val = max(len(self.class_names), math.ceil(self.val_fraction * len(train)))
+        return train_test_split(train, test_size=n_val, stratify=labels, random_state=self.seed)
+
+    def build_datasets(self) -> Tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
+        classes = self.class_names
+        train = self._samples(self._split_dir("train"))
+        val_dir, test_dir = self._split_dir("val"), self._split_dir("test")
+        if val_dir is not None:
+            val = self._samples(val_dir)
+        else:
+            train, val = self._stratified_holdout(train)
+        if test_dir is not None:
+            test = self._samples(test_dir)
+        else:
+            warnings.warn(f"{self.root!r} has no test/ folder: the validation split is used as test set")
+            test = val
+        return (ImageListDataset(train, classes, self.train_transform),
+                ImageListDataset(val, classes, self.eval_transform),
+                ImageListDataset(test, classes, self.eval_transform))

@@ -1,0 +1,174 @@
+"""The ``finegrained`` command.
+
+Training and evaluation go through LightningCLI with YAML recipes::
+
+    finegrained fit      --config recipes/demo.yaml [--trainer.max_epochs 5 ...]
+    finegrained validate --config recipes/demo.yaml --ckpt_path CKPT
+    finegrained test     --config recipes/demo.yaml --ckpt_path CKPT
+    finegrained predict  --config recipes/demo.yaml --ckpt_path CKPT
+
+Tools around trained models and data::
+
+    finegrained export --ckpt CKPT --format onnx|torchscript --out FILE
+    finegrained predict-images --model FILE IMG_OR_DIR... [--topk 5] [--csv OUT.csv]
+    finegrained data samples --config RECIPE --split test --n 8 --out DIR
+
+This is the one place where model and data meet: the DataModule's ``num_classes``,
+``class_names`` and ``preprocessing`` are linked into the model's hyper-parameters, so every
+checkpoint knows how to name its outputs and prepare its inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Optional
+
+from pytorch_lightning import LightningDataModule
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from finegrained.model import FineGrainedClassifier
+
+
+class FineGrainedCLI(LightningCLI):
+    """LightningCLI with a best/last checkpoint callback and the data -> model links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val_top1",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.save_last": True,
+            "checkpoint.enable_version_counter": False,
+        })
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        # A checkpoint holds every weight: do not fetch ImageNet weights just to overwrite them.
+        if sub in ("validate", "test", "predict") and cfg.get("ckpt_path"):
+            cfg.model.backbone_weights = None
+
+    def after_test(self) -> None:
+        metrics = self.trainer.callback_metrics
+        if "test_top1" in metrics and self.trainer.is_global_zero:
+            parts = [f"top-1 {float(metrics['test_top1']):.4f}"]
+            if "test_top5" in metrics:
+                parts.append(f"top-5 {float(metrics['test_top5']):.4f}")
+            parts.append(f"mean per-class {float(metrics['test_mean_class_acc']):.4f}")
+            n = len(self.trainer.test_dataloaders.dataset) if self.trainer.test_dataloaders is not None else "?"
+            print(f"Test accuracy on {n} images: " + ", ".join(parts))
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # Checkpoints are only ever unpickled as plain tensors and containers.
+        if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = True
+        return kwargs
+
+
+def run_lightning_cli(args: Optional[List[str]] = None) -> FineGrainedCLI:
+    return FineGrainedCLI(
+        FineGrainedClassifier,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__.split("\n\n")[0]
+                       + " Also: finegrained export | predict-images | data (see finegrained <cmd> --help)."},
+        args=args,
+    )
+
+
+# ----------------------------------------------------------------------------- tools
+def _export_main(argv: List[str]) -> int:
+    from finegrained.export import export_classifier
+
+    parser = argparse.ArgumentParser(prog="finegrained export",
+                                     description="Export a trained checkpoint to ONNX or TorchScript, "
+                                                 "with a JSON manifest (class names, preprocessing, sha256).")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    parser.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    args = parser.parse_args(argv)
+    manifest = export_classifier(args.ckpt, args.format, args.out, opset=args.opset)
+    print(f"wrote {args.out} ({manifest['format']}, {len(manifest['class_names'])} classes, "
+          f"max |export - torch| = {manifest['parity_max_abs_diff']:.2e})")
+    print(f"wrote {manifest['manifest_path']}")
+    return 0
+
+
+def _predict_images_main(argv: List[str]) -> int:
+    from finegrained.predict import predict_images
+
+    parser = argparse.ArgumentParser(prog="finegrained predict-images",
+                                     description="Top-k classes per image from an exported model.")
+    parser.add_argument("--model", required=True, help="exported .onnx or TorchScript file (with its .json manifest)")
+    parser.add_argument("inputs", nargs="+", metavar="IMG_OR_DIR", help="image files or folders (searched recursively)")
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--csv", default=None, help="also write the predictions to this CSV file")
+    args = parser.parse_args(argv)
+    _, failures = predict_images(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size,
+                                 csv_path=args.csv)
+    return 1 if failures else 0
+
+
+def datamodule_from_config(config_path: str) -> LightningDataModule:
+    """Instantiate the ``data:`` section of a LightningCLI recipe."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    if "data" not in config:
+        raise ValueError(f"{config_path} has no 'data:' section")
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    cfg = parser.parse_object({"data": config["data"]})
+    return parser.instantiate_classes(cfg).data
+
+
+def _data_main(argv: List[str]) -> int:
+    from datamodules.samples import save_samples
+
+    parser = argparse.ArgumentParser(prog="finegrained data", description="Dataset tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    samples = sub.add_parser("samples", help="write a few images of a split as PNG files, named by class")
+    samples.add_argument("--config", required=True, help="recipe whose data: section to use")
+    samples.add_argument("--split", choices=["train", "val", "test"], default="test")
+    samples.add_argument("--n", type=int, default=8)
+    samples.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    datamodule = datamodule_from_config(args.config)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    dataset = getattr(datamodule, f"{args.split}_dataset")
+    for path in save_samples(dataset, args.out, args.n):
+        print(path)
+    return 0
+
+
+TOOLS: Dict[str, Callable[[List[str]], int]] = {
+    "export": _export_main,
+    "predict-images": _predict_images_main,
+    "data": _data_main,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        return TOOLS[args[0]](args[1:])
+    run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

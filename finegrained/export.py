@@ -1,0 +1,101 @@
+"""Export a trained FineGrainedClassifier to ONNX or TorchScript, with a JSON manifest.
+
+The artifact maps images (B, 3, h, w), float32, preprocessed as the manifest says, to
+logits (B, num_classes). The manifest ``<FILE>.json`` beside it records the class names,
+the preprocessing, the model recipe and the sha256 of the artifact; the export checks the
+artifact against PyTorch on random inputs and records the largest difference.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from finegrained.model import load_classifier
+
+FORMATS = ("onnx", "torchscript")
+PARITY_TOLERANCE = 1e-4
+_DEFAULT_PREPROCESSING = {"resize": 512, "crop": 448, "mean": [0.485, 0.456, 0.406],
+                          "std": [0.229, 0.224, 0.225], "interpolation": "bilinear", "color": "RGB"}
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_path(artifact_path: str) -> str:
+    return artifact_path + ".json"
+
+
+def _crop_hw(preprocessing: Dict[str, Any]):
+    crop = preprocessing["crop"]
+    return (crop, crop) if isinstance(crop, int) else tuple(crop)
+
+
+def _run_onnx(path: str, images: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+
+
+def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Optional[int] = None) -> Dict[str, Any]:
+    """Export ``checkpoint_path`` to ``out_path`` and write the manifest; returns the manifest."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    model = load_classifier(checkpoint_path)
+    hp = model.hparams
+    # Export plain modules: the artifact should hold the network, not the Lightning trainer plumbing.
+    network = torch.nn.Sequential(model.backbone, model.head, model.classifier).eval()
+    preprocessing = hp.get("preprocessing") or _DEFAULT_PREPROCESSING
+    class_names = list(hp.get("class_names") or [str(i) for i in range(hp.num_classes)])
+    height, width = _crop_hw(preprocessing)
+    example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+
+    with torch.no_grad():
+        reference = network(example).numpy()
+    if fmt == "onnx":
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.onnx.export(network, (example,), input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
+        program.save(out_path, external_data=False)
+        exported = _run_onnx(out_path, example)
+    else:
+        with torch.no_grad():
+            traced = torch.jit.trace(network, example)
+        traced.save(out_path)
+        exported = torch.jit.load(out_path)(example).detach().numpy()
+    max_diff = float(np.abs(exported - reference).max())
+    if not max_diff <= PARITY_TOLERANCE:
+        raise RuntimeError(f"exported {fmt} model differs from PyTorch by {max_diff:.3g} "
+                           f"(tolerance {PARITY_TOLERANCE}); {out_path} is not trustworthy")
+
+    manifest = {
+        "format": fmt,
+        "file": os.path.basename(out_path),
+        "sha256": sha256_file(out_path),
+        "class_names": class_names,
+        "preprocessing": preprocessing,
+        "input": {"name": "images", "shape": ["batch", 3, height, width], "dtype": "float32"},
+        "output": {"name": "logits", "shape": ["batch", len(class_names)]},
+        "model": {k: hp.get(k) for k in ("backbone", "backbone_weights", "last_stride", "head", "head_kwargs",
+                                         "num_classes", "test_flip")},
+        "source_checkpoint": os.path.abspath(checkpoint_path),
+        "parity_max_abs_diff": max_diff,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = manifest_path(out_path)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+    manifest["manifest_path"] = path
+    return manifest

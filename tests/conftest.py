@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny datasets written in the exact on-disk formats, and a tiny trained model."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Colours that make the classes separable, so a few steps of training mean something.
+PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 200, 30), (160, 40, 200)]
+
+
+def write_image(path, colour, size=48, seed=0, fmt=None):
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_image_folder(root, n_classes=3, per_class=6, splits=("train", "test"), size=48):
+    """root/<split>/<class_k>/<img>.jpg with class-specific colours."""
+    for split in splits:
+        for c in range(n_classes):
+            for i in range(per_class):
+                ext = ".png" if i % 2 else ".jpg"
+                write_image(os.path.join(root, split, f"class_{c}", f"{split}_{i:03d}{ext}"),
+                            PALETTE[c % len(PALETTE)], size=size, seed=hash((split, c, i)) % 2**32)
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "folder")
+
+
+TINY_RECIPE = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 2
+  limit_test_batches: 2
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+checkpoint:
+  dirpath: {root}/checkpoints
+model:
+  backbone: resnet18
+  backbone_weights: null
+  last_stride: 1
+  head: isqrt
+  head_kwargs:
+    reduction: 16
+  lr: 0.01
+data:
+  class_path: datamodules.ImageFolderDataModule
+  init_args:
+    root: {data}
+    val_fraction: 0.34
+    batch_size: 4
+    num_workers: 0
+    resize_size: 72
+    crop_size: 64
+"""
+
+
+def write_tiny_recipe(tmp_dir, data_root):
+    path = os.path.join(tmp_dir, "tiny.yaml")
+    with open(path, "w") as f:
+        f.write(TINY_RECIPE.format(root=os.path.join(tmp_dir, "run"), data=data_root))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny model fitted through the CLI: (recipe path, checkpoint path, data root)."""
+    from finegrained.cli import main
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(tmp / "data")
+    recipe = write_tiny_recipe(str(tmp), data)
+    assert main(["fit", "--config", recipe]) == 0
+    ckpt = os.path.join(str(tmp), "run", "checkpoints", "best.ckpt")
+    assert os.path.isfile(ckpt)
+    return recipe, ckpt, data

@@ -1,0 +1,138 @@
+"""The finegrained command: fit/test through LightningCLI, export (ONNX, TorchScript), predict-images."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.io import load_rgb
+from datamodules.transforms import eval_transform
+from finegrained.cli import main
+from finegrained.export import export_classifier
+from finegrained.model import load_classifier
+from finegrained.predict import ExportedModel, predict_images
+from tests.conftest import write_image, PALETTE
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "finegrained.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "fit" in out.stdout and "predict-images" in out.stdout
+
+
+def test_cli_fit_wrote_checkpoint_config_and_links(trained_run):
+    recipe, ckpt, _ = trained_run
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hparams["num_classes"] == 3  # linked from the DataModule
+    assert hparams["class_names"] == ["class_0", "class_1", "class_2"]
+    assert hparams["preprocessing"]["crop"] == 64
+    assert os.path.isfile(os.path.join(os.path.dirname(ckpt), "last.ckpt"))
+
+
+def test_cli_test_with_checkpoint(trained_run, capsys):
+    recipe, ckpt, _ = trained_run
+    assert main(["test", "--config", recipe, "--ckpt_path", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "test_top1" in out and "test_mean_class_acc" in out
+
+
+def test_cli_fast_dev_run_with_dotted_override(trained_run, tmp_path):
+    recipe, _, _ = trained_run
+    assert main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.head", "bcnn",
+                 "--model.head_kwargs", "{}", "--trainer.default_root_dir", str(tmp_path)]) == 0
+
+
+def test_cli_unknown_head_lists_known_names(trained_run):
+    recipe, _, _ = trained_run
+    with pytest.raises(ValueError, match="known heads: .*isqrt"):
+        main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.head", "nope"])
+
+
+def test_onnx_export_matches_pytorch(trained_run, tmp_path):
+    _, ckpt, _ = trained_run
+    out = str(tmp_path / "model.onnx")
+    assert main(["export", "--ckpt", ckpt, "--format", "onnx", "--out", out]) == 0
+    manifest = json.load(open(out + ".json"))
+    assert manifest["class_names"] == ["class_0", "class_1", "class_2"]
+    assert manifest["preprocessing"]["crop"] == 64 and manifest["sha256"]
+    assert manifest["parity_max_abs_diff"] <= 1e-4
+    # Independent check, on a new batch size (the batch axis is dynamic).
+    import onnxruntime as ort
+
+    model = load_classifier(ckpt)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x).numpy()
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - reference).max() <= 1e-4
+
+
+def test_torchscript_export_matches_pytorch(trained_run, tmp_path):
+    _, ckpt, _ = trained_run
+    out = str(tmp_path / "model.pt")
+    manifest = export_classifier(ckpt, "torchscript", out)
+    assert manifest["format"] == "torchscript"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(out)(x), load_classifier(ckpt)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_run, tmp_path_factory):
+    _, ckpt, _ = trained_run
+    out = str(tmp_path_factory.mktemp("onnx") / "m.onnx")
+    export_classifier(ckpt, "onnx", out)
+    return ckpt, out
+
+
+def test_predict_images_matches_torch_and_writes_csv(onnx_model, tmp_path, capsys):
+    ckpt, artifact = onnx_model
+    images = [write_image(str(tmp_path / "imgs" / f"{k}.jpg"), PALETTE[k], size=80, seed=k) for k in range(3)]
+    csv_path = str(tmp_path / "pred.csv")
+    assert main(["predict-images", "--model", artifact, str(tmp_path / "imgs"), "--topk", "2",
+                 "--csv", csv_path]) == 0
+    out = capsys.readouterr().out
+    assert all(p in out for p in images)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 6 and {r["rank"] for r in rows} == {"1", "2"}
+    model = load_classifier(ckpt)
+    transform = eval_transform(model.hparams.preprocessing)
+    batch = torch.stack([transform(load_rgb(p)) for p in images])
+    with torch.no_grad():
+        expected = model(batch).argmax(1).tolist()
+    top1 = [int(r["index"]) for r in rows if r["rank"] == "1"]
+    assert top1 == expected
+
+
+def test_predict_images_reports_bad_files_and_keeps_going(onnx_model, tmp_path, capsys):
+    _, artifact = onnx_model
+    good = write_image(str(tmp_path / "good.png"), PALETTE[0], size=70)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    rows, failures = predict_images(artifact, [good, str(bad)], topk=1)
+    assert [r["path"] for r in rows] == [good]
+    assert failures and failures[0][0] == str(bad) and "bad.jpg" in failures[0][1]
+
+
+def test_predict_refuses_tampered_artifact(onnx_model, tmp_path):
+    _, artifact = onnx_model
+    tampered = tmp_path / "t.onnx"
+    tampered.write_bytes(open(artifact, "rb").read() + b"\0")
+    (tmp_path / "t.onnx.json").write_text(open(artifact + ".json").read())
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        ExportedModel(str(tampered))
+    os.remove(tmp_path / "t.onnx.json")
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        ExportedModel(str(tampered))
+
+
+def test_data_samples_command(trained_run, tmp_path):
+    recipe, _, _ = trained_run
+    assert main(["data", "samples", "--config", recipe, "--split", "test", "--n", "4", "--out", str(tmp_path / "s")]) == 0
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert len(files) == 4 and files[0].startswith("00_class_0") and files[1].startswith("01_class_1")

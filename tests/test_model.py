@@ -1,0 +1,96 @@
+"""FineGrainedClassifier: parts, optimiser groups, flip averaging, a fast_dev_run fit."""
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from datamodules import ImageFolderDataModule
+from finegrained.model import FineGrainedClassifier, load_classifier
+
+
+def tiny_model(**kwargs):
+    defaults = dict(num_classes=3, backbone="resnet18", backbone_weights=None, last_stride=1, head="isqrt",
+                    head_kwargs={"reduction": 8})
+    return FineGrainedClassifier(**{**defaults, **kwargs})
+
+
+def test_parts_and_output_shape():
+    model = tiny_model().eval()
+    assert hasattr(model, "backbone") and hasattr(model, "head") and hasattr(model, "classifier")
+    assert model.head.output_dim == 36
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_hyperparameters_are_saved():
+    model = tiny_model(lr=0.5, weight_decay=1e-3, scheduler="step", lr_steps=[2], label_smoothing=0.1)
+    for key in ("backbone", "backbone_weights", "last_stride", "head", "head_kwargs", "num_classes", "optimizer",
+                "lr", "lr_mult", "weight_decay", "scheduler", "label_smoothing", "test_flip"):
+        assert key in model.hparams
+
+
+def test_parameter_groups_use_lr_multipliers():
+    model = tiny_model(lr=0.1)
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert groups["backbone"]["lr"] == pytest.approx(0.1)
+    assert groups["head"]["lr"] == pytest.approx(0.1)
+    assert groups["classifier"]["lr"] == pytest.approx(0.5)  # ×5 by default, as in iSQRT-COV fine-tuning
+    n_params = sum(len(g["params"]) for g in groups.values())
+    assert n_params == len(list(model.parameters()))
+    custom = {g["name"]: g for g in tiny_model(lr=1.0, lr_mult={"backbone": 0.1}).parameter_groups()}
+    assert custom["backbone"]["lr"] == pytest.approx(0.1) and custom["classifier"]["lr"] == pytest.approx(5.0)
+
+
+def test_frozen_parameters_are_left_out_of_the_optimiser():
+    model = tiny_model()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    assert [g["name"] for g in model.parameter_groups()] == ["head", "classifier"]
+
+
+def test_flip_averaging():
+    model = tiny_model(test_flip=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = 0.5 * (model(x) + model(torch.flip(x, dims=[3])))
+        torch.testing.assert_close(model.predict_logits(x), expected)
+        model.hparams.test_flip = False
+        torch.testing.assert_close(model.predict_logits(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [{"optimizer": "rmsprop"}, {"scheduler": "poly"}, {"lr_mult": {"neck": 2.0}},
+                                 {"class_names": ["a", "b"]}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        tiny_model(**bad)
+
+
+def test_top5_only_with_enough_classes():
+    assert "val_top5" not in tiny_model(num_classes=3).val_metrics.keys(keep_base=False)
+    assert "val_top5" in tiny_model(num_classes=6).val_metrics.keys(keep_base=False)
+
+
+def test_fast_dev_run_fit_and_test_on_image_folder(image_folder):
+    dm = ImageFolderDataModule(image_folder, batch_size=4, num_workers=0, resize_size=72, crop_size=64)
+    model = tiny_model(num_classes=dm.num_classes, class_names=dm.class_names, scheduler="cosine")
+    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", enable_progress_bar=False, logger=False)
+    trainer.fit(model, dm)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    assert {"test_top1", "test_mean_class_acc", "test_loss"} <= set(metrics)
+    assert 0.0 <= metrics["test_top1"] <= 1.0
+
+
+def test_load_classifier_round_trip(trained_run):
+    _, ckpt, _ = trained_run
+    model = load_classifier(ckpt)
+    assert model.hparams.class_names == ["class_0", "class_1", "class_2"]
+    assert model.hparams.preprocessing["crop"] == 64
+    checkpoint = torch.load(ckpt, weights_only=True)
+    torch.testing.assert_close(model.classifier[1].weight, checkpoint["state_dict"]["classifier.1.weight"])
+
+
+def test_load_classifier_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        load_classifier(str(tmp_path / "missing.ckpt"))
+    bogus = tmp_path / "bogus.ckpt"
+    torch.save({"weights": torch.zeros(1)}, bogus)
+    with pytest.raises(ValueError, match="not a FineGrainedClassifier checkpoint"):
+        load_classifier(str(bogus))
