@@ -94,3 +94,23 @@ def test_load_classifier_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, bogus)
     with pytest.raises(ValueError, match="not a FineGrainedClassifier checkpoint"):
         load_classifier(str(bogus))
+
+
+def test_backbone_finetuning_callback_works(image_folder):
+    """Lightning's BackboneFinetuning freezes `model.backbone`, then adds it to the optimiser."""
+    from pytorch_lightning.callbacks import BackboneFinetuning
+
+    dm = ImageFolderDataModule(image_folder, batch_size=4, num_workers=0, resize_size=72, crop_size=64)
+    model = tiny_model(num_classes=dm.num_classes)
+    before = model.backbone.features.conv1.weight.detach().clone()
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu",
+                         enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                         callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    trainer.fit(model, dm)
+    groups = trainer.optimizers[0].param_groups
+    # BackboneFinetuning keeps BN trainable (train_bn=True), so the backbone group starts with BN only;
+    # the frozen convolutions arrive in a group of their own at epoch 1.
+    assert [g.get("name") for g in groups][:3] == ["backbone", "head", "classifier"] and len(groups) == 4
+    conv1 = model.backbone.features.conv1.weight
+    assert not any(p is conv1 for p in groups[0]["params"]) and any(p is conv1 for p in groups[3]["params"])
+    assert not torch.equal(before, model.backbone.features.conv1.weight)
