@@ -13,15 +13,33 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.io import load_rgb
+from datamodules.io import decode_rgb
+
+
+Box = Tuple[float, float, float, float]
 
 
 class ImageListDataset(Dataset):
+    """Args:
+        samples: (path, label) pairs.
+        classes: class names, index = label.
+        transform: applied to the PIL image.
+        boxes: optional per-sample crop box (left, upper, right, lower) in stored pixel coordinates.
+        bottom_crop: rows removed at the bottom of every image (FGVC-Aircraft's copyright banner).
+        resize: the transform's resize target; large JPEGs are then decoded at a reduced scale.
+    """
+
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str],
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, boxes: Optional[Sequence[Optional[Box]]] = None,
+                 bottom_crop: int = 0, resize=None):
         self.samples: List[Tuple[str, int]] = list(samples)
         self.classes = list(classes)
         self.transform = transform
+        self.boxes = list(boxes) if boxes is not None else None
+        if self.boxes is not None and len(self.boxes) != len(self.samples):
+            raise ValueError(f"{len(self.boxes)} boxes for {len(self.samples)} samples")
+        self.bottom_crop = bottom_crop
+        self.resize = resize
 
     @property
     def targets(self) -> List[int]:
@@ -31,7 +49,19 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def load_image(self, index: int) -> Image.Image:
-        return load_rgb(self.samples[index][0])
+        """The image after the dataset's crops (banner, box) and before the transforms."""
+        box = self.boxes[index] if self.boxes is not None else None
+        # A box is relative to the stored image; decode at full scale so it stays exact.
+        image, scale = decode_rgb(self.samples[index][0], None if box is not None else self.resize)
+        width, height = image.size
+        bottom = height - round(self.bottom_crop * scale)
+        if box is not None:
+            left, upper, right, lower = box
+            image = image.crop((max(0, round(left)), max(0, round(upper)),
+                                min(width, round(right)), min(bottom, round(lower))))
+        elif self.bottom_crop:
+            image = image.crop((0, 0, width, bottom))
+        return image
 
     def __getitem__(self, index: int):
         image = self.load_image(index)

@@ -7,19 +7,17 @@ the validation set doubles as the test set and a warning says so.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections import Counter
 from functools import cached_property
 from typing import List, Tuple
 
-from sklearn.model_selection import train_test_split
 from torchvision.datasets.folder import make_dataset
 
 from datamodules.base import FineGrainedDataModule
 from datamodules.datasets import ImageListDataset
 from datamodules.io import IMAGE_EXTENSIONS
+from datamodules.splits import stratified_holdout
 
 _SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
                 "test": ("test", "testing")}
@@ -68,17 +66,6 @@ class ImageFolderDataModule(FineGrainedDataModule):
             raise ValueError(f"{split_dir!r} has class folders not in train/: {extra}")
         return make_dataset(split_dir, index, extensions=IMAGE_EXTENSIONS, allow_empty=True)
 
-    def _stratified_holdout(self, train):
-        """Hold out ``val_fraction`` of train, at least one image per class, same for every seed run."""
-        labels = [label for _, label in train]
-        counts = Counter(labels)
-        too_few = [self.class_names[c] for c in range(len(self.class_names)) if counts[c] < 2]
-        if too_few:
-            raise ValueError(f"cannot hold out a stratified validation split from {self._split_dir('train')!r}: "
-                             f"classes {too_few[:10]} have fewer than 2 images; add a val/ folder or more images")
-        n_val = max(len(self.class_names), math.ceil(self.val_fraction * len(train)))
-        return train_test_split(train, test_size=n_val, stratify=labels, random_state=self.seed)
-
     def build_datasets(self) -> Tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
         classes = self.class_names
         train = self._samples(self._split_dir("train"))
@@ -86,7 +73,8 @@ class ImageFolderDataModule(FineGrainedDataModule):
         if val_dir is not None:
             val = self._samples(val_dir)
         else:
-            train, val = self._stratified_holdout(train)
+            train, val, _, _ = stratified_holdout(train, [label for _, label in train], classes,
+                                                  self.val_fraction, self.seed, repr(self._split_dir("train")))
         if test_dir is not None:
             test = self._samples(test_dir)
         else:

@@ -145,7 +145,17 @@ def _data_main(argv: List[str]) -> int:
     samples.add_argument("--split", choices=["train", "val", "test"], default="test")
     samples.add_argument("--n", type=int, default=8)
     samples.add_argument("--out", required=True)
+    verify = sub.add_parser("verify", help="decode every image; print counts per split and class; list problems")
+    verify.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    verify.add_argument("--root", required=True, help="dataset folder (or the folder holding it); image root for csv")
+    verify.add_argument("--annotation-level", default="variant", help="aircraft: variant, family or manufacturer")
+    verify.add_argument("--layout", default="auto", help="cars: auto, original, kaggle_nested or kaggle_folders")
+    verify.add_argument("--train-csv")
+    verify.add_argument("--val-csv")
+    verify.add_argument("--test-csv")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args)
     datamodule = datamodule_from_config(args.config)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -153,6 +163,29 @@ def _data_main(argv: List[str]) -> int:
     for path in save_samples(dataset, args.out, args.n):
         print(path)
     return 0
+
+
+DATASETS = {"cub": "CUB200DataModule", "aircraft": "FGVCAircraftDataModule", "cars": "StanfordCarsDataModule",
+            "csv": "CSVDataModule", "folder": "ImageFolderDataModule"}
+
+
+def _verify(args) -> int:
+    import datamodules
+    from datamodules.verify import verify_datamodule
+
+    cls = getattr(datamodules, DATASETS[args.dataset])
+    common = {"num_workers": 0}
+    if args.dataset == "csv":
+        if not (args.train_csv and args.test_csv):
+            raise SystemExit("finegrained data verify --dataset csv needs --train-csv and --test-csv")
+        datamodule = cls(args.root, args.train_csv, args.test_csv, val_csv=args.val_csv, **common)
+    elif args.dataset == "aircraft":
+        datamodule = cls(args.root, annotation_level=args.annotation_level, **common)
+    elif args.dataset == "cars":
+        datamodule = cls(args.root, layout=args.layout, **common)
+    else:
+        datamodule = cls(args.root, **common)
+    return 1 if verify_datamodule(datamodule) else 0
 
 
 TOOLS: Dict[str, Callable[[List[str]], int]] = {

@@ -1,0 +1,116 @@
+"""Base for datasets described by annotation files: locating the root, reading lists, assembling splits.
+
+Every such DataModule accepts ``root`` as the dataset folder itself or the folder holding it,
+optional bounding-box crops, and a validation policy: by default the test set serves as
+validation, as in all published fine-grained code (and the log says so); ``val_fraction > 0``
+holds out a stratified part of the training set instead, so no model is selected on test.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from datamodules.base import FineGrainedDataModule
+from datamodules.datasets import ImageListDataset
+from datamodules.splits import stratified_holdout
+
+log = logging.getLogger(__name__)
+
+Split = Tuple[List[Tuple[str, int]], Optional[List[Tuple[float, float, float, float]]]]
+
+
+def resolve_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str], dataset: str) -> str:
+    """The first ``root/<candidate>`` that holds every marker file; a clear error otherwise."""
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{dataset} root {root!r} does not exist")
+    searched = []
+    for candidate in candidates:
+        folder = os.path.normpath(os.path.join(root, candidate))
+        if all(os.path.exists(os.path.join(folder, m)) for m in markers):
+            return folder
+        searched.append(folder)
+    raise FileNotFoundError(f"{dataset} not found under {root!r}: expected {', '.join(markers)} in one of "
+                            + "; ".join(searched))
+
+
+def read_fields(path: str, n_fields: int, what: str) -> Iterator[Tuple[int, List[str]]]:
+    """Yield ``(line_number, fields)`` of a space-separated annotation file.
+
+    The last field takes the rest of the line (names with spaces); blank lines and a missing
+    trailing newline are fine; a short line is an error naming the file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file not found: {path} (expected {what})")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f.read().splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.strip().split(" ", n_fields - 1)
+            if len(fields) != n_fields:
+                raise ValueError(f"{path}, line {number}: expected {what}, got {line!r}")
+            yield number, fields
+
+
+def read_id_map(path: str, n_fields: int, what: str) -> dict:
+    """``{id: fields[1:]}`` from an annotation file; duplicate ids are an error."""
+    table = {}
+    for number, fields in read_fields(path, n_fields, what):
+        if fields[0] in table:
+            raise ValueError(f"{path}, line {number}: duplicate id {fields[0]!r}")
+        table[fields[0]] = fields[1:]
+    return table
+
+
+class AnnotatedDataModule(FineGrainedDataModule):
+    """Args:
+        root: the dataset folder or the folder holding it.
+        bbox_crop: crop every image to its annotated bounding box.
+        val_fraction: 0 = the test set serves as validation (published protocol); > 0 = stratified
+            hold-out of that share of the training set.
+        seed: seed of the hold-out.
+        **kwargs: loader and transform settings of :class:`FineGrainedDataModule`.
+    """
+
+    dataset_name = "dataset"
+
+    def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.root = os.path.expanduser(root)
+        self.bbox_crop = bbox_crop
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def read_splits(self) -> Tuple[Split, Optional[Split], Split]:
+        """Return (train, official val or None, test) as (samples, boxes-or-None)."""
+        raise NotImplementedError
+
+    bottom_crop = 0
+
+    def build_datasets(self):
+        classes = self.class_names
+        train, val, test = self.read_splits()
+        for name, (samples, _) in (("train", train), ("test", test)):
+            if not samples:
+                raise ValueError(f"{self.dataset_name} under {self.root!r}: the {name} split is empty")
+        if self.val_fraction > 0:
+            samples, boxes = train
+            kept, held, kept_idx, held_idx = stratified_holdout(
+                samples, [label for _, label in samples], classes, self.val_fraction, self.seed,
+                f"the {self.dataset_name} training set")
+            train = (kept, [boxes[i] for i in kept_idx] if boxes else None)
+            val = (held, [boxes[i] for i in held_idx] if boxes else None)
+        elif val is None:
+            log.info("%s: the test set serves as validation set, as in the published code; set val_fraction > 0 "
+                     "to select models on held-out training images instead", self.dataset_name)
+            val = test
+
+        def dataset(split: Split, transform) -> ImageListDataset:
+            samples, boxes = split
+            return ImageListDataset(samples, classes, transform, boxes=boxes if self.bbox_crop else None,
+                                    bottom_crop=self.bottom_crop, resize=self.preprocessing["resize"])
+
+        test_dataset = dataset(test, self.eval_transform)
+        val_dataset = test_dataset if val is test else dataset(val, self.eval_transform)
+        return dataset(train, self.train_transform), val_dataset, test_dataset

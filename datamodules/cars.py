@@ -1,0 +1,160 @@
+"""Stanford Cars (Krause, Stark, Deng, Fei-Fei, "3D Object Representations for Fine-Grained
+Categorization", 3dRR workshop at ICCV 2013).
+
+16,185 images of 196 classes: 8,144 train, 8,041 test. The official URLs are dead, so copies come
+from mirrors in several layouts; ``layout="auto"`` detects which:
+
+* ``original`` (torchvision's): ``cars_train/``, ``cars_test/``, ``devkit/cars_meta.mat``,
+  ``devkit/cars_train_annos.mat`` and ``cars_test_annos_withlabels.mat`` (top level or ``devkit/``).
+* ``kaggle_nested``: images in ``cars_train/cars_train/`` and ``cars_test/cars_test/``; the devkit may sit
+  in ``car_devkit/devkit/`` and the test labels may be ``cars_test_annos_withlabels (1).mat``.
+* ``kaggle_folders``: ``car_data/car_data/{train,test}/<class name>/*.jpg`` plus ``names.csv`` (official
+  order) and optional ``anno_{train,test}.csv`` (``fname,x1,y1,x2,y2,class``) for boxes. Folder names
+  replace ``/`` by ``-`` (``Ram C-V Cargo Van Minivan 2012``); they are mapped back to official indices.
+
+Annotations (``.mat``, read with scipy): ``class_names`` in ``cars_meta.mat`` (official order, not
+alphabetical); ``annotations`` with fields ``bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, fname``,
+class 1..196 -> label = class − 1. Default transforms: resize to 448×448, flip (iSQRT-COV code).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from functools import cached_property
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from datamodules.annotated import AnnotatedDataModule, resolve_dataset_dir
+from datamodules.io import IMAGE_EXTENSIONS
+
+LAYOUTS = ("original", "kaggle_nested", "kaggle_folders")
+_DEVKIT_DIRS = ["devkit", "car_devkit/devkit", "."]
+_TEST_LABEL_FILES = ["cars_test_annos_withlabels.mat", "cars_test_annos_withlabels (1).mat"]
+
+
+def _find(folder: str, names: List[str], subdirs: List[str], what: str) -> str:
+    tried = []
+    for sub in subdirs:
+        for name in names:
+            path = os.path.normpath(os.path.join(folder, sub, name))
+            if os.path.isfile(path):
+                return path
+            tried.append(path)
+    raise FileNotFoundError(f"Stanford Cars {what} not found; searched: " + "; ".join(tried))
+
+
+def read_mat_annotations(path: str) -> List[Dict]:
+    """``annotations`` of a devkit ``.mat`` as dicts with bbox_x1..bbox_y2, class (if present), fname."""
+    from scipy.io import loadmat
+
+    try:
+        annotations = np.atleast_1d(loadmat(path, squeeze_me=True)["annotations"])
+    except KeyError:
+        raise ValueError(f"{path}: no 'annotations' variable (expected a Stanford Cars devkit file)") from None
+    fields = annotations.dtype.names or ()
+    if "fname" not in fields:
+        raise ValueError(f"{path}: annotations have fields {fields}, expected bbox_x1, bbox_y1, bbox_x2, "
+                         f"bbox_y2, class, fname")
+    return [{name: (str(row[name]) if name == "fname" else int(row[name])) for name in fields}
+            for row in annotations]
+
+
+class StanfordCarsDataModule(AnnotatedDataModule):
+    dataset_name = "Stanford Cars"
+
+    def __init__(self, root: str, layout: str = "auto", bbox_crop: bool = False, val_fraction: float = 0.0,
+                 seed: int = 0, batch_size: int = 10, num_workers: int = 4,
+                 resize_size: Union[int, List[int]] = (448, 448), crop_size: Union[int, List[int]] = 448,
+                 hflip: bool = True):
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
+                         num_workers=num_workers, resize_size=list(resize_size) if not isinstance(resize_size, int)
+                         else resize_size, crop_size=crop_size, hflip=hflip)
+        self.save_hyperparameters()
+        self.requested_layout = layout
+
+    _MARKERS = {"kaggle_folders": ["car_data/car_data/train"], "kaggle_nested": ["cars_train/cars_train"],
+                "original": ["cars_train"]}
+
+    @cached_property
+    def _located(self) -> Tuple[str, str]:
+        layouts = LAYOUTS if self.requested_layout == "auto" else (self.requested_layout,)
+        order = [l for l in ("kaggle_folders", "kaggle_nested", "original") if l in layouts]
+        errors = []
+        for layout in order:
+            try:
+                return resolve_dataset_dir(self.root, self._MARKERS[layout], [".", "stanford_cars"], "x"), layout
+            except FileNotFoundError as err:
+                if not os.path.isdir(self.root):
+                    raise FileNotFoundError(f"Stanford Cars root {self.root!r} does not exist") from None
+                errors.append(f"{layout}: {str(err).split(': ', 1)[1]}")
+        raise FileNotFoundError(f"Stanford Cars not found under {self.root!r}; layouts searched: " + " | ".join(errors))
+
+    @property
+    def dataset_dir(self) -> str:
+        return self._located[0]
+
+    @property
+    def layout(self) -> str:
+        return self._located[1]
+
+    @cached_property
+    def class_names(self) -> List[str]:
+        if self.layout == "kaggle_folders":
+            path = _find(self.dataset_dir, ["names.csv"], [".", "car_data", "car_data/car_data"], "names.csv")
+            with open(path, encoding="utf-8") as f:
+                return [line.strip() for line in f.read().splitlines() if line.strip()]
+        from scipy.io import loadmat
+
+        path = _find(self.dataset_dir, ["cars_meta.mat"], _DEVKIT_DIRS, "class list cars_meta.mat")
+        return [str(name) for name in np.atleast_1d(loadmat(path, squeeze_me=True)["class_names"])]
+
+    def _mat_split(self, images_dir: str, annos_path: str) -> Tuple[List, List]:
+        samples, boxes = [], []
+        for row in read_mat_annotations(annos_path):
+            if "class" not in row:
+                raise ValueError(f"{annos_path} has no 'class' field: it is the unlabelled test file; "
+                                 f"use cars_test_annos_withlabels.mat")
+            label = row["class"] - 1
+            if not 0 <= label < len(self.class_names):
+                raise ValueError(f"{annos_path}: {row['fname']} has class {row['class']}, expected 1..{len(self.class_names)}")
+            samples.append((os.path.join(images_dir, row["fname"]), label))
+            boxes.append((row["bbox_x1"] - 1, row["bbox_y1"] - 1, row["bbox_x2"], row["bbox_y2"]))
+        return samples, boxes
+
+    def _folder_split(self, split: str) -> Tuple[List, Optional[List]]:
+        split_dir = os.path.join(self.dataset_dir, "car_data", "car_data", split)
+        index = {name.replace("/", "-"): i for i, name in enumerate(self.class_names)}
+        samples = []
+        for folder in sorted(os.listdir(split_dir)):
+            if folder not in index:
+                raise ValueError(f"{os.path.join(split_dir, folder)}: folder is not a class of names.csv")
+            for name in os.listdir(os.path.join(split_dir, folder)):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(split_dir, folder, name), index[folder]))
+        samples.sort(key=lambda s: os.path.basename(s[0]))  # annotation order: 00001.jpg, 00002.jpg, ...
+        if not self.bbox_crop:
+            return samples, None
+        anno = _find(self.dataset_dir, [f"anno_{split}.csv"], [".", "car_data", "car_data/car_data"],
+                     f"box file anno_{split}.csv")
+        with open(anno, newline="", encoding="utf-8") as f:
+            table = {r[0]: tuple(float(v) for v in r[1:5]) for r in csv.reader(f) if r}
+        boxes = []
+        for path, _ in samples:
+            x1, y1, x2, y2 = table[os.path.basename(path)]
+            boxes.append((x1 - 1, y1 - 1, x2, y2))
+        return samples, boxes
+
+    def read_splits(self):
+        d = self.dataset_dir
+        if self.layout == "kaggle_folders":
+            return self._folder_split("train"), None, self._folder_split("test")
+        nested = self.layout == "kaggle_nested"
+        train_images = os.path.join(d, "cars_train", "cars_train" if nested else "")
+        test_images = os.path.join(d, "cars_test", "cars_test" if nested else "")
+        train = self._mat_split(train_images, _find(d, ["cars_train_annos.mat"], _DEVKIT_DIRS, "cars_train_annos.mat"))
+        test = self._mat_split(test_images, _find(d, _TEST_LABEL_FILES, [".", "devkit", "car_devkit/devkit"],
+                                                  "test labels cars_test_annos_withlabels.mat"))
+        return train, None, test

@@ -1,0 +1,80 @@
+"""CUB-200-2011 (Wah, Branson, Welinder, Perona, Belongie, Caltech technical report CNS-TR-2011-001).
+
+11,788 images of 200 bird species: 5,994 train, 5,794 test. Files (single-space separated, 1-based
+ids): ``images.txt`` (id, relative path), ``image_class_labels.txt`` (id, class id),
+``train_test_split.txt`` (id, 1 = train), ``classes.txt`` (class id, ``NNN.Name``) and
+``bounding_boxes.txt`` (id, x, y, width, height as floats). Labels are 0-based in ``classes.txt`` order.
+
+Default transforms follow the iSQRT-COV fine-tuning code: shorter side to 448, crop 448 (random in
+training, centre at test), horizontal flip.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import List, Union
+
+from datamodules.annotated import AnnotatedDataModule, read_fields, read_id_map, resolve_dataset_dir
+
+
+class CUB200DataModule(AnnotatedDataModule):
+    dataset_name = "CUB-200-2011"
+
+    def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
+                 batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
+                 crop_size: Union[int, List[int]] = 448, hflip: bool = True):
+        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
+                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip)
+        self.save_hyperparameters()
+
+    @cached_property
+    def dataset_dir(self) -> str:
+        # Some copies nest the folder twice (CUB_200_2011/CUB_200_2011/).
+        return resolve_dataset_dir(self.root, ["images.txt", "classes.txt"],
+                                   [".", "CUB_200_2011", "CUB_200_2011/CUB_200_2011"], self.dataset_name)
+
+    @cached_property
+    def class_ids(self) -> List[str]:
+        rows = list(read_fields(os.path.join(self.dataset_dir, "classes.txt"), 2, "'<class_id> <NNN.Name>'"))
+        return [fields[0] for _, fields in rows]
+
+    @cached_property
+    def class_names(self) -> List[str]:
+        """``NNN.Name`` as in ``classes.txt``, in its order."""
+        path = os.path.join(self.dataset_dir, "classes.txt")
+        return [fields[1] for _, fields in read_fields(path, 2, "'<class_id> <NNN.Name>'")]
+
+    @property
+    def short_class_names(self) -> List[str]:
+        """Names without the ``NNN.`` prefix, e.g. ``Black_footed_Albatross``."""
+        return [name.split(".", 1)[1] if "." in name else name for name in self.class_names]
+
+    def read_splits(self):
+        d = self.dataset_dir
+        label_of_class = {cid: i for i, cid in enumerate(self.class_ids)}
+        paths = read_id_map(os.path.join(d, "images.txt"), 2, "'<image_id> <relative path>'")
+        labels = read_id_map(os.path.join(d, "image_class_labels.txt"), 2, "'<image_id> <class_id>'")
+        is_train = read_id_map(os.path.join(d, "train_test_split.txt"), 2, "'<image_id> <1|0>'")
+        boxes = (read_id_map(os.path.join(d, "bounding_boxes.txt"), 5, "'<image_id> <x> <y> <width> <height>'")
+                 if self.bbox_crop else {})
+        splits = {"1": ([], []), "0": ([], [])}
+        for image_id, (relpath,) in paths.items():
+            for table, name in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+                if image_id not in table:
+                    raise ValueError(f"{os.path.join(d, name)}: no entry for image id {image_id} of images.txt")
+            (class_id,), (flag,) = labels[image_id], is_train[image_id]
+            if class_id not in label_of_class:
+                raise ValueError(f"{os.path.join(d, 'image_class_labels.txt')}: image {image_id} has class id "
+                                 f"{class_id}, not in classes.txt (1..{len(label_of_class)})")
+            if flag not in splits:
+                raise ValueError(f"{os.path.join(d, 'train_test_split.txt')}: image {image_id} has {flag!r}, "
+                                 f"expected 1 (train) or 0 (test)")
+            samples, split_boxes = splits[flag]
+            samples.append((os.path.join(d, "images", relpath), label_of_class[class_id]))
+            if self.bbox_crop:
+                if image_id not in boxes:
+                    raise ValueError(f"{os.path.join(d, 'bounding_boxes.txt')}: no box for image id {image_id}")
+                x, y, w, h = map(float, boxes[image_id])
+                split_boxes.append((x, y, x + w, y + h))
+        as_split = lambda s: (s[0], s[1] if self.bbox_crop else None)  # noqa: E731
+        return as_split(splits["1"]), None, as_split(splits["0"])
