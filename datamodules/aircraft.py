@@ -40,8 +40,7 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
         if train_split not in ("trainval", "train"):
             raise ValueError(f"train_split must be 'trainval' or 'train', got {train_split!r}")
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=list(resize_size) if not isinstance(resize_size, int)
-                         else resize_size, crop_size=crop_size, hflip=hflip)
+                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip)
         self.save_hyperparameters()
         self.annotation_level = annotation_level
         self.train_split = train_split

@@ -70,8 +70,7 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=list(resize_size) if not isinstance(resize_size, int)
-                         else resize_size, crop_size=crop_size, hflip=hflip)
+                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip)
         self.save_hyperparameters()
         self.requested_layout = layout
 

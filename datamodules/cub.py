@@ -34,15 +34,15 @@ class CUB200DataModule(AnnotatedDataModule):
                                    [".", "CUB_200_2011", "CUB_200_2011/CUB_200_2011"], self.dataset_name)
 
     @cached_property
-    def class_ids(self) -> List[str]:
-        rows = list(read_fields(os.path.join(self.dataset_dir, "classes.txt"), 2, "'<class_id> <NNN.Name>'"))
-        return [fields[0] for _, fields in rows]
+    def _classes(self) -> List[List[str]]:
+        """``[class_id, NNN.Name]`` rows of ``classes.txt``, in its order."""
+        path = os.path.join(self.dataset_dir, "classes.txt")
+        return [fields for _, fields in read_fields(path, 2, "'<class_id> <NNN.Name>'")]
 
-    @cached_property
+    @property
     def class_names(self) -> List[str]:
         """``NNN.Name`` as in ``classes.txt``, in its order."""
-        path = os.path.join(self.dataset_dir, "classes.txt")
-        return [fields[1] for _, fields in read_fields(path, 2, "'<class_id> <NNN.Name>'")]
+        return [name for _, name in self._classes]
 
     @property
     def short_class_names(self) -> List[str]:
@@ -51,7 +51,7 @@ class CUB200DataModule(AnnotatedDataModule):
 
     def read_splits(self):
         d = self.dataset_dir
-        label_of_class = {cid: i for i, cid in enumerate(self.class_ids)}
+        label_of_class = {cid: i for i, (cid, _) in enumerate(self._classes)}
         paths = read_id_map(os.path.join(d, "images.txt"), 2, "'<image_id> <relative path>'")
         labels = read_id_map(os.path.join(d, "image_class_labels.txt"), 2, "'<image_id> <class_id>'")
         is_train = read_id_map(os.path.join(d, "train_test_split.txt"), 2, "'<image_id> <1|0>'")

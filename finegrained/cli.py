@@ -132,7 +132,7 @@ def datamodule_from_config(config_path: str) -> LightningDataModule:
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     cfg = parser.parse_object({"data": config["data"]})
-    return parser.instantiate_classes(cfg).data
+    return parser.instantiate(cfg).data
 
 
 def _data_main(argv: List[str]) -> int:
