@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 Split = Tuple[List[Tuple[str, int]], Optional[List[Tuple[float, float, float, float]]]]
 
 
-def resolve_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str], dataset: str) -> str:
-    """The first ``root/<candidate>`` that holds every marker file; a clear error otherwise."""
+def find_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str],
+                     dataset: str) -> Tuple[Optional[str], List[str]]:
+    """``(first root/<candidate> holding every marker or None, folders searched)``; a missing root is an error."""
     root = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset} root {root!r} does not exist")
@@ -29,10 +30,18 @@ def resolve_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[
     for candidate in candidates:
         folder = os.path.normpath(os.path.join(root, candidate))
         if all(os.path.exists(os.path.join(folder, m)) for m in markers):
-            return folder
+            return folder, searched
         searched.append(folder)
-    raise FileNotFoundError(f"{dataset} not found under {root!r}: expected {', '.join(markers)} in one of "
-                            + "; ".join(searched))
+    return None, searched
+
+
+def resolve_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str], dataset: str) -> str:
+    """The first ``root/<candidate>`` that holds every marker file; a clear error otherwise."""
+    folder, searched = find_dataset_dir(root, markers, candidates, dataset)
+    if folder is None:
+        raise FileNotFoundError(f"{dataset} not found under {root!r}: expected {', '.join(markers)} in one of "
+                                + "; ".join(searched))
+    return folder
 
 
 def read_fields(path: str, n_fields: int, what: str) -> Iterator[Tuple[int, List[str]]]:
@@ -74,6 +83,7 @@ class AnnotatedDataModule(FineGrainedDataModule):
     """
 
     dataset_name = "dataset"
+    bottom_crop = 0  # rows cut from the bottom of every image (Aircraft's banner)
 
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -85,8 +95,6 @@ class AnnotatedDataModule(FineGrainedDataModule):
     def read_splits(self) -> Tuple[Split, Optional[Split], Split]:
         """Return (train, official val or None, test) as (samples, boxes-or-None)."""
         raise NotImplementedError
-
-    bottom_crop = 0
 
     def build_datasets(self):
         classes = self.class_names

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from datamodules.annotated import AnnotatedDataModule, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule, find_dataset_dir
 from datamodules.io import IMAGE_EXTENSIONS
 
 LAYOUTS = ("original", "kaggle_nested", "kaggle_folders")
@@ -83,12 +83,11 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         order = [l for l in ("kaggle_folders", "kaggle_nested", "original") if l in layouts]
         errors = []
         for layout in order:
-            try:
-                return resolve_dataset_dir(self.root, self._MARKERS[layout], [".", "stanford_cars"], "x"), layout
-            except FileNotFoundError as err:
-                if not os.path.isdir(self.root):
-                    raise FileNotFoundError(f"Stanford Cars root {self.root!r} does not exist") from None
-                errors.append(f"{layout}: {str(err).split(': ', 1)[1]}")
+            markers = self._MARKERS[layout]
+            folder, searched = find_dataset_dir(self.root, markers, [".", "stanford_cars"], self.dataset_name)
+            if folder is not None:
+                return folder, layout
+            errors.append(f"{layout}: expected {', '.join(markers)} in one of " + "; ".join(searched))
         raise FileNotFoundError(f"Stanford Cars not found under {self.root!r}; layouts searched: " + " | ".join(errors))
 
     @property

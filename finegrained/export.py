@@ -16,12 +16,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from datamodules.transforms import preprocessing_spec
 from finegrained.model import load_classifier
 
 FORMATS = ("onnx", "torchscript")
 PARITY_TOLERANCE = 1e-4
-_DEFAULT_PREPROCESSING = {"resize": 512, "crop": 448, "mean": [0.485, 0.456, 0.406],
-                          "std": [0.229, 0.224, 0.225], "interpolation": "bilinear", "color": "RGB"}
+# For checkpoints saved without a DataModule: the published 512 -> 448 ImageNet-normalised protocol.
+_DEFAULT_PREPROCESSING = preprocessing_spec(512, 448)
 
 
 def sha256_file(path: str) -> str:

@@ -23,10 +23,7 @@ def channel_reduction(in_channels: int, out_channels: int) -> nn.Sequential:
     """1×1 conv (no bias) + BN + ReLU, initialised as in the official iSQRT-COV code."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    bn = nn.BatchNorm2d(out_channels)
-    nn.init.ones_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    return nn.Sequential(conv, bn, nn.ReLU(inplace=True))
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 @register_head("isqrt")
