@@ -11,6 +11,17 @@ Pure tensor functions (they import nothing but torch) shared by the heads in
 * :func:`triu_vec` -- upper-triangular vectorisation of symmetric matrices.
 * :func:`signed_sqrt` -- element-wise signed square root of B-CNN
   (Lin, RoyChowdhury, Maji, ICCV 2015).
+* :func:`eig_power`, :func:`eig_log` -- matrix power and logarithm through the symmetric
+  eigendecomposition with the matrix-backprop (K-matrix) backward of Ionescu, Vantzos,
+  Sminchisescu, "Matrix Backpropagation for Deep Networks with Structured Layers", ICCV 2015;
+  used by MPN-COV (Li, Xie, Wang, Zuo, ICCV 2017), DeepO2P and G²DeNet (Wang, Li, Zhang, CVPR 2017).
+* :func:`sqrtm_newton_schulz_lyapunov` -- improved B-CNN's square root (Lin & Maji, BMVC 2017):
+  Frobenius pre-normalisation, Newton–Schulz forward, coupled-Lyapunov backward.
+* :func:`logm_newton_schulz` -- an eigendecomposition-free matrix logarithm (inverse scaling and
+  squaring), the ONNX substitute for :func:`eig_log`.
+* :func:`count_sketch_matrix`, :func:`tensor_sketch`, :func:`random_maclaurin` -- the random
+  feature maps of compact bilinear pooling (Gao, Beijbom, Zhang, Darrell, CVPR 2016) and
+  kernel pooling (Cui et al., CVPR 2017).
 
 Shapes use B for the batch, C (or d) for channels and M = H*W for positions.
 """
@@ -19,7 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["covariance", "gram", "sqrtm_newton_schulz", "triu_vec", "signed_sqrt"]
+__all__ = ["covariance", "gram", "sqrtm_newton_schulz", "triu_vec", "signed_sqrt", "sym", "eig_power", "eig_log",
+           "sqrtm_newton_schulz_lyapunov", "lyapunov_newton_schulz", "powm_newton_schulz", "logm_newton_schulz",
+           "count_sketch_matrix", "tensor_sketch", "random_maclaurin"]
 
 
 def _positions(x: Tensor) -> Tensor:
@@ -137,3 +150,300 @@ def signed_sqrt(x: Tensor, eps: float = 1e-5) -> Tensor:
         same shape as ``x``.
     """
     return torch.sign(x) * torch.sqrt(x.abs() + eps)
+
+
+def sym(m: Tensor) -> Tensor:
+    """Symmetric part ½(M + Mᵀ) of (…, d, d) matrices."""
+    return 0.5 * (m + m.transpose(-1, -2))
+
+
+def _check_square(m: Tensor) -> None:
+    if m.dim() != 3 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"expected (B, d, d) matrices, got shape {tuple(m.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigendecomposition-based matrix functions with the K-matrix backward
+# ---------------------------------------------------------------------------------------------
+def _eig_spectrum(sigma: Tensor):
+    """Eigendecomposition with numerically-zero eigenvalues clamped to exactly 0.
+
+    Eigenvalues at or below d·eps·λ_max (the O2P rule, "keep eigenvalues > D·eps(max)") are
+    rounding noise of a rank-deficient matrix; they are set to 0 and marked as not kept.
+    Returns (λ clamped (B, d), U (B, d, d), kept mask (B, d), cutoff (B, 1)).
+    """
+    lam, u = torch.linalg.eigh(sym(sigma))
+    d = sigma.shape[-1]
+    lam_max = lam.amax(dim=-1, keepdim=True).clamp_min(0)
+    cutoff = (d * torch.finfo(lam.dtype).eps * lam_max).clamp_min(torch.finfo(lam.dtype).tiny)
+    kept = lam > cutoff
+    return torch.where(kept, lam, torch.zeros_like(lam)), u, kept, cutoff
+
+
+def _spectral_map(lam: Tensor, kept: Tensor, kind: str, alpha: float, eps: float):
+    """f(λ) and f'(λ) of the spectral function; f' is 0 for eigenvalues that were clamped."""
+    shifted = lam + eps
+    if kind == "power":
+        # Clamped eigenvalues with eps = 0 map to 0^α = 0; their derivative α·0^(α-1) is not used.
+        safe = torch.where(shifted > 0, shifted, torch.ones_like(shifted))
+        value = torch.where(shifted > 0, safe.pow(alpha), torch.zeros_like(shifted))
+        slope = alpha * safe.pow(alpha - 1)
+    elif kind == "log":
+        value = torch.log(shifted)
+        slope = 1.0 / shifted
+    else:
+        raise ValueError(f"unknown spectral function {kind!r}")
+    return value, torch.where(kept, slope, torch.zeros_like(slope))
+
+
+def _spectral_forward(sigma: Tensor, kind: str, alpha: float, eps: float):
+    lam, u, kept, cutoff = _eig_spectrum(sigma)
+    value, slope = _spectral_map(lam, kept, kind, alpha, eps)
+    return u @ torch.diag_embed(value) @ u.transpose(-1, -2), (lam, u, value, slope, cutoff)
+
+
+def _spectral(sigma: Tensor, kind: str, alpha: float, eps: float) -> Tensor:
+    if torch.is_grad_enabled() and sigma.requires_grad:
+        return _SymmetricEigFunction.apply(sigma, kind, alpha, eps)
+    return _spectral_forward(sigma, kind, alpha, eps)[0]  # inference and tracing: no autograd.Function
+
+
+class _SymmetricEigFunction(torch.autograd.Function):
+    """Q = U f(Λ) Uᵀ with the backward of Ionescu et al. (ICCV 2015):
+
+        ∂l/∂U = (G + Gᵀ) U f(Λ),  ∂l/∂Λ = f'(Λ) (Uᵀ G U)_diag,
+        ∂l/∂Σ = U { sym(Kᵀ ∘ (Uᵀ ∂l/∂U)) + (∂l/∂Λ)_diag } Uᵀ,
+        K_ij = 1 / (λ_i − λ_j) for i ≠ j.
+
+    K entries of equal (or numerically equal) eigenvalues are set to 0, never ±inf: this is the
+    rule of the MPN-COV code, and it keeps the gradient finite on repeated eigenvalues.
+    """
+
+    @staticmethod
+    def forward(ctx, sigma, kind, alpha, eps):
+        out, saved = _spectral_forward(sigma, kind, alpha, eps)
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, u, value, slope, cutoff = ctx.saved_tensors
+        diff = lam.unsqueeze(-1) - lam.unsqueeze(-2)  # λ_i − λ_j
+        distinct = diff.abs() > cutoff.unsqueeze(-1)
+        k = torch.where(distinct, 1.0 / torch.where(distinct, diff, torch.ones_like(diff)), torch.zeros_like(diff))
+        ut_g_u = u.transpose(-1, -2) @ grad @ u
+        ut_dl_du = (ut_g_u + ut_g_u.transpose(-1, -2)) * value.unsqueeze(-2)  # Uᵀ(G+Gᵀ)U f(Λ)
+        inner = sym(k.transpose(-1, -2) * ut_dl_du) + torch.diag_embed(slope * ut_g_u.diagonal(dim1=-2, dim2=-1))
+        return u @ inner @ u.transpose(-1, -2), None, None, None
+
+
+def eig_power(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0) -> Tensor:
+    """Matrix power U (λ + ε)^α Uᵀ of symmetric PSD matrices (MPN-COV, G²DeNet).
+
+    Eigenvalues at or below d·eps(λ_max) count as 0 (rank-deficient covariances, M < C).
+
+    Args:
+        sigma: (B, d, d) symmetric positive semi-definite matrices.
+        alpha: the power (½ in MPN-COV and G²DeNet).
+        eps: added to every eigenvalue (0 in the MPN-COV README, 1e-3 in G²DeNet).
+    Returns:
+        (B, d, d) symmetric matrices.
+    """
+    _check_square(sigma)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return _spectral(sigma, "power", float(alpha), float(eps))
+
+
+def eig_log(sigma: Tensor, eps: float = 1e-3) -> Tensor:
+    """Matrix logarithm log(Σ + εI) = U log(λ + ε) Uᵀ of symmetric PSD matrices (DeepO2P).
+
+    Args:
+        sigma: (B, d, d) symmetric positive semi-definite matrices.
+        eps: > 0; the regulariser that makes Σ + εI positive definite.
+    Returns:
+        (B, d, d) symmetric matrices.
+    """
+    _check_square(sigma)
+    if not eps > 0:
+        raise ValueError(f"the matrix logarithm needs eps > 0 (log 0 is -inf), got {eps}")
+    return _spectral(sigma, "log", 1.0, float(eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Improved B-CNN: Newton–Schulz forward, Lyapunov backward
+# ---------------------------------------------------------------------------------------------
+def _coupled_newton_schulz(a: Tensor, iterations: int) -> Tensor:
+    """Y_N of the coupled iteration Y₀ = A, Z₀ = I, T = ½(3I − ZY), Y ← YT, Z ← TZ."""
+    eye3 = 3.0 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    y, z = a, torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    for _ in range(iterations):
+        t = 0.5 * (eye3 - z @ y)
+        y, z = y @ t, t @ z
+    return y
+
+
+def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
+    """Solve Z X + X Z = G by the coupled Newton–Schulz sign iteration (Lin & Maji, BMVC 2017).
+
+    With a = Z/‖Z‖_F and q = G/‖Z‖_F, repeat q ← ½[q(3I − a²) − aᵀ(aᵀq − qa)], a ← ½a(3I − a²);
+    then X ≈ ½q. This is the sign iteration of [[Z, G], [0, −Z]], whose sign is [[I, 2X], [0, −I]].
+
+    Args:
+        z: (B, d, d) symmetric positive semi-definite (a matrix square root).
+        g: (B, d, d) right-hand side (the gradient with respect to the square root).
+    Returns:
+        (B, d, d) X.
+    """
+    eye3 = 3.0 * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    norm = torch.linalg.matrix_norm(z).clamp_min(torch.finfo(z.dtype).tiny).view(-1, 1, 1)
+    a, q = z / norm, g / norm
+    for _ in range(iterations):
+        a2 = a @ a
+        at = a.transpose(-1, -2)
+        q = 0.5 * (q @ (eye3 - a2) - at @ (at @ q - q @ a))
+        a = 0.5 * a @ (eye3 - a2)
+    return 0.5 * q
+
+
+class _NewtonSchulzLyapunov(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, iterations, backward_iterations):
+        y = _coupled_newton_schulz(a, iterations)
+        ctx.save_for_backward(y)
+        ctx.backward_iterations = backward_iterations
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return lyapunov_newton_schulz(y, grad, ctx.backward_iterations), None, None
+
+
+def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_iterations: int = 5) -> Tensor:
+    """Improved B-CNN's matrix square root: A/‖A‖_F -> Newton–Schulz -> × √‖A‖_F.
+
+    The backward through the normalised square root Z is not the unrolled forward: it solves the
+    Lyapunov equation Z X + X Z = ∂l/∂Z with :func:`lyapunov_newton_schulz`. The pre-normalisation
+    and the compensation are differentiated by autograd.
+
+    Args:
+        sigma: (B, d, d) symmetric positive semi-definite.
+        iterations: forward Newton–Schulz iterations (5 in the paper).
+        backward_iterations: Lyapunov iterations (5 in the paper).
+    Returns:
+        (B, d, d) approximation of Σ^{1/2}.
+    """
+    _check_square(sigma)
+    norm = torch.linalg.matrix_norm(sigma).clamp_min(torch.finfo(sigma.dtype).tiny).view(-1, 1, 1)
+    a = sigma / norm
+    if torch.is_grad_enabled() and a.requires_grad:
+        root = _NewtonSchulzLyapunov.apply(a, iterations, backward_iterations)
+    else:  # inference and export: the same forward without the autograd.Function
+        root = _coupled_newton_schulz(a, iterations)
+    return root * norm.sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigendecomposition-free substitutes (ONNX has no eigendecomposition)
+# ---------------------------------------------------------------------------------------------
+def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iterations: int = 20) -> Tensor:
+    """(Σ + εI)^α for α = 2^-k by k Newton–Schulz square roots; the export substitute of :func:`eig_power`."""
+    _check_square(sigma)
+    roots = 0
+    power = 1.0
+    while power > alpha and roots < 8:
+        power /= 2
+        roots += 1
+    if power != alpha:
+        raise ValueError(f"the Newton–Schulz substitute computes powers 2^-k only (0.5, 0.25, ...), got alpha={alpha}")
+    m = sigma + eps * torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device) if eps else sigma
+    for _ in range(roots):
+        m = sqrtm_newton_schulz(sym(m), iterations)
+    return m
+
+
+def logm_newton_schulz(sigma: Tensor, eps: float = 1e-3, roots: int = 6, iterations: int = 25,
+                       terms: int = 12) -> Tensor:
+    """log(Σ + εI) without an eigendecomposition, by inverse scaling and squaring.
+
+    With c = tr(Σ + εI) and B = (Σ + εI)/c (eigenvalues in (0, 1]):
+    log(Σ + εI) = log(c)·I + 2^k · log(B^{1/2^k}), where the k square roots use Newton–Schulz and
+    log(I + X) is its Mercator series to ``terms`` terms (X = B^{1/2^k} − I is small after k roots).
+    Accuracy depends on the spectrum; :func:`finegrained.export` measures and reports it.
+
+    Args:
+        sigma: (B, d, d) symmetric positive semi-definite.
+    Returns:
+        (B, d, d) approximation of log(Σ + εI).
+    """
+    _check_square(sigma)
+    if not eps > 0:
+        raise ValueError(f"the matrix logarithm needs eps > 0, got {eps}")
+    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    m = sigma + eps * eye
+    scale = _batch_trace(m).view(-1, 1, 1)
+    root = m / scale
+    for _ in range(roots):
+        root = sqrtm_newton_schulz(sym(root), iterations)
+    x = root - eye
+    power, series = x, x.clone()
+    for j in range(2, terms + 1):
+        power = power @ x
+        series = series + ((-1) ** (j + 1) / j) * power
+    return (2 ** roots) * series + torch.log(scale) * eye
+
+
+# ---------------------------------------------------------------------------------------------
+# Random feature maps of polynomial kernels
+# ---------------------------------------------------------------------------------------------
+def count_sketch_matrix(in_dim: int, out_dim: int, generator: torch.Generator) -> Tensor:
+    """Dense (in_dim, out_dim) count-sketch matrix: row c has a single sign s(c) = ±1 at column h(c).
+
+    A dense matrix turns the sketch into one matmul (fast on GPUs, exportable to ONNX).
+    """
+    h = torch.randint(out_dim, (in_dim,), generator=generator)
+    s = torch.randint(2, (in_dim,), generator=generator).float() * 2 - 1
+    sketch = torch.zeros(in_dim, out_dim)
+    sketch[torch.arange(in_dim), h] = s
+    return sketch
+
+
+def tensor_sketch(x: Tensor, sketches, orders: int = 2):
+    """Tensor Sketch of the order-k self tensor products of every position, averaged over positions.
+
+    TS_k(x) = FFT⁻¹(Π_{i ≤ k} FFT(x P_i)) estimates x^{⊗k} without bias:
+    E⟨TS_k(x), TS_k(y)⟩ = ⟨x, y⟩^k (Pham & Pagh, KDD 2013; Gao et al., CVPR 2016).
+    Products of FFTs are shared across orders, as in kernel pooling (Cui et al., CVPR 2017).
+
+    Args:
+        x: (B, C, H, W) or (B, C, M) features.
+        sketches: sequence of at least ``orders`` count-sketch matrices (C, d).
+        orders: highest order k ≥ 2.
+    Returns:
+        list of (B, d) tensors [TS_2, …, TS_orders].
+    """
+    x = _positions(x).transpose(1, 2)  # (B, M, C)
+    d = sketches[0].shape[1]
+    spectrum = torch.fft.rfft(x @ sketches[0], dim=-1)
+    out = []
+    for k in range(1, orders):
+        spectrum = spectrum * torch.fft.rfft(x @ sketches[k], dim=-1)
+        # The inverse FFT is linear: average the spectra over positions first, invert once.
+        out.append(torch.fft.irfft(spectrum.mean(dim=1), n=d, dim=-1))
+    return out
+
+
+def random_maclaurin(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+    """Random Maclaurin features of the degree-2 polynomial kernel, averaged over positions.
+
+    y = (1/M) Σ_m (x_m W₁) ∘ (x_m W₂) / √d with Rademacher W₁, W₂ (C, d): E⟨y(x), y(z)⟩ = ⟨x, z⟩²
+    for single positions (Kar & Karnick, AISTATS 2012; Gao et al., CVPR 2016).
+
+    Args:
+        x: (B, C, H, W) or (B, C, M). w1, w2: (C, d).
+    Returns:
+        (B, d).
+    """
+    x = _positions(x).transpose(1, 2)
+    return ((x @ w1) * (x @ w2)).mean(dim=1) / w1.shape[1] ** 0.5

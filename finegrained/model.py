@@ -1,5 +1,8 @@
 """FineGrainedClassifier: backbone -> second-order head -> linear classifier, as a LightningModule.
 
+A head with ``produces_logits`` (low-rank bilinear pooling) is its own classifier; a head that
+sets ``aux_loss`` in training (GM-SOP's load balance) has it added to the loss.
+
 The fine-tuning protocol follows iSQRT-COV (Li et al., CVPR 2018): SGD with momentum 0.9,
 separate learning-rate multipliers for backbone, head and classifier (classifier ×5),
 and test-time averaging of the logits of each image and its horizontal flip.
@@ -73,7 +76,7 @@ class FineGrainedClassifier(pl.LightningModule):
             raise ValueError(f"lr_mult has unknown parts {sorted(unknown_parts)}; known: {sorted(DEFAULT_LR_MULT)}")
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, weights=backbone_weights, last_stride=last_stride)
-        self.head = build_head(head, self.backbone.out_channels, **(head_kwargs or {}))
+        self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
         if getattr(self.head, "produces_logits", False):
             self.classifier = nn.Identity()
         else:
@@ -99,6 +102,10 @@ class FineGrainedClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+        aux_loss = getattr(self.head, "aux_loss", None)
+        if aux_loss is not None:  # e.g. GM-SOP's load-balance loss
+            self.log("train_aux_loss", aux_loss, on_step=True, on_epoch=True, batch_size=len(labels))
+            loss = loss + aux_loss
         acc = (logits.argmax(1) == labels).float().mean()
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         self.log("train_top1", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))

@@ -16,14 +16,8 @@ from torch import Tensor, nn
 
 from finegrained.heads import register_head
 from finegrained.heads._precision import float32_matrices
+from finegrained.heads._layers import optional_reduction
 from finegrained.linalg import covariance, sqrtm_newton_schulz, triu_vec
-
-
-def channel_reduction(in_channels: int, out_channels: int) -> nn.Sequential:
-    """1×1 conv (no bias) + BN + ReLU, initialised as in the official iSQRT-COV code."""
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 @register_head("isqrt")
@@ -38,8 +32,7 @@ class ISqrtCovHead(nn.Module):
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, iterations: int = 5):
         super().__init__()
-        self.reduce = channel_reduction(in_channels, reduction) if reduction else nn.Identity()
-        self.dim = reduction or in_channels
+        self.reduce, self.dim = optional_reduction(in_channels, reduction)
         self.iterations = iterations
         self.output_dim = self.dim * (self.dim + 1) // 2
 

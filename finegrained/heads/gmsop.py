@@ -1,0 +1,87 @@
+"""GM-SOP: global gated mixture of second-order pooling.
+
+Wang, Gao, Xie, Zuo, Li, "Global Gated Mixture of Second-order Pooling for Improving Deep
+Convolutional Neural Networks", NeurIPS 2018.
+
+N SR-SOP components M_i (:mod:`finegrained.heads.srsop`) and a sparse gate. The gating branch is its
+own SR-SOP block with BN (feature f), followed by noisy top-K gating:
+
+    H_i(f) = W_g f + γ · softplus(W_n f),   γ ~ N(0, 1) per image in training, 0 in evaluation
+    ω = softmax over the K largest H_i (0 elsewhere),   output = Σ_i ω_i M_i(X)
+
+and a load-balance loss on the batch importance I = Σ_batch ω,
+
+    L_B = w · (std(I) / mean(I))²     (population std),
+
+exposed as ``head.aux_loss`` after each training forward; :class:`finegrained.model.FineGrainedClassifier`
+adds it to the training loss. Defaults from the paper: N = 16, K = 8, w = 100, W_g and W_n
+initialised to the constant 1/size ("ones/size"), components of 256 -> 128 channels with 3
+Newton–Schulz iterations: 8,256 values. All N components are evaluated and weighted (ω is 0 for the
+N − K dropped ones), which keeps the graph static for export.
+
+Shapes: (B, C, H, W) -> (B, 8256).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finegrained.heads import register_head
+from finegrained.heads.srsop import SquareRootSOPHead
+
+
+def load_balance_loss(gates: Tensor, weight: float = 100.0) -> Tensor:
+    """w · (std/mean)² of the per-component importance Σ_batch ω; ``gates`` is (B, N)."""
+    importance = gates.sum(dim=0)
+    return weight * importance.var(correction=0) / importance.mean().square().clamp_min(1e-12)
+
+
+def top_k_gates(logits: Tensor, k: int) -> Tensor:
+    """(B, N) logits -> (B, N) weights: softmax over the k largest logits per row, 0 elsewhere."""
+    values, indices = logits.topk(k, dim=1)
+    return torch.zeros_like(logits).scatter(1, indices, values.softmax(dim=1))
+
+
+@register_head("gmsop")
+class GatedMixtureSOPHead(nn.Module):
+    """Args:
+        in_channels: C.
+        components: N (16).
+        top_k: K kept per image (8).
+        balance_weight: w of the load-balance loss (100).
+        mid_channels, out_channels, iterations: of every SR-SOP block (256, 128, 3).
+    """
+
+    def __init__(self, in_channels: int, components: int = 16, top_k: int = 8, balance_weight: float = 100.0,
+                 mid_channels: int = 256, out_channels: int = 128, iterations: int = 3):
+        super().__init__()
+        if not 1 <= top_k <= components:
+            raise ValueError(f"top_k must be in 1..components={components}, got {top_k}")
+        block = dict(mid_channels=mid_channels, out_channels=out_channels, iterations=iterations)
+        self.experts = nn.ModuleList(SquareRootSOPHead(in_channels, **block) for _ in range(components))
+        self.gate_features = SquareRootSOPHead(in_channels, batch_norm=True, **block)
+        size = self.gate_features.output_dim
+        self.gate = nn.Linear(size, components, bias=False)
+        self.noise = nn.Linear(size, components, bias=False)
+        for layer in (self.gate, self.noise):
+            nn.init.constant_(layer.weight, 1.0 / size)
+        self.top_k, self.balance_weight = top_k, balance_weight
+        self.output_dim = self.experts[0].output_dim
+        self.aux_loss: Optional[Tensor] = None
+        self.last_gates: Optional[Tensor] = None
+
+    def gates(self, x: Tensor) -> Tensor:
+        f = self.gate_features(x)
+        logits = self.gate(f)
+        if self.training:
+            gamma = torch.randn(x.shape[0], 1, dtype=logits.dtype, device=logits.device)
+            logits = logits + gamma * F.softplus(self.noise(f))
+        return top_k_gates(logits, self.top_k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gates = self.gates(x)  # (B, N)
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, N, D)
+        self.last_gates = gates.detach()
+        self.aux_loss = load_balance_loss(gates, self.balance_weight) if self.training else None
+        return (gates.unsqueeze(-1) * outputs).sum(dim=1)

@@ -1,0 +1,67 @@
+"""LRBP: low-rank bilinear pooling, a bilinear classifier with low-rank class weights.
+
+Kong & Fowlkes, "Low-rank Bilinear Pooling for Fine-Grained Classification", CVPR 2017.
+
+After a shared 1×1 reduction P (C -> m), class k scores the bilinear feature with a rank-r matrix
+W_k = U_k U_kᵀ − V_k V_kᵀ (U_k, V_k: m × r/2), without ever forming the m×m feature:
+
+    score_k = tr(W_k Y Yᵀ)/M + b_k = (‖U_kᵀ Y‖²_F − ‖V_kᵀ Y‖²_F)/M + b_k,    Y = P X (m × M)
+
+This head is the classifier (``produces_logits``): it takes ``num_classes`` and its output is the
+logits. Defaults from the paper: m = 100 (the seed table's 10K = 100² equivalent dimension),
+rank r = 8. :meth:`LowRankBilinearHead.init_reduction` sets P by PCA (scikit-learn), the paper's
+initialisation.
+
+Shapes: (B, C, H, W) -> (B, num_classes).
+"""
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from finegrained.heads import register_head
+from finegrained.heads._precision import float32_matrices
+
+
+@register_head("lrbp")
+class LowRankBilinearHead(nn.Module):
+    """Args:
+        in_channels: C.
+        num_classes: K.
+        reduction: m (100, paper).
+        rank: r, even; U_k and V_k have r/2 columns each (8, paper).
+    """
+
+    produces_logits = True
+
+    def __init__(self, in_channels: int, num_classes: int, reduction: int = 100, rank: int = 8):
+        super().__init__()
+        if rank < 2 or rank % 2:
+            raise ValueError(f"rank must be an even number >= 2 (U and V get rank/2 columns), got {rank}")
+        self.num_classes, self.half_rank = num_classes, rank // 2
+        self.reduce = nn.Conv2d(in_channels, reduction, kernel_size=1, bias=True)
+        self.project = nn.Conv2d(reduction, num_classes * rank, kernel_size=1, bias=False)
+        nn.init.normal_(self.project.weight, std=reduction ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.output_dim = num_classes
+
+    @torch.no_grad()
+    def init_reduction(self, features: Tensor, seed: int = 0) -> None:
+        """PCA (scikit-learn) of the local features (B, C, H, W) or (N, C): P = principal axes, bias = −P·mean."""
+        from sklearn.decomposition import PCA
+
+        if features.dim() == 4:
+            features = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
+        rows = features.detach().double().cpu().numpy()
+        m = self.reduce.out_channels
+        if rows.shape[0] < m:
+            raise ValueError(f"PCA to {m} dimensions needs at least {m} descriptors, got {rows.shape[0]}")
+        pca = PCA(n_components=m, random_state=seed).fit(rows)
+        axes = torch.as_tensor(pca.components_, dtype=self.reduce.weight.dtype)
+        self.reduce.weight.copy_(axes[:, :, None, None])
+        self.reduce.bias.copy_(-axes @ torch.as_tensor(np.asarray(pca.mean_), dtype=axes.dtype))
+
+    @float32_matrices
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.project(self.reduce(x)).flatten(2)  # (B, K·r, M)
+        energy = y.square().mean(-1).view(x.shape[0], self.num_classes, 2, self.half_rank).sum(-1)
+        return energy[:, :, 0] - energy[:, :, 1] + self.bias

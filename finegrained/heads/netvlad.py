@@ -1,0 +1,80 @@
+"""NetVLAD: trainable VLAD pooling of local features.
+
+Arandjelović, Gronat, Torii, Pajdla, Sivic, "NetVLAD: CNN architecture for weakly supervised place
+recognition", CVPR 2016.
+
+    x̂_m = x_m/‖x_m‖,  a_k(x̂) = softmax_k(w_kᵀx̂ + b_k),  w_k = 2α·c_k,  b_k = −α‖c_k‖²
+    V(:, k) = Σ_m a_k(x̂_m)(x̂_m − c_k)  ->  l2 per cluster (intra-normalisation)  ->  l2
+
+Defaults: K = 64 clusters (paper; 512 × 64 = 32,768 values on VGG-16, the seed table's 32K) and
+α = 100 (large α makes the soft assignment close to VLAD's hard one, as in the paper's
+initialisation). :meth:`NetVLADHead.init_centroids` sets c (and w, b) by k-means on features
+(scikit-learn), the paper's initialisation; otherwise centres start random on the unit sphere.
+
+Shapes: (B, C, H, W) -> (B, K·C).
+"""
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finegrained.heads import register_head
+from finegrained.heads._precision import float32_matrices
+
+
+def local_descriptors(features: Tensor) -> np.ndarray:
+    """(B, C, H, W) maps or (N, C) rows -> (N, C) float64 numpy array of l2-normalised descriptors."""
+    if features.dim() == 4:
+        features = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
+    if features.dim() != 2:
+        raise ValueError(f"expected (B, C, H, W) feature maps or (N, C) descriptors, got {tuple(features.shape)}")
+    return F.normalize(features.detach().double(), dim=1).cpu().numpy()
+
+
+@register_head("netvlad")
+class NetVLADHead(nn.Module):
+    """Args:
+        in_channels: C.
+        clusters: K (64, paper).
+        alpha: assignment sharpness α (100).
+    """
+
+    def __init__(self, in_channels: int, clusters: int = 64, alpha: float = 100.0):
+        super().__init__()
+        self.clusters, self.alpha = clusters, alpha
+        self.centroids = nn.Parameter(F.normalize(torch.randn(clusters, in_channels), dim=1))
+        self.assign = nn.Conv2d(in_channels, clusters, kernel_size=1, bias=True)
+        self._tie_assignment_to_centroids()
+        self.output_dim = clusters * in_channels
+
+    @torch.no_grad()
+    def _tie_assignment_to_centroids(self):
+        self.assign.weight.copy_((2 * self.alpha * self.centroids)[:, :, None, None])
+        self.assign.bias.copy_(-self.alpha * self.centroids.pow(2).sum(1))
+
+    @torch.no_grad()
+    def init_centroids(self, features: Tensor, seed: int = 0, max_descriptors: Optional[int] = 50000) -> None:
+        """k-means (scikit-learn) on l2-normalised local descriptors of ``features`` (B, C, H, W) or (N, C)."""
+        from sklearn.cluster import KMeans
+
+        descriptors = local_descriptors(features)
+        if len(descriptors) < self.clusters:
+            raise ValueError(f"k-means needs at least {self.clusters} descriptors, got {len(descriptors)}")
+        if max_descriptors and len(descriptors) > max_descriptors:
+            rows = np.random.default_rng(seed).choice(len(descriptors), max_descriptors, replace=False)
+            descriptors = descriptors[rows]
+        kmeans = KMeans(n_clusters=self.clusters, n_init=3, random_state=seed).fit(descriptors)
+        self.centroids.copy_(torch.as_tensor(kmeans.cluster_centers_, dtype=self.centroids.dtype))
+        self._tie_assignment_to_centroids()
+
+    @float32_matrices
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(x, dim=1)
+        assignment = self.assign(x).flatten(2).softmax(dim=1)  # (B, K, M)
+        positions = x.flatten(2)  # (B, C, M)
+        # Σ_m a_k(x_m)(x_m − c_k) = (A Xᵀ)_k − (Σ_m a_k) c_k, without a (B, K, C, M) tensor.
+        vlad = assignment @ positions.transpose(1, 2) - assignment.sum(-1, keepdim=True) * self.centroids
+        vlad = F.normalize(vlad, dim=2)
+        return F.normalize(vlad.flatten(1), dim=1)
