@@ -77,6 +77,15 @@ def _batch_trace(m: Tensor) -> Tensor:
     return m.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
+def _safe_normaliser(t: Tensor) -> Tensor:
+    """A positive normaliser (trace or norm), with 1 in place of (numerically) zero values.
+
+    Dividing a zero matrix by 1 keeps it zero; dividing by a clamped tiny value instead would make
+    the gradient 1/tiny = inf.
+    """
+    return torch.where(t > torch.finfo(t.dtype).tiny, t, torch.ones_like(t))
+
+
 def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
     """Approximate matrix square root of SPD matrices by coupled Newton–Schulz (iSQRT-COV).
 
@@ -100,9 +109,8 @@ def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
     if sigma.dim() != 3 or sigma.shape[-1] != sigma.shape[-2]:
         raise ValueError(f"expected (B, d, d) matrices, got shape {tuple(sigma.shape)}")
     d = sigma.shape[-1]
-    # A zero matrix (all-zero or constant features) has trace 0; clamping keeps
-    # the output at exactly 0 instead of NaN and changes nothing otherwise.
-    trace = _batch_trace(sigma).clamp_min(torch.finfo(sigma.dtype).tiny)
+    # A zero matrix (all-zero or constant features) has trace 0: it stays exactly 0, not NaN.
+    trace = _safe_normaliser(_batch_trace(sigma))
     a = sigma / trace.view(-1, 1, 1)
     eye3 = 3.0 * torch.eye(d, dtype=sigma.dtype, device=sigma.device)
 
@@ -296,7 +304,7 @@ def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
         (B, d, d) X.
     """
     eye3 = 3.0 * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
-    norm = torch.linalg.matrix_norm(z).clamp_min(torch.finfo(z.dtype).tiny).view(-1, 1, 1)
+    norm = _safe_normaliser(torch.linalg.matrix_norm(z)).view(-1, 1, 1)
     a, q = z / norm, g / norm
     for _ in range(iterations):
         a2 = a @ a
@@ -335,7 +343,7 @@ def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_it
         (B, d, d) approximation of Σ^{1/2}.
     """
     _check_square(sigma)
-    norm = torch.linalg.matrix_norm(sigma).clamp_min(torch.finfo(sigma.dtype).tiny).view(-1, 1, 1)
+    norm = _safe_normaliser(torch.linalg.matrix_norm(sigma)).view(-1, 1, 1)
     a = sigma / norm
     if torch.is_grad_enabled() and a.requires_grad:
         root = _NewtonSchulzLyapunov.apply(a, iterations, backward_iterations)

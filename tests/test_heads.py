@@ -1,5 +1,6 @@
 """Heads: shapes, exact formulas against plain float64 references, degenerate inputs, autocast."""
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
@@ -10,12 +11,55 @@ from finegrained.linalg import covariance, sqrtm_newton_schulz, triu_vec
 torch.manual_seed(0)
 
 
+ALL_HEADS = ["bcnn", "cbp", "g2de", "gap", "gmsop", "hihca", "improved_bcnn", "isqrt", "kp", "lrbp", "mpncov",
+             "netfv", "netvlad", "o2p", "srsop"]
+
+# Small settings that keep each head's matrix function on the input it is given (no reduction).
+SMALL = {
+    "gap": {}, "bcnn": {}, "improved_bcnn": {}, "isqrt": {"reduction": None}, "mpncov": {"reduction": None},
+    "o2p": {}, "g2de": {}, "cbp": {"output_dim": 64}, "kp": {"sketch_dim": 32}, "netvlad": {"clusters": 4},
+    "netfv": {"clusters": 4}, "lrbp": {"reduction": 6, "num_classes": 3}, "hihca": {"filters": 32},
+    "srsop": {"mid_channels": 8, "out_channels": 6}, "gmsop": {"components": 4, "top_k": 2, "mid_channels": 8,
+                                                              "out_channels": 6},
+}
+
+
 def test_registry_lists_heads_and_rejects_unknown():
-    assert {"gap", "bcnn", "isqrt"} <= set(available_heads())
+    assert available_heads() == sorted(ALL_HEADS)
     with pytest.raises(ValueError) as err:
         build_head("nope", 8)
-    for name in ("gap", "bcnn", "isqrt"):
+    for name in ALL_HEADS:
         assert name in str(err.value)
+
+
+def test_logit_heads_need_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        build_head("lrbp", 8)
+    assert build_head("gap", 8, num_classes=5).output_dim == 8  # ignored by pooling heads
+
+
+@pytest.mark.parametrize("channels", [64, 512])
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_every_head_builds_with_defaults(name, channels):
+    """The acceptance: (2, C, 14, 14) -> (2, output_dim), finite values and gradients, paper defaults."""
+    head = build_head(name, channels, num_classes=10)
+    x = torch.randn(2, channels, 14, 14).relu_().requires_grad_(True)
+    out = head(x)
+    assert out.shape == (2, head.output_dim)
+    assert torch.isfinite(out).all()
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name,channels,expected_dim", [
+    ("bcnn", 512, 262144), ("improved_bcnn", 512, 262144), ("isqrt", 2048, 32896), ("mpncov", 2048, 32896),
+    ("cbp", 512, 8192), ("kp", 512, 12801), ("kp", 2048, 14337), ("netvlad", 512, 32768),
+    ("g2de", 512, 263169), ("hihca", 512, 8192), ("srsop", 2048, 8256), ("gmsop", 512, 8256),
+    ("o2p", 512, 131328), ("netfv", 512, 65536),
+])
+def test_output_sizes_of_the_seed_tables(name, channels, expected_dim):
+    assert build_head(name, channels).output_dim == expected_dim
 
 
 @pytest.mark.parametrize("name,kwargs,channels,expected_dim", [
@@ -62,10 +106,15 @@ def test_isqrt_reduction_layer_layout():
     assert conv.out_channels == 32
 
 
-@pytest.mark.parametrize("name,kwargs", [("gap", {}), ("bcnn", {}), ("isqrt", {"reduction": None}), ("isqrt", {"reduction": 8})])
-def test_gradcheck_heads_float64(name, kwargs):
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_gradcheck_heads_float64(name):
+    # Sketches narrower than the channel count hit every bin: no output entry sits at the signed
+    # square root's jump at exactly 0, where finite differences are meaningless.
+    kwargs = {**SMALL[name], **{"cbp": {"output_dim": 4}, "kp": {"sketch_dim": 4}}.get(name, {})}
     head = build_head(name, 6, **kwargs).double().eval()
-    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = (torch.rand(2, 6, 3, 3, dtype=torch.float64) + 0.1).requires_grad_(True)
+    if name == "improved_bcnn":  # the Lyapunov backward is exact once both iterations converge
+        head = build_head(name, 6, iterations=40, backward_iterations=40).double()
     assert gradcheck(head, (x,))
 
 
@@ -76,24 +125,35 @@ DEGENERATE = {
     "fewer_positions_than_channels": lambda: torch.randn(2, 8, 1, 3),
     "tiny": lambda: torch.randn(2, 8, 4, 4) * 1e-8,
     "huge": lambda: torch.randn(2, 8, 4, 4) * 1e8,
+    # Rows of a Hadamard matrix: centred, orthogonal, equal norms -> Σ = I, one eigenvalue repeated 8 times.
+    "repeated_eigenvalues": lambda: torch.tensor(scipy.linalg.hadamard(16)[1:9], dtype=torch.float32)
+    .view(1, 8, 4, 4).repeat(2, 1, 1, 1),
 }
 
 
+def test_repeated_eigenvalue_case_is_what_it_claims():
+    sigma = covariance(DEGENERATE["repeated_eigenvalues"]())
+    torch.testing.assert_close(sigma, torch.eye(8).expand(2, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
-@pytest.mark.parametrize("name,kwargs", [("gap", {}), ("bcnn", {}), ("isqrt", {"reduction": None}), ("isqrt", {"reduction": 4})])
-def test_degenerate_features_finite(case, name, kwargs):
-    head = build_head(name, 8, **kwargs)
-    x = DEGENERATE[case]().requires_grad_(True)
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_degenerate_features_finite(case, name, dtype):
+    head = build_head(name, 8, **SMALL[name]).to(dtype)
+    x = DEGENERATE[case]().to(dtype).requires_grad_(True)
     out = head(x)
     assert torch.isfinite(out).all(), f"{name} output not finite on {case}"
-    out.sum().backward()
+    (out * torch.randn_like(out)).sum().backward()
     assert torch.isfinite(x.grad).all(), f"{name} gradient not finite on {case}"
+    for p in head.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), f"{name} parameter gradient not finite on {case}"
 
 
-@pytest.mark.parametrize("name", ["bcnn", "isqrt"])
+@pytest.mark.parametrize("name", ALL_HEADS)
 def test_bf16_autocast_keeps_matrix_part_in_float32(name):
-    head = build_head(name, 16, **({"reduction": 8} if name == "isqrt" else {}))
-    x = torch.randn(2, 16, 5, 5)
+    head = build_head(name, 16, **SMALL[name]).eval()
+    x = torch.randn(2, 16, 5, 5).relu()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(x)
     assert out.dtype == torch.float32

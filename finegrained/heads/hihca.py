@@ -47,5 +47,7 @@ class PolynomialKernelHead(nn.Module):
         product = self.projections[0](x)
         for conv in self.projections[1:]:
             product = product * conv(x)
-        pooled = product.float().mean(dim=(2, 3))
+        pooled = product.mean(dim=(2, 3))
+        if pooled.dtype in (torch.float16, torch.bfloat16):  # degree-r products overflow fp16 quickly
+            pooled = pooled.float()
         return F.normalize(signed_sqrt(pooled, self.eps), dim=1)
