@@ -96,12 +96,39 @@ def _export_main(argv: List[str]) -> int:
     parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--config", default=None,
+                        help="recipe whose data: section gives validation images for the checks "
+                             "(default: random inputs)")
+    parser.add_argument("--val-batches", type=int, default=2, help="validation batches used with --config")
     args = parser.parse_args(argv)
-    manifest = export_classifier(args.ckpt, args.format, args.out, opset=args.opset)
+    images = _validation_images(args.config, args.val_batches) if args.config else None
+    manifest = export_classifier(args.ckpt, args.format, args.out, opset=args.opset, images=images)
     print(f"wrote {args.out} ({manifest['format']}, {len(manifest['class_names'])} classes, "
           f"max |export - torch| = {manifest['parity_max_abs_diff']:.2e})")
+    substitute = manifest.get("eig_substitute")
+    if substitute:
+        print(f"eigendecomposition substitute: {substitute['description']}")
+        print(f"  max |substitute - eig| on {substitute['measured_on']}: logits {substitute['logits_max_abs_error']:.2e}, "
+              f"head features {substitute['features_max_abs_error']:.2e} (largest feature {substitute['features_max_abs']:.2e})")
+        print(f"  max |{manifest['format']} artifact - eig model| logits: "
+              f"{substitute['artifact_vs_eig_logits_max_abs_error']:.2e}")
     print(f"wrote {manifest['manifest_path']}")
     return 0
+
+
+def _validation_images(config_path: str, batches: int):
+    import torch
+
+    datamodule = datamodule_from_config(config_path)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    images = []
+    for k, (batch, _) in enumerate(loader):
+        if k >= batches:
+            break
+        images.append(batch)
+    return torch.cat(images)
 
 
 def _predict_images_main(argv: List[str]) -> int:

@@ -38,8 +38,17 @@ def load_balance_loss(gates: Tensor, weight: float = 100.0) -> Tensor:
 
 
 def top_k_gates(logits: Tensor, k: int) -> Tensor:
-    """(B, N) logits -> (B, N) weights: softmax over the k largest logits per row, 0 elsewhere."""
-    values, indices = logits.topk(k, dim=1)
+    """(B, N) logits -> (B, N) weights: softmax over the k largest logits per row, 0 elsewhere.
+
+    Ties go to the lower index: with the paper's constant initialisation every logit is equal in
+    evaluation, and top-k's unspecified tie order would make exported models pick other components
+    than PyTorch. A stable sort does not export to ONNX, so selection uses logits lowered by
+    10⁻⁶·(1 + max|logit|)·index, and the softmax uses the unmodified logits.
+    """
+    ramp = torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
+    tie_break = 1e-6 * (1 + logits.detach().abs().amax(dim=1, keepdim=True)) * ramp
+    indices = (logits - tie_break).topk(k, dim=1).indices
+    values = logits.gather(1, indices)
     return torch.zeros_like(logits).scatter(1, indices, values.softmax(dim=1))
 
 

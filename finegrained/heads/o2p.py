@@ -36,7 +36,7 @@ class LogEuclideanHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, reduction: Optional[int] = None, eps: float = 1e-3,
-                 substitute_roots: int = 6, substitute_iterations: int = 25):
+                 substitute_roots: int = 6, substitute_iterations: int = 22):
         super().__init__()
         if not eps > 0:
             raise ValueError(f"o2p needs eps > 0 (log 0 is -inf), got {eps}")
@@ -47,7 +47,7 @@ class LogEuclideanHead(nn.Module):
 
     def substitute_description(self) -> str:
         return (f"o2p: log by inverse scaling and squaring, {self.substitute_roots} Newton–Schulz square roots "
-                f"of {self.substitute_iterations} iterations + 12-term series")
+                f"({self.substitute_iterations} iterations for the first) + 12-term series")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.reduce(x))
