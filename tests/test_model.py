@@ -114,3 +114,28 @@ def test_backbone_finetuning_callback_works(image_folder):
     conv1 = model.backbone.features.conv1.weight
     assert not any(p is conv1 for p in groups[0]["params"]) and any(p is conv1 for p in groups[3]["params"])
     assert not torch.equal(before, model.backbone.features.conv1.weight)
+
+
+def test_logit_head_is_the_classifier():
+    model = tiny_model(num_classes=4, head="lrbp", head_kwargs={"reduction": 8, "rank": 2}).eval()
+    assert isinstance(model.classifier, torch.nn.Identity)
+    assert model.head.num_classes == 4
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    assert {g["name"] for g in model.parameter_groups()} == {"backbone", "head"}
+
+
+def test_head_aux_loss_is_added_to_the_training_loss():
+    model = tiny_model(head="gmsop", head_kwargs={"components": 4, "top_k": 2, "mid_channels": 8,
+                                                  "out_channels": 4}, label_smoothing=0.0)
+    model.train()
+    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    torch.manual_seed(0)
+    loss = model.training_step((images, labels), 0)
+    aux = logged["train_aux_loss"]
+    assert aux.item() > 0  # random gating over 4 images is not perfectly balanced
+    # Same seed, same noise: the loss is the cross-entropy of the same forward plus the aux loss.
+    torch.manual_seed(0)
+    logits = model(images)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels) + model.head.aux_loss)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
+from finegrained.heads._precision import float32_matrices
 from finegrained.heads.srsop import SquareRootSOPHead
 
 
@@ -80,7 +81,10 @@ class GatedMixtureSOPHead(nn.Module):
         self.aux_loss: Optional[Tensor] = None
         self.last_gates: Optional[Tensor] = None
 
+    @float32_matrices
     def gates(self, x: Tensor) -> Tensor:
+        # In float32 even under autocast: bf16 logits round near-ties together, and which
+        # components are kept must not depend on the precision of the backbone.
         f = self.gate_features(x)
         logits = self.gate(f)
         if self.training:

@@ -12,16 +12,15 @@ r = 256 gives 32,896 values.
 """
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
-from finegrained.heads._layers import optional_reduction
-from finegrained.linalg import covariance, sqrtm_newton_schulz, triu_vec
+from finegrained.heads._covariance import CovariancePoolingHead
+from finegrained.linalg import sqrtm_newton_schulz
 
 
 @register_head("isqrt")
-class ISqrtCovHead(nn.Module):
+class ISqrtCovHead(CovariancePoolingHead):
     """iSQRT-COV head.
 
     Args:
@@ -31,14 +30,8 @@ class ISqrtCovHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, iterations: int = 5):
-        super().__init__()
-        self.reduce, self.dim = optional_reduction(in_channels, reduction)
+        super().__init__(in_channels, reduction)
         self.iterations = iterations
-        self.output_dim = self.dim * (self.dim + 1) // 2
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.reduce(x))
-
-    @float32_matrices
-    def pool(self, x: Tensor) -> Tensor:
-        return triu_vec(sqrtm_newton_schulz(covariance(x), self.iterations))
+    def matrix_function(self, sigma: Tensor) -> Tensor:
+        return sqrtm_newton_schulz(sigma, self.iterations)

@@ -18,16 +18,15 @@ Shapes: (B, C, H, W) -> (B, d(d+1)/2), d = reduction or C.
 """
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from finegrained.heads import register_head
-from finegrained.heads._layers import optional_reduction
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import covariance, eig_power, powm_newton_schulz, triu_vec
+from finegrained.heads._covariance import CovariancePoolingHead
+from finegrained.linalg import eig_power, powm_newton_schulz
 
 
 @register_head("mpncov")
-class MPNCovHead(nn.Module):
+class MPNCovHead(CovariancePoolingHead):
     """Args:
         in_channels: C.
         reduction: channels after the 1×1 reduction (256); ``None`` keeps C.
@@ -38,22 +37,15 @@ class MPNCovHead(nn.Module):
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, alpha: float = 0.5, eps: float = 0.0,
                  substitute_iterations: int = 20):
-        super().__init__()
-        self.reduce, self.dim = optional_reduction(in_channels, reduction)
+        super().__init__(in_channels, reduction)
         self.alpha, self.eps, self.substitute_iterations = alpha, eps, substitute_iterations
         self.use_substitute = False
-        self.output_dim = self.dim * (self.dim + 1) // 2
 
     def substitute_description(self) -> str:
         return (f"mpncov: (Σ+εI)^{self.alpha} by Newton–Schulz square roots, "
                 f"{self.substitute_iterations} iterations each")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.reduce(x))
-
-    @float32_matrices
-    def pool(self, x: Tensor) -> Tensor:
-        sigma = covariance(x)
+    def matrix_function(self, sigma: Tensor) -> Tensor:
         if self.use_substitute:
-            return triu_vec(powm_newton_schulz(sigma, self.alpha, self.eps, self.substitute_iterations))
-        return triu_vec(eig_power(sigma, self.alpha, self.eps))
+            return powm_newton_schulz(sigma, self.alpha, self.eps, self.substitute_iterations)
+        return eig_power(sigma, self.alpha, self.eps)

@@ -18,16 +18,15 @@ Shapes: (B, C, H, W) -> (B, d(d+1)/2), d = reduction or C.
 """
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from finegrained.heads import register_head
-from finegrained.heads._layers import optional_reduction
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import covariance, eig_log, logm_newton_schulz, triu_vec
+from finegrained.heads._covariance import CovariancePoolingHead
+from finegrained.linalg import eig_log, logm_newton_schulz
 
 
 @register_head("o2p")
-class LogEuclideanHead(nn.Module):
+class LogEuclideanHead(CovariancePoolingHead):
     """Args:
         in_channels: C.
         reduction: channels after a 1×1 reduction (BN, ReLU); ``None`` (default) keeps C.
@@ -37,24 +36,17 @@ class LogEuclideanHead(nn.Module):
 
     def __init__(self, in_channels: int, reduction: Optional[int] = None, eps: float = 1e-3,
                  substitute_roots: int = 6, substitute_iterations: int = 22):
-        super().__init__()
         if not eps > 0:
             raise ValueError(f"o2p needs eps > 0 (log 0 is -inf), got {eps}")
-        self.reduce, self.dim = optional_reduction(in_channels, reduction)
+        super().__init__(in_channels, reduction)
         self.eps, self.substitute_roots, self.substitute_iterations = eps, substitute_roots, substitute_iterations
         self.use_substitute = False
-        self.output_dim = self.dim * (self.dim + 1) // 2
 
     def substitute_description(self) -> str:
         return (f"o2p: log by inverse scaling and squaring, {self.substitute_roots} Newton–Schulz square roots "
                 f"({self.substitute_iterations} iterations for the first) + 12-term series")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.reduce(x))
-
-    @float32_matrices
-    def pool(self, x: Tensor) -> Tensor:
-        sigma = covariance(x)
+    def matrix_function(self, sigma: Tensor) -> Tensor:
         if self.use_substitute:
-            return triu_vec(logm_newton_schulz(sigma, self.eps, self.substitute_roots, self.substitute_iterations))
-        return triu_vec(eig_log(sigma, self.eps))
+            return logm_newton_schulz(sigma, self.eps, self.substitute_roots, self.substitute_iterations)
+        return eig_log(sigma, self.eps)
