@@ -30,6 +30,7 @@ demo: setup
 	$(FG) export --ckpt $(DEMO)/checkpoints/best.ckpt --format onnx --out $(DEMO)/demo.onnx
 	$(FG) data samples --config recipes/demo.yaml --split test --n 8 --out $(DEMO)/samples
 	$(FG) predict-images --model $(DEMO)/demo.onnx $(DEMO)/samples --csv $(DEMO)/predictions.csv
+	$(FG) bench-table --out $(DEMO)/bench_fashion_mnist
 	@echo
 	@echo "Demo outputs:"
 	@echo "  checkpoints      $(DEMO)/checkpoints/{best,last}.ckpt"
@@ -37,6 +38,7 @@ demo: setup
 	@echo "  ONNX model       $(DEMO)/demo.onnx (+ $(DEMO)/demo.onnx.json manifest)"
 	@echo "  sample images    $(DEMO)/samples/"
 	@echo "  predictions      $(DEMO)/predictions.csv"
+	@echo "  head table       $(DEMO)/bench_fashion_mnist.md (printed above)"
 
 test: setup
 	$(PY) -m pytest -q

@@ -58,6 +58,8 @@ def _stratified_take(labels: np.ndarray, per_class: Optional[int], seed: int,
     if exclude is not None:
         pool = np.setdiff1d(pool, exclude)
     n_classes = int(labels.max()) + 1
+    if per_class == 0:
+        return pool[:0]
     if per_class is None or per_class * n_classes >= len(pool):
         return pool
     taken, _ = train_test_split(pool, train_size=per_class * n_classes, stratify=labels[pool],

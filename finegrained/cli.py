@@ -12,6 +12,8 @@ Tools around trained models and data::
     finegrained export --ckpt CKPT --format onnx|torchscript --out FILE
     finegrained predict-images --model FILE IMG_OR_DIR... [--topk 5] [--csv OUT.csv]
     finegrained data samples --config RECIPE --split test --n 8 --out DIR
+    finegrained tables [--runs latest|best|all|ID,...] [--plots]
+    finegrained bench-table [--heads all] [--epochs 10]
 
 This is the one place where model and data meet: the DataModule's ``num_classes``,
 ``class_names`` and ``preprocessing`` are linked into the model's hyper-parameters, so every
@@ -20,20 +22,32 @@ checkpoint knows how to name its outputs and prepare its inputs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
+import torch
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from finegrained.model import FineGrainedClassifier
+from finegrained.recipe import config_hash, expand_config_args, load_recipe
+from finegrained.runs import RunArtifacts, append_run, device_name, git_commit
 
 
 class FineGrainedCLI(LightningCLI):
     """LightningCLI with a best/last checkpoint callback and the data -> model links."""
 
+    def __init__(self, *args, recipe_paths: Optional[List[str]] = None, **kwargs):
+        self.recipe_paths = recipe_paths or []
+        self._test_started = 0.0
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--runs_csv", default="results/runs.csv",
+                            help="CSV file that every test run appends its record to ('' to skip)")
+        parser.add_lightning_class_args(RunArtifacts, "run_artifacts")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val_top1",
@@ -64,6 +78,43 @@ class FineGrainedCLI(LightningCLI):
             parts.append(f"mean per-class {float(metrics['test_mean_class_acc']):.4f}")
             n = len(self.trainer.test_dataloaders.dataset) if self.trainer.test_dataloaders is not None else "?"
             print(f"Test accuracy on {n} images: " + ", ".join(parts))
+            self._record_run(metrics)
+
+    def _record_run(self, metrics) -> None:
+        cfg = self.config["test"]
+        if not cfg.get("runs_csv"):
+            return
+        model, datamodule = self.model, self.datamodule
+        ckpt_path = cfg.get("ckpt_path")
+        epochs, train_wall = self.trainer.current_epoch, None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            epochs = checkpoint.get("epoch", -1) + 1
+            for key, state in checkpoint.get("callbacks", {}).items():
+                if key.startswith("RunArtifacts"):
+                    train_wall = state.get("train_wall_s")
+        hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv")}
+        artifacts = next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
+        record = {
+            "git_commit": git_commit(),
+            "recipe": ";".join(self.recipe_paths),
+            "config_hash": config_hash(hashed),
+            "dataset": getattr(datamodule, "dataset_name", type(datamodule).__name__),
+            "method": model.hparams.head,
+            "backbone": model.hparams.backbone,
+            "head_dim": model.head.output_dim,
+            "epochs": epochs,
+            "top1": float(metrics["test_top1"]),
+            "top5": float(metrics["test_top5"]) if "test_top5" in metrics else "",
+            "mean_class_acc": float(metrics["test_mean_class_acc"]),
+            "train_wall_s": "" if train_wall is None else round(float(train_wall), 1),
+            "test_wall_s": round(artifacts.test_wall_s, 1) if artifacts else "",
+            "device": device_name(self.trainer),
+            "checkpoint": ckpt_path or "",
+            "plots": ";".join(artifacts.plots) if artifacts else "",
+        }
+        row = append_run(cfg.runs_csv, record)
+        print(f"Recorded run {row['run_id']} in {cfg.runs_csv}")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -73,15 +124,31 @@ class FineGrainedCLI(LightningCLI):
         return kwargs
 
 
+def _config_paths(argv: List[str]) -> List[str]:
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    return paths + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
 def run_lightning_cli(args: Optional[List[str]] = None) -> FineGrainedCLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    # LightningCLI reads sys.argv; give it the expanded recipes there (passing them as ``args``
+    # besides a different sys.argv makes it warn about a possible mistake).
+    saved_argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "finegrained"] + expand_config_args(argv)
+    try:
+        return _build_cli(argv)
+    finally:
+        sys.argv = saved_argv
+
+
+def _build_cli(argv: List[str]) -> FineGrainedCLI:
     return FineGrainedCLI(
         FineGrainedClassifier,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": __doc__.split("\n\n")[0]
-                       + " Also: finegrained export | predict-images | data (see finegrained <cmd> --help)."},
-        args=args,
+                       + " Also: finegrained export | predict-images | data | tables | bench-table (see finegrained <cmd> --help)."},
+        recipe_paths=[p for p in _config_paths(argv) if os.path.isfile(p)],
     )
 
 
@@ -149,11 +216,9 @@ def _predict_images_main(argv: List[str]) -> int:
 
 def datamodule_from_config(config_path: str) -> LightningDataModule:
     """Instantiate the ``data:`` section of a LightningCLI recipe."""
-    import yaml
     from jsonargparse import ArgumentParser
 
-    with open(config_path) as f:
-        config = yaml.safe_load(f) or {}
+    config = load_recipe(config_path)
     if "data" not in config:
         raise ValueError(f"{config_path} has no 'data:' section")
     parser = ArgumentParser()
@@ -215,7 +280,57 @@ def _verify(args) -> int:
     return 1 if verify_datamodule(datamodule) else 0
 
 
+def _tables_main(argv: List[str]) -> int:
+    from finegrained.plots import plot_accuracy_vs_dim
+    from finegrained.runs import read_runs
+    from finegrained.tables import accuracy_vs_dim_points, load_reference, select_runs, write_tables
+
+    parser = argparse.ArgumentParser(prog="finegrained tables",
+                                     description="Regenerate results/tables/*.md and *.tex: the seed's numbers "
+                                                 "beside ours from the run records.")
+    parser.add_argument("--reference", default="results/reference.csv")
+    parser.add_argument("--runs-csv", default="results/runs.csv", help="run records written by finegrained test")
+    parser.add_argument("--runs", default="latest",
+                        help="which runs count: latest (per recipe), best (per recipe), all (mean), or run ids a,b,c")
+    parser.add_argument("--out", default="results/tables")
+    parser.add_argument("--plots", action="store_true", help="also draw accuracy versus representation dimension")
+    args = parser.parse_args(argv)
+    reference = load_reference(args.reference)
+    runs = select_runs(read_runs(args.runs_csv), args.runs)
+    paths = write_tables(reference, runs, args.out)
+    with open(os.path.join(args.out, "finegrained.md")) as f:
+        print(f.read())
+    print(f"{len(runs)} run(s) from {args.runs_csv} ({args.runs}); wrote {len(paths)} files under {args.out}/")
+    if args.plots:
+        path = plot_accuracy_vs_dim(accuracy_vs_dim_points(reference, runs), os.path.join(args.out, "accuracy_vs_dim.png"))
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench_table_main(argv: List[str]) -> int:
+    from finegrained.bench_table import bench_table
+    from finegrained.heads import available_heads
+
+    parser = argparse.ArgumentParser(prog="finegrained bench-table",
+                                     description="Every head on Fashion-MNIST with a frozen EfficientNet-Lite0, on a CPU.")
+    parser.add_argument("--heads", default="all", help="comma-separated head names, or all")
+    parser.add_argument("--per-class", type=int, default=150, help="training images per class")
+    parser.add_argument("--test-per-class", type=int, default=100, help="test images per class (official test set)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--channels", type=int, default=64, help="PCA channels of the cached feature maps")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the heads trained with Lightning")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default: $FINEGRAINED_DATA/bench_table)")
+    parser.add_argument("--out", default="results/tables/bench_fashion_mnist", help="output path without extension")
+    args = parser.parse_args(argv)
+    heads = available_heads() if args.heads == "all" else [h.strip() for h in args.heads.split(",") if h.strip()]
+    bench_table(heads, per_class=args.per_class, test_per_class=args.test_per_class, image_size=args.image_size,
+                channels=args.channels, epochs=args.epochs, cache_dir=args.cache_dir, out=args.out)
+    return 0
+
+
 TOOLS: Dict[str, Callable[[List[str]], int]] = {
+    "tables": _tables_main,
+    "bench-table": _bench_table_main,
     "export": _export_main,
     "predict-images": _predict_images_main,
     "data": _data_main,
@@ -226,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
-    run_lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
+    run_lightning_cli(argv)
     return 0
 
 

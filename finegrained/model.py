@@ -12,7 +12,9 @@ Shapes: images (B, 3, H, W) -> features (B, C, h, w) -> representation (B, head.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finegrained.backbones import build_backbone
 from finegrained.heads import build_head
@@ -55,6 +57,10 @@ class FineGrainedClassifier(pl.LightningModule):
         label_smoothing: of the cross-entropy loss.
         test_flip: average the logits of each test image and its horizontal flip.
         dropout: dropout before the classifier.
+        stage1_epochs: the first stage of the two-stage protocols (B-CNN, CBP, G²DeNet, HIHCA):
+            for this many epochs the backbone is frozen (weights and BN statistics) and head and
+            classifier train with ``stage1_lr``; the schedule then runs over the remaining epochs.
+        stage1_lr: learning rate of head and classifier in the first stage.
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", backbone_weights: Optional[str] = "imagenet",
@@ -63,7 +69,8 @@ class FineGrainedClassifier(pl.LightningModule):
                  optimizer: str = "sgd", lr: float = 1.2e-3, momentum: float = 0.9,
                  lr_mult: Optional[Dict[str, float]] = None, weight_decay: float = 1e-4,
                  scheduler: str = "constant", lr_steps: Optional[List[int]] = None, lr_gamma: float = 0.1,
-                 label_smoothing: float = 0.0, test_flip: bool = True, dropout: float = 0.0):
+                 label_smoothing: float = 0.0, test_flip: bool = True, dropout: float = 0.0,
+                 stage1_epochs: int = 0, stage1_lr: float = 1.0):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
@@ -83,8 +90,11 @@ class FineGrainedClassifier(pl.LightningModule):
             self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(),
                                             nn.Linear(self.head.output_dim, num_classes))
         self.lr_mult = {**DEFAULT_LR_MULT, **(lr_mult or {})}
+        if stage1_epochs < 0:
+            raise ValueError(f"stage1_epochs must be >= 0, got {stage1_epochs}")
         self.val_metrics = _metrics(num_classes, "val_")
         self.test_metrics = _metrics(num_classes, "test_")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     # -- inference ------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -118,12 +128,24 @@ class FineGrainedClassifier(pl.LightningModule):
         metrics.update(logits, labels)
         self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(labels))
         self.log_dict(metrics, prog_bar=stage == "val", on_step=False, on_epoch=True)
+        return logits
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, self.test_metrics, "test")
+        logits = self._evaluate(batch, self.test_metrics, "test")
+        self.test_confusion.update(logits, batch[1])
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
+    def on_train_epoch_start(self) -> None:
+        in_stage1 = self.current_epoch < self.hparams.stage1_epochs
+        if self.hparams.stage1_epochs:
+            self.backbone.requires_grad_(not in_stage1)
+            if in_stage1:
+                self.backbone.eval()  # frozen features: BN statistics stay the pretrained ones
 
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -148,6 +170,10 @@ class FineGrainedClassifier(pl.LightningModule):
             opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.stage1_epochs:
+            factors = [functools.partial(self.lr_factor, part=g["name"]) for g in groups]
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factors)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if hp.scheduler == "constant":
             return opt
         if hp.scheduler == "step":
@@ -155,6 +181,19 @@ class FineGrainedClassifier(pl.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def lr_factor(self, epoch: int, part: str) -> float:
+        """Multiplier of a part's learning rate at ``epoch`` under the two-stage protocol."""
+        hp = self.hparams
+        if epoch < hp.stage1_epochs:
+            return 0.0 if part == "backbone" else hp.stage1_lr / (hp.lr * self.lr_mult[part])
+        epoch -= hp.stage1_epochs
+        if hp.scheduler == "step":
+            return hp.lr_gamma ** sum(epoch >= step for step in (hp.lr_steps or []))
+        if hp.scheduler == "cosine":
+            remaining = max(1, (self.trainer.max_epochs or 1) - hp.stage1_epochs)
+            return 0.5 * (1 + math.cos(math.pi * min(epoch, remaining) / remaining))
+        return 1.0
 
 
 def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrainedClassifier:

@@ -38,6 +38,7 @@ def image_folder(tmp_path):
 
 TINY_RECIPE = """
 seed_everything: 0
+runs_csv: {root}/runs.csv
 trainer:
   accelerator: cpu
   devices: 1

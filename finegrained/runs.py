@@ -1,0 +1,134 @@
+"""Run records: one CSV row per ``finegrained test`` run, and the plots saved with each run.
+
+``results/runs.csv`` (or the CLI's ``--runs_csv``) gets a row with the fields of
+:data:`RUN_FIELDS`; :class:`RunArtifacts` is the Lightning callback that keeps per-epoch metrics,
+the training wall time (stored in the checkpoint, so it survives resumes) and writes
+``training_curves.png`` after fit and ``confusion_matrix.png`` after test into the run's log folder.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+
+from finegrained.plots import plot_confusion_matrix, plot_training_curves
+
+RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
+              "head_dim", "epochs", "top1", "top5", "mean_class_acc", "train_wall_s", "test_wall_s", "device",
+              "checkpoint", "plots"]
+
+
+def git_commit(cwd: Optional[str] = None) -> str:
+    """HEAD's hash (with ``-dirty`` for uncommitted changes), or ``unknown`` outside a repository."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(trainer: pl.Trainer) -> str:
+    root = trainer.strategy.root_device
+    if root.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(root)} x{trainer.num_devices}"
+    return f"{root.type}:{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def append_run(path: str, record: Dict[str, Any]) -> Dict[str, Any]:
+    """Append ``record`` (missing fields empty) to the CSV at ``path``, writing the header for a new file."""
+    row = {field: record.get(field, "") for field in RUN_FIELDS}
+    row["run_id"] = row["run_id"] or uuid.uuid4().hex[:8]
+    row["timestamp"] = row["timestamp"] or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != RUN_FIELDS:
+            raise ValueError(f"{path} has columns {header}; expected {RUN_FIELDS}. Move it aside to start a new file.")
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RUN_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    return row
+
+
+def read_runs(path: str) -> pd.DataFrame:
+    """The run records at ``path`` (an empty frame with the right columns if there is none)."""
+    if not os.path.isfile(path):
+        return pd.DataFrame(columns=RUN_FIELDS)
+    runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str})
+    missing = set(RUN_FIELDS) - set(runs.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)} of a run record")
+    return runs
+
+
+class RunArtifacts(pl.Callback):
+    """Per-epoch metrics, training wall time and the plots of a run."""
+
+    def __init__(self):
+        self.history: List[Dict[str, float]] = []
+        self.train_wall_s = 0.0
+        self._fit_started: Optional[float] = None
+        self._test_started: Optional[float] = None
+        self.test_wall_s = 0.0
+        self.plots: List[str] = []
+
+    # -- fit ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_started = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        return self.train_wall_s + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.history.append(row)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.train_wall_s = self._elapsed()
+        self._fit_started = None
+        if trainer.is_global_zero and self.history and trainer.log_dir:
+            history = pd.DataFrame(self.history).drop_duplicates("epoch", keep="last")
+            history.to_csv(os.path.join(trainer.log_dir, "history.csv"), index=False)
+            self.plots.append(plot_training_curves(history, os.path.join(trainer.log_dir, "training_curves.png")))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"train_wall_s": self._elapsed(), "history": self.history}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.train_wall_s = float(state_dict.get("train_wall_s", 0.0))
+        self.history = list(state_dict.get("history", []))
+
+    # -- test --------------------------------------------------------------------------------
+    def on_test_start(self, trainer, pl_module):
+        self._test_started = time.perf_counter()
+
+    def on_test_end(self, trainer, pl_module):
+        self.test_wall_s = time.perf_counter() - (self._test_started or time.perf_counter())
+        confusion = getattr(pl_module, "test_confusion", None)
+        if confusion is None or not trainer.is_global_zero or not trainer.log_dir:
+            return
+        counts = confusion.compute().cpu().numpy()
+        names = pl_module.hparams.get("class_names")
+        os.makedirs(trainer.log_dir, exist_ok=True)
+        pd.DataFrame(counts, index=names, columns=names).to_csv(os.path.join(trainer.log_dir, "confusion_matrix.csv"))
+        self.plots.append(plot_confusion_matrix(counts, names, os.path.join(trainer.log_dir, "confusion_matrix.png")))

@@ -1,0 +1,223 @@
+"""Comparison tables: the seed's numbers beside ours, from ``results/reference.csv`` and run records.
+
+Layout follows the seed: one row per (method, backbone, dim), one column per dataset (Birds,
+Aircraft, Cars) for the fine-grained tables, or per metric (top-1 / top-5 error, time) for the
+others. A cell reads ``paper / ours (Δ)``; the best paper value and the best of ours in a column
+are bold; a number that does not exist is ``—``, never invented. Our numbers come only from run
+records (:mod:`finegrained.runs`), selected by ``runs``: ``latest`` (default) or ``best`` run per
+recipe, ``all`` (mean over runs), or a comma-separated list of run ids.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+DASH = "—"
+DATASET_COLUMNS = {"cub": "Birds", "aircraft": "Aircraft", "cars": "Cars"}
+METRIC_COLUMNS = {"top1_acc": "Top-1 acc.", "top1_err": "Top-1 err.", "top5_err": "Top-5 err.",
+                  "time_ms": "FP+BP (ms)", "time_ms_bp": "BP (ms)", "memory": "Memory"}
+LOWER_IS_BETTER = {"top1_err", "top5_err", "time_ms", "time_ms_bp", "memory"}
+METHOD_NAMES = {
+    "isqrt": "iSQRT-COV", "mpncov": "MPN-COV", "cbp": "CBP", "kp": "KP", "gap": "GAP", "netvlad": "NetVLAD",
+    "netfv": "NetFV", "lrbp": "LRBP", "improved_bcnn": "Improved B-CNN", "bcnn": "B-CNN", "g2de": "G²DeNet",
+    "hihca": "HIHCA", "o2p": "DeepO2P", "srsop": "SR-SOP", "gmsop": "GM-SOP", "sop": "SOP", "gm_gap": "GM-GAP",
+    "fbn": "FBN", "sort": "SORT", "isqrt_frobenius": "iSQRT-COV (Frob.)", "isqrt_n3": "iSQRT-COV (N=3)",
+    "isqrt_bn_compensation": "iSQRT-COV (BN compensation)", "improved_bcnn_svd": "Improved B-CNN (SVD)",
+    "eig": "EIG", "svd": "SVD",
+}
+BACKBONE_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
+                  "resnet152": "ResNet-152", "vgg16": "VGG-16", "alexnet": "AlexNet", "wrn36_2": "WRN-36-2",
+                  "efficientnet_lite0": "EfficientNet-Lite0"}
+TITLES = {"finegrained": "Fine-grained top-1 accuracy (%)", "fgvc_comparison": "FGVC comparison, top-1 accuracy (%)",
+          "imagenet_resnet": "ImageNet, ResNets (error %)", "imagenet_alexnet": "ImageNet, AlexNet meta-layers (error %)",
+          "isqrt_post_compensation": "iSQRT-COV post-compensation, ResNet-50 on ImageNet (error %)",
+          "meta_layer_timing": "Single meta-layer cost, AlexNet on ImageNet",
+          "eig_svd_timing": "EIG / SVD of a 256×256 covariance (ms)", "gmsop_imagenet": "GM-SOP on ImageNet-1K (error %)",
+          "places365": "Places365 (error %)", "imagenet64": "ImageNet-1K at 64×64 (error %)"}
+
+
+def load_reference(path: str = "results/reference.csv") -> pd.DataFrame:
+    reference = pd.read_csv(path, dtype={"dim": str, "backbone": str, "dataset": str}, keep_default_na=False)
+    required = {"method", "backbone", "dim", "dataset", "metric", "value", "source", "table"}
+    missing = required - set(reference.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+    reference["value"] = reference["value"].astype(float)
+    return reference
+
+
+def select_runs(runs: pd.DataFrame, how: str = "latest") -> pd.DataFrame:
+    """One row per recipe (``latest``, ``best``, or ``all`` = mean), or the runs whose ids are listed."""
+    if runs.empty:
+        return runs
+    runs = runs.copy()
+    runs["recipe"] = runs["recipe"].fillna("").astype(str)
+    if how == "latest":
+        return runs.sort_values("timestamp").groupby("recipe", as_index=False).tail(1)
+    if how == "best":
+        return runs.sort_values("top1").groupby("recipe", as_index=False).tail(1)
+    if how == "all":
+        keys = ["recipe", "dataset", "method", "backbone", "head_dim"]
+        return runs.groupby(keys, as_index=False)[["top1", "top5", "mean_class_acc"]].mean()
+    ids = {i.strip() for i in how.split(",") if i.strip()}
+    unknown = ids - set(runs["run_id"].astype(str))
+    if unknown:
+        raise ValueError(f"--runs: unknown run ids {sorted(unknown)}; use latest, best, all or ids from the runs file")
+    return runs[runs["run_id"].astype(str).isin(ids)]
+
+
+def _our_value(run: pd.Series, metric: str) -> float:
+    if metric == "top1_acc":
+        return 100 * float(run["top1"])
+    if metric == "top1_err":
+        return 100 - 100 * float(run["top1"])
+    if metric == "top5_err" and pd.notna(run.get("top5")) and run.get("top5") != "":
+        return 100 - 100 * float(run["top5"])
+    return float("nan")
+
+
+def _dim_label(head_dim) -> str:
+    try:
+        d = int(float(head_dim))
+    except (TypeError, ValueError):
+        return ""
+    return f"{d / 1000:.0f}K" if d >= 1000 else str(d)
+
+
+def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Tuple[pd.DataFrame, pd.DataFrame, List]:
+    """Numeric (paper, ours) frames indexed by (method, backbone, dim), columns = datasets or metrics."""
+    ref = reference[reference["table"] == table]
+    by_dataset = set(ref["metric"]) == {"top1_acc"}
+    column_of = (lambda r: r["dataset"]) if by_dataset else (lambda r: r["metric"])
+    columns = list(dict.fromkeys(column_of(r) for _, r in ref.iterrows()))
+    paper: Dict[tuple, Dict[str, float]] = {}
+    for _, r in ref.iterrows():
+        paper.setdefault((r["method"], r["backbone"], r["dim"]), {})[column_of(r)] = r["value"]
+    ours: Dict[tuple, Dict[str, float]] = {row: {} for row in paper}
+    datasets = set(ref["dataset"])
+    for _, run in runs.iterrows():
+        if run["dataset"] not in datasets:
+            continue
+        rows = [row for row in paper if row[0] == run["method"] and row[1] == run["backbone"]]
+        if not rows:  # a run without a paper row (e.g. a GAP baseline) gets a row of its own
+            if table != "finegrained":
+                continue
+            rows = [(run["method"], run["backbone"], _dim_label(run["head_dim"]))]
+        for row in rows:
+            for column in columns:
+                if by_dataset and column != run["dataset"]:
+                    continue
+                value = _our_value(run, "top1_acc" if by_dataset else column)
+                if not np.isnan(value):
+                    ours.setdefault(row, {})[column] = value
+    index = list(paper) + [row for row in ours if row not in paper]
+
+    def frame(values):
+        return pd.DataFrame([[values.get(row, {}).get(c, np.nan) for c in columns] for row in index],
+                            index=pd.MultiIndex.from_tuples(index), columns=columns, dtype=float)
+
+    return frame(paper), frame(ours), columns
+
+
+def _decimals(value: float) -> int:
+    text = repr(float(value))
+    return len(text.split(".")[1].rstrip("0")) if "." in text and "e" not in text else 0
+
+
+def _best(frame: pd.DataFrame, metric_of) -> Dict[str, float]:
+    best = {}
+    for column in frame.columns:
+        values = frame[column].dropna()
+        if len(values):
+            best[column] = values.min() if metric_of(column) in LOWER_IS_BETTER else values.max()
+    return best
+
+
+def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: str) -> pd.DataFrame:
+    """Display frame: cells ``paper / ours (Δ)`` with the column's best values in bold."""
+    by_dataset = all(c in DATASET_COLUMNS for c in columns)
+    metric_of = (lambda c: "top1_acc") if by_dataset else (lambda c: c)
+    best_paper, best_ours = _best(paper, metric_of), _best(ours, metric_of)
+    decimals = 2 if not by_dataset else 1
+
+    def number(value, best, exact=False):
+        if np.isnan(value):
+            return DASH
+        # Paper numbers keep every digit they were published with (0.505 stays 0.505).
+        places = max(decimals if not exact else 1, _decimals(value) if exact else decimals)
+        text = f"{value:.{places}f}"
+        if best is not None and np.isclose(value, best):
+            text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"
+        return text
+
+    def name(key, names):
+        text = names.get(key, key)
+        if table == "finegrained" and key == "isqrt" and names is METHOD_NAMES:
+            text = "MPN-COV (iSQRT-COV)"  # the seed's label for its ResNet rows
+        return text.replace("²", "$^2$") if fmt == "tex" else text
+
+    records = []
+    for index in paper.index:
+        method, backbone, dim = index
+        record = {"Method": name(method, METHOD_NAMES), "Backbone": name(backbone, BACKBONE_NAMES), "Dim": dim or DASH}
+        for column in columns:
+            p, o = paper.loc[index, column], ours.loc[index, column]
+            cell = f"{number(p, best_paper.get(column), exact=True)} / {number(o, best_ours.get(column))}"
+            if not np.isnan(p) and not np.isnan(o):
+                cell += f" ({o - p:+.{decimals}f})"
+            header = DATASET_COLUMNS.get(column) or METRIC_COLUMNS.get(column, column)
+            record[header] = cell
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> List[str]:
+    """Write ``<table>.md`` and ``<table>.tex`` for every table of the reference; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for table in dict.fromkeys(reference["table"]):
+        paper, ours, columns = comparison(reference, runs, table)
+        title = TITLES.get(table, table)
+        sources = "; ".join(dict.fromkeys(reference.loc[reference["table"] == table, "source"]))
+        md = render(paper, ours, columns, table, "md")
+        path = os.path.join(out_dir, f"{table}.md")
+        with open(path, "w") as f:
+            f.write(f"### {title}\n\nCells: paper / ours (ours − paper). Paper: {sources}. "
+                    f"Ours: results/runs.csv. {DASH} = no number.\n\n")
+            f.write(md.to_markdown(index=False) + "\n")
+        written.append(path)
+        tex = render(paper, ours, columns, table, "tex")
+        path = os.path.join(out_dir, f"{table}.tex")
+        with open(path, "w") as f:
+            caption = f"{title}. Cells: paper / ours (difference).".replace("%", r"\%")
+            f.write(tex.to_latex(index=False, escape=False, caption=caption,
+                                 label=f"tab:{table}", column_format="lll" + "r" * len(columns)))
+        written.append(path)
+    return written
+
+
+def accuracy_vs_dim_points(reference: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Points (label, dataset, dim, value, kind) of the fine-grained table for the dimension plot."""
+    points = []
+    ref = reference[(reference["table"] == "finegrained") & (reference["metric"] == "top1_acc")]
+    for _, r in ref.iterrows():
+        dim = _parse_dim(r["dim"])
+        if dim:
+            points.append({"label": f"{METHOD_NAMES.get(r['method'], r['method'])} ({BACKBONE_NAMES.get(r['backbone'], r['backbone'])})",
+                           "dataset": DATASET_COLUMNS[r["dataset"]], "dim": dim, "value": r["value"], "kind": "paper"})
+    for _, run in runs.iterrows():
+        if run["dataset"] in DATASET_COLUMNS and pd.notna(run["head_dim"]):
+            points.append({"label": f"{METHOD_NAMES.get(run['method'], run['method'])} ({BACKBONE_NAMES.get(run['backbone'], run['backbone'])})",
+                           "dataset": DATASET_COLUMNS[run["dataset"]], "dim": float(run["head_dim"]),
+                           "value": 100 * float(run["top1"]), "kind": "ours"})
+    return pd.DataFrame(points, columns=["label", "dataset", "dim", "value", "kind"])
+
+
+def _parse_dim(text: str) -> Optional[float]:
+    text = (text or "").strip().upper()
+    if not text:
+        return None
+    return float(text[:-1]) * 1000 if text.endswith("K") else float(text)

@@ -1,0 +1,168 @@
+"""Reference numbers, run records, `finegrained tables`, plots and the CPU mini-benchmark."""
+import csv
+import os
+import re
+
+import pandas as pd
+import pytest
+
+from datamodules import fashion_mnist
+from finegrained.cli import main
+from finegrained.runs import RUN_FIELDS, append_run, read_runs
+from finegrained.tables import load_reference, select_runs
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv")
+
+# The seed's fine-grained table, typed in again independently of results/reference.csv.
+SEED_FINEGRAINED = {
+    ("isqrt", "resnet50"): (88.1, 90.0, 92.8), ("cbp", "resnet50"): (81.6, 81.6, 88.6),
+    ("kp", "resnet50"): (84.7, 85.7, 91.1), ("mpncov", "vgg16"): (87.2, 90.0, 92.5),
+    ("netvlad", "vgg16"): (81.9, 81.8, 88.6), ("cbp", "vgg16"): (84.3, 84.1, 91.2),
+    ("kp", "vgg16"): (86.2, 86.9, 92.4), ("lrbp", "vgg16"): (84.2, 87.3, 90.9),
+    ("improved_bcnn", "vgg16"): (85.8, 88.5, 92.0), ("g2de", "vgg16"): (87.1, 89.0, 92.5),
+    ("hihca", "vgg16"): (85.3, 88.3, 91.7), ("isqrt", "resnet101"): (88.7, 91.4, 93.3),
+}
+
+
+def test_reference_holds_the_seed_finegrained_table():
+    ref = load_reference(REFERENCE)
+    fg = ref[ref["table"] == "finegrained"]
+    assert len(fg) == 3 * len(SEED_FINEGRAINED)
+    for (method, backbone), values in SEED_FINEGRAINED.items():
+        for dataset, value in zip(("cub", "aircraft", "cars"), values):
+            row = fg[(fg.method == method) & (fg.backbone == backbone) & (fg.dataset == dataset)]
+            assert row["value"].tolist() == [value]
+    assert set(ref["table"]) >= {"finegrained", "fgvc_comparison", "imagenet_resnet", "gmsop_imagenet", "places365",
+                                 "imagenet_alexnet", "imagenet64"}
+    assert (ref["source"].str.len() > 20).all()
+    places = ref[(ref.table == "places365") & (ref.method == "gmsop")]
+    assert sorted(places["value"]) == [17.02, 47.18]
+
+
+def cells(md_path):
+    """{(method label, backbone label): [cell, ...]} from a generated markdown table."""
+    lines = [line for line in open(md_path) if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|\n").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        values = [c.strip() for c in line.strip("|\n").split("|")]
+        rows[(values[0], values[1], values[2])] = dict(zip(header[3:], values[3:]))
+    return rows
+
+
+def split_cell(cell):
+    paper, rest = cell.split(" / ")
+    ours = rest.split(" (")[0]
+    num = lambda t: None if t.strip("*") == "—" else float(t.strip("*"))  # noqa: E731
+    return num(paper), num(ours)
+
+
+def test_tables_paper_column_equals_reference(tmp_path, capsys):
+    assert main(["tables", "--reference", REFERENCE, "--runs-csv", str(tmp_path / "none.csv"),
+                 "--out", str(tmp_path / "tables")]) == 0
+    ref = load_reference(REFERENCE)
+    for table in set(ref["table"]):
+        assert os.path.isfile(tmp_path / "tables" / f"{table}.tex")
+        rows = cells(tmp_path / "tables" / f"{table}.md")
+        part = ref[ref["table"] == table]
+        found = 0
+        for row_key, row_cells in rows.items():
+            for column, cell in row_cells.items():
+                paper, ours = split_cell(cell)
+                assert ours is None  # no runs: nothing of ours is shown
+                if paper is not None:
+                    found += 1
+                    assert paper in set(part["value"])  # exactly as published, no rounding
+        assert found == len(part), table  # every reference number appears, none invented
+
+
+def test_table_from_two_fake_runs_shows_exactly_those_numbers(tmp_path):
+    runs_csv = str(tmp_path / "runs.csv")
+    append_run(runs_csv, {"recipe": "recipes/cub/isqrt_resnet50.yaml", "dataset": "cub", "method": "isqrt",
+                          "backbone": "resnet50", "head_dim": 32896, "top1": 0.8512, "top5": 0.97,
+                          "mean_class_acc": 0.85, "timestamp": "2026-01-01T00:00:00+00:00"})
+    append_run(runs_csv, {"recipe": "recipes/aircraft/gap_vgg16.yaml", "dataset": "aircraft", "method": "gap",
+                          "backbone": "vgg16", "head_dim": 512, "top1": 0.7, "top5": 0.9,
+                          "mean_class_acc": 0.69, "timestamp": "2026-01-02T00:00:00+00:00"})
+    out = tmp_path / "tables"
+    assert main(["tables", "--reference", REFERENCE, "--runs-csv", runs_csv, "--out", str(out), "--plots"]) == 0
+    rows = cells(out / "finegrained.md")
+    ours_values = [(key, column, split_cell(cell)[1]) for key, row in rows.items() for column, cell in row.items()
+                   if split_cell(cell)[1] is not None]
+    assert sorted(ours_values) == sorted([(("MPN-COV (iSQRT-COV)", "ResNet-50", "32K"), "Birds", 85.1),
+                                          (("GAP", "VGG-16", "512"), "Aircraft", 70.0)])
+    assert rows[("MPN-COV (iSQRT-COV)", "ResNet-50", "32K")]["Birds"] == "88.1 / **85.1** (-3.0)"
+    assert split_cell(rows[("GAP", "VGG-16", "512")]["Aircraft"]) == (None, 70.0)
+    assert os.path.isfile(out / "accuracy_vs_dim.png")
+    # Other tables have no matching runs: their "ours" column stays empty.
+    for key, row in cells(out / "fgvc_comparison.md").items():
+        assert all(split_cell(c)[1] is None for c in row.values())
+
+
+def test_run_selection(tmp_path):
+    path = str(tmp_path / "runs.csv")
+    for k, (top1, ts) in enumerate([(0.5, "2026-01-01"), (0.7, "2026-01-02"), (0.6, "2026-01-03")]):
+        append_run(path, {"run_id": f"r{k}", "recipe": "a.yaml", "dataset": "cub", "method": "gap",
+                          "backbone": "vgg16", "head_dim": 512, "top1": top1, "timestamp": ts})
+    append_run(path, {"run_id": "other", "recipe": "b.yaml", "dataset": "cub", "method": "bcnn", "backbone": "vgg16",
+                      "head_dim": 262144, "top1": 0.9, "timestamp": "2026-01-01"})
+    runs = read_runs(path)
+    assert list(runs.columns) == RUN_FIELDS
+    pick = lambda how: dict(zip(select_runs(runs, how)["recipe"], select_runs(runs, how)["top1"]))  # noqa: E731
+    assert pick("latest") == {"a.yaml": 0.6, "b.yaml": 0.9}
+    assert pick("best") == {"a.yaml": 0.7, "b.yaml": 0.9}
+    assert pick("all")["a.yaml"] == pytest.approx(0.6)
+    assert pick("r0,other") == {"a.yaml": 0.5, "b.yaml": 0.9}
+    with pytest.raises(ValueError, match="unknown run ids"):
+        select_runs(runs, "nope")
+
+
+def test_append_run_refuses_a_foreign_csv(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected"):
+        append_run(str(path), {"method": "gap"})
+
+
+def test_test_run_is_recorded_with_plots(trained_run, tmp_path):
+    recipe, ckpt, _ = trained_run
+    runs_csv = str(tmp_path / "runs.csv")
+    assert main(["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs_csv]) == 0
+    rows = list(csv.DictReader(open(runs_csv)))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["recipe"] == recipe and row["method"] == "isqrt" and row["backbone"] == "resnet18"
+    assert row["dataset"] == "ImageFolderDataModule" or row["dataset"]
+    assert int(row["head_dim"]) == 136 and int(row["epochs"]) == 1
+    assert 0 <= float(row["top1"]) <= 1 and 0 <= float(row["mean_class_acc"]) <= 1
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", row["git_commit"])
+    assert len(row["config_hash"]) == 12 and float(row["train_wall_s"]) > 0 and row["device"].startswith("cpu")
+    plots = row["plots"].split(";")
+    assert any(p.endswith("confusion_matrix.png") and os.path.isfile(p) for p in plots)
+    log_dirs = os.path.dirname(os.path.dirname(ckpt))
+    curves = [os.path.join(d, f) for d, _, files in os.walk(log_dirs) for f in files if f == "training_curves.png"]
+    assert curves, "fit should save training curves with the run"
+    history = pd.read_csv(os.path.join(os.path.dirname(curves[0]), "history.csv"))
+    assert "val_top1" in history.columns and len(history) == 1
+
+
+debian = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(fashion_mnist.DEBIAN_DIR, "train-images-idx3-ubyte.gz")),
+    reason="Debian package dataset-fashion-mnist is not installed (make setup installs it as root)")
+
+
+@debian
+def test_bench_table_on_real_images_uses_its_cache(tmp_path, capsys):
+    from finegrained.bench_table import bench_table
+
+    args = dict(per_class=6, test_per_class=4, image_size=64, channels=8, epochs=1, cache_dir=str(tmp_path / "cache"),
+                out=str(tmp_path / "bench"))
+    table = bench_table(["gap", "bcnn", "netvlad"], **args)
+    assert list(table["method"]) == ["gap", "bcnn", "netvlad"]
+    assert table["top1"].between(0, 1).all() and list(table["dim"]) == [8, 64, 64 * 8]
+    assert "features: wrote" in capsys.readouterr().out
+    text = open(tmp_path / "bench.md").read()
+    assert "| GAP" in text and "NetVLAD" in text and "logistic regression" in text and "Lightning fit" in text
+    again = bench_table(["gap"], **args)
+    assert "features: cached" in capsys.readouterr().out
+    assert again["top1"].iloc[0] == table["top1"].iloc[0]
