@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence, Union
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -26,8 +27,32 @@ def preprocessing_spec(resize: Size, crop: Size, mean: Sequence[float] = IMAGENE
             "interpolation": "bilinear", "color": "RGB"}
 
 
+class ToNormalizedTensor(torch.nn.Module):
+    """RGB PIL image (or H×W×3 uint8 array) -> normalised float32 (3, H, W) tensor in one pass.
+
+    Equal to ``ToImage, ToDtype(float32, scale=True), Normalize(mean, std)`` (≤ 1e-6), about twice
+    as fast: one float conversion and one fused scale-and-shift instead of three passes, which
+    matters when JPEG decoding is already cheap (see ``finegrained bench loader``).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.mean, self.std = list(mean), list(std)
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+        self.shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+
+    def forward(self, image) -> torch.Tensor:
+        array = np.array(image, dtype=np.float32)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"expected an RGB image (H, W, 3), got an array of shape {array.shape}")
+        return torch.from_numpy(array).permute(2, 0, 1).mul_(self.scale).sub_(self.shift)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
 def _to_normalized_tensor(mean, std):
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    return [ToNormalizedTensor(mean, std)]
 
 
 def train_transform(resize: Size, crop: Size, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: bool = True):

@@ -14,6 +14,7 @@ Tools around trained models and data::
     finegrained data samples --config RECIPE --split test --n 8 --out DIR
     finegrained tables [--runs latest|best|all|ID,...] [--plots]
     finegrained bench-table [--heads all] [--epochs 10]
+    finegrained bench heads|loader|step [--quick]
 
 This is the one place where model and data meet: the DataModule's ``num_classes``,
 ``class_names`` and ``preprocessing`` are linked into the model's hyper-parameters, so every
@@ -147,7 +148,7 @@ def _build_cli(argv: List[str]) -> FineGrainedCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": __doc__.split("\n\n")[0]
-                       + " Also: finegrained export | predict-images | data | tables | bench-table (see finegrained <cmd> --help)."},
+                       + " Also: finegrained export | predict-images | data | tables | bench | bench-table (see finegrained <cmd> --help)."},
         recipe_paths=[p for p in _config_paths(argv) if os.path.isfile(p)],
     )
 
@@ -328,7 +329,75 @@ def _bench_table_main(argv: List[str]) -> int:
     return 0
 
 
+def _bench_main(argv: List[str]) -> int:
+    from finegrained import bench
+
+    parser = argparse.ArgumentParser(prog="finegrained bench",
+                                     description="Medians over repeats, with ratios against baselines timed in the same run.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    heads = sub.add_parser("heads", help="FP+BP of the second-order heads against their baselines")
+    heads.add_argument("--quick", action="store_true", help="correctness only (small sizes, no timings): for CI")
+    heads.add_argument("--batch", type=int, default=8)
+    heads.add_argument("--channels", type=int, default=256)
+    heads.add_argument("--sides", default="28,14", help="map sides, comma-separated")
+    loader = sub.add_parser("loader", help="decode + transforms of 1600x1067 JPEGs to 448 crops, per core")
+    loader.add_argument("--images", type=int, default=24)
+    loader.add_argument("--folder", default=None, help="where the sample JPEGs are written (default: a cache folder)")
+    step = sub.add_parser("step", help="training-step images/s of backbone + head against backbone + GAP")
+    step.add_argument("--backbone", default="resnet50")
+    step.add_argument("--head", default="isqrt")
+    step.add_argument("--size", type=int, default=448)
+    step.add_argument("--batch", type=int, default=2)
+    for p in (heads, loader, step):
+        p.add_argument("--repeats", type=int, default=9 if p is heads else 5 if p is loader else 3)
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present, the CPU too)")
+        p.add_argument("--threads", type=int, default=2, help="CPU threads (the published setting: 2)")
+        p.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")]
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        devices = ([] if args.device == "cuda" else devices) + [torch.device("cuda")]
+    if args.command == "heads":
+        rows = bench.check_parity(devices[-1] if args.quick else torch.device("cpu"))
+        print(bench.format_rows(rows))
+        print("parity: every optimised path matches its baseline")
+        if args.quick:
+            return 0
+    for device in devices:
+        gpu = device.type == "cuda"
+        if args.command == "heads":
+            if gpu:
+                print(bench.format_rows(bench.check_parity(device)))
+            rows = bench.bench_heads(device, args.repeats, args.batch, args.channels,
+                                     [int(s) for s in args.sides.split(",")])
+            if gpu:
+                print(bench.format_rows(rows))  # the published GPU setting: bf16 autocast, matrix functions in float32
+                bf16 = bench.bench_heads(device, args.repeats, args.batch, args.channels,
+                                         [int(s) for s in args.sides.split(",")], autocast=True)
+                for row in bf16:
+                    row["case"] += " [bf16 autocast]"
+                rows += bf16
+                for side in args.sides.split(","):
+                    t = {r["case"]: r["median_ms"] for r in rows if r["map"] == f"{side}x{side}"}
+                    print(f"{side}x{side}: isqrt / mpncov FP+BP time = "
+                          f"{t['isqrt (fused Function)'] / t['mpncov (K-matrix Function)']:.3f}")
+        elif args.command == "loader":
+            if gpu:
+                continue
+            folder = args.folder or os.path.join(os.path.expanduser("~"), ".cache", "finegrained", "bench_jpegs")
+            rows = bench.bench_loader(folder, args.images, args.repeats)
+        else:
+            rows = bench.bench_step(device, args.backbone, args.head, args.size, args.batch, args.repeats,
+                                    autocast=gpu)
+        print(f"\n## bench {args.command} on {device} ({torch.get_num_threads()} CPU threads)\n")
+        print(bench.format_rows(rows))
+        print(f"wrote {bench.write_csv(rows, args.command, device, args.out)}")
+    return 0
+
+
 TOOLS: Dict[str, Callable[[List[str]], int]] = {
+    "bench": _bench_main,
     "tables": _tables_main,
     "bench-table": _bench_table_main,
     "export": _export_main,

@@ -27,6 +27,7 @@ Shapes use B for the batch, C (or d) for channels and M = H*W for positions.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,7 +35,32 @@ from torch import Tensor
 
 __all__ = ["covariance", "gram", "sqrtm_newton_schulz", "triu_vec", "signed_sqrt", "sym", "eig_power", "eig_log",
            "sqrtm_newton_schulz_lyapunov", "lyapunov_newton_schulz", "powm_newton_schulz", "logm_newton_schulz",
-           "count_sketch_matrix", "tensor_sketch", "random_maclaurin"]
+           "count_sketch_matrix", "count_sketch", "tensor_sketch", "tensor_sketch_hashed", "tensor_sketch_gram",
+           "random_maclaurin",
+           "isqrt_cov"]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _full_precision(fn):
+    """Run ``fn(x, ...)`` in float32 (or float64) with autocast off.
+
+    Covariances, Newton–Schulz and eigendecompositions lose their meaning in fp16/bf16 (traces and
+    square roots underflow), and autocast would also run the matmuls inside custom autograd
+    Functions in half precision; so under autocast the matrix functions take float32 inputs.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        if x.dtype in _HALF:
+            x = x.float()
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 def _positions(x: Tensor) -> Tensor:
@@ -46,6 +72,7 @@ def _positions(x: Tensor) -> Tensor:
     raise ValueError(f"expected a (B,C,H,W) feature map or (B,C,M) matrix, got shape {tuple(x.shape)}")
 
 
+@_full_precision
 def gram(x: Tensor) -> Tensor:
     """Uncentred second moment G = (1/M) X Xᵀ.
 
@@ -58,6 +85,7 @@ def gram(x: Tensor) -> Tensor:
     return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[-1])
 
 
+@_full_precision
 def covariance(x: Tensor) -> Tensor:
     """Sample covariance Σ = (1/M) Σ_i (x_i − μ)(x_i − μ)ᵀ over the M = H·W positions.
 
@@ -88,6 +116,7 @@ def _safe_normaliser(t: Tensor) -> Tensor:
     return torch.where(t > torch.finfo(t.dtype).tiny, t, torch.ones_like(t))
 
 
+@_full_precision
 def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
     """Approximate matrix square root of SPD matrices by coupled Newton–Schulz (iSQRT-COV).
 
@@ -247,6 +276,7 @@ class _SymmetricEigFunction(torch.autograd.Function):
         return u @ inner @ u.transpose(-1, -2), None, None, None
 
 
+@_full_precision
 def eig_power(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0) -> Tensor:
     """Matrix power U (λ + ε)^α Uᵀ of symmetric PSD matrices (MPN-COV, G²DeNet).
 
@@ -265,6 +295,7 @@ def eig_power(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0) -> Tensor:
     return _spectral(sigma, "power", float(alpha), float(eps))
 
 
+@_full_precision
 def eig_log(sigma: Tensor, eps: float = 1e-3) -> Tensor:
     """Matrix logarithm log(Σ + εI) = U log(λ + ε) Uᵀ of symmetric PSD matrices (DeepO2P).
 
@@ -330,6 +361,7 @@ class _NewtonSchulzLyapunov(torch.autograd.Function):
         return lyapunov_newton_schulz(y, grad, ctx.backward_iterations), None, None
 
 
+@_full_precision
 def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_iterations: int = 5) -> Tensor:
     """Improved B-CNN's matrix square root: A/‖A‖_F -> Newton–Schulz -> × √‖A‖_F.
 
@@ -373,6 +405,7 @@ def _unit_frobenius(m: Tensor):
     return m / norm, norm
 
 
+@_full_precision
 def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iterations: int = 20) -> Tensor:
     """(Σ + εI)^α for α = 2^-k by k Newton–Schulz square roots; the export substitute of :func:`eig_power`.
 
@@ -393,6 +426,7 @@ def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iter
     return root * norm.pow(alpha)
 
 
+@_full_precision
 def logm_newton_schulz(sigma: Tensor, eps: float = 1e-3, roots: int = 6, iterations: int = 22,
                        terms: int = 12) -> Tensor:
     """log(Σ + εI) without an eigendecomposition, by inverse scaling and squaring.
@@ -438,6 +472,7 @@ def count_sketch_matrix(in_dim: int, out_dim: int, generator: torch.Generator) -
     return sketch
 
 
+@_full_precision
 def tensor_sketch(x: Tensor, sketches, orders: int = 2):
     """Tensor Sketch of the order-k self tensor products of every position, averaged over positions.
 
@@ -463,6 +498,52 @@ def tensor_sketch(x: Tensor, sketches, orders: int = 2):
     return out
 
 
+def count_sketch(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -> Tensor:
+    """Count sketch of the rows of ``x`` without a dense matrix: y[h(c)] += s(c)·x[c].
+
+    Args:
+        x: (..., C). hashes: (C,) integer bins in [0, out_dim). signs: (C,) ±1.
+    Returns:
+        (..., out_dim); equal to ``x @ P`` for the dense count-sketch matrix P, in O(C) per row
+        instead of O(C·out_dim).
+    """
+    out = x.new_zeros(*x.shape[:-1], out_dim)
+    return out.index_add_(-1, hashes, x * signs.to(x.dtype))
+
+
+@_full_precision
+def tensor_sketch_hashed(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int, orders: int = 2):
+    """:func:`tensor_sketch` with the count sketches given as (hashes, signs) rows of shape (n, C)."""
+    x = _positions(x).transpose(1, 2)  # (B, M, C)
+    spectrum = torch.fft.rfft(count_sketch(x, hashes[0], signs[0], out_dim), dim=-1)
+    out = []
+    for k in range(1, orders):
+        spectrum = spectrum * torch.fft.rfft(count_sketch(x, hashes[k], signs[k], out_dim), dim=-1)
+        out.append(torch.fft.irfft(spectrum.mean(dim=1), n=out_dim, dim=-1))
+    return out
+
+
+@_full_precision
+def tensor_sketch_gram(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -> Tensor:
+    """Order-2 Tensor Sketch averaged over positions, computed from the Gram matrix: no FFT.
+
+    Σ_m TS(x_m) only depends on G = (1/M) Σ_m x_m x_mᵀ: the circular convolution of two count
+    sketches sends the product x_i x_j to bin (h₁(i) + h₂(j)) mod d with sign s₁(i)s₂(j), so
+    TS = Σ_{i,j} G_ij s₁(i)s₂(j) e_{(h₁(i)+h₂(j)) mod d}. One batched matmul and one scatter of C²
+    values replace M forward and inverse FFTs of length d — the same numbers, in a fraction of the time.
+
+    Args:
+        x: (B, C, H, W) or (B, C, M). hashes, signs: (2, C) (bins and ±1 of the two sketches).
+    Returns:
+        (B, out_dim), equal to ``tensor_sketch_hashed(x, hashes, signs, out_dim)[0]``.
+    """
+    g = gram(x)  # (B, C, C)
+    bins = (hashes[0].unsqueeze(1) + hashes[1].unsqueeze(0)).remainder(out_dim).flatten()
+    pair_signs = (signs[0].unsqueeze(1) * signs[1].unsqueeze(0)).flatten().to(g.dtype)
+    return g.new_zeros(g.shape[0], out_dim).index_add_(1, bins, g.flatten(1) * pair_signs)
+
+
+@_full_precision
 def random_maclaurin(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """Random Maclaurin features of the degree-2 polynomial kernel, averaged over positions.
 
@@ -476,3 +557,118 @@ def random_maclaurin(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """
     x = _positions(x).transpose(1, 2)
     return ((x @ w1) * (x @ w2)).mean(dim=1) / w1.shape[1] ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused iSQRT-COV: covariance -> Newton–Schulz -> compensation with a lean backward
+# ---------------------------------------------------------------------------------------------
+class _ISqrtCov(torch.autograd.Function):
+    """C = √tr(Σ)·NS_N(Σ/tr Σ) with Σ the covariance of X, storing only what backward needs.
+
+    Autograd through the same formulas saves the centred features (B·C·M), and for every
+    Newton–Schulz iteration its Y, Z and T. Here backward keeps X itself (already held by the layer
+    before), A = Σ/tr Σ and the Z iterates: every iterate is a polynomial in A, so they commute and
+    Y_k = A·Z_k is recomputed by one matmul. The per-iteration adjoints are (seed, iSQRT-COV)
+
+        P = Y_{k-1}ᵀ ∂Y_k + ∂Z_k Z_{k-1}ᵀ,
+        ∂Y_{k-1} = ∂Y_k T_kᵀ − ½ Z_{k-1}ᵀ P,   ∂Z_{k-1} = T_kᵀ ∂Z_k − ½ P Y_{k-1}ᵀ,
+
+    and the trace terms of pre-normalisation and post-compensation are added to the diagonal in
+    one batched operation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, iterations):
+        m = x.shape[-1]
+        centred = x - x.mean(dim=2, keepdim=True)
+        sigma = torch.bmm(centred, centred.transpose(1, 2)).div_(m)
+        del centred
+        trace = _safe_normaliser(_batch_trace(sigma))
+        a = sigma.div_(trace.view(-1, 1, 1))
+        d = a.shape[-1]
+        eye = torch.eye(d, dtype=a.dtype, device=a.device)
+        # Z_1 = T_1 = ½(3I − A); Y_1 = A·Z_1.
+        z = torch.add(a, eye, alpha=-3.0).mul_(-0.5)
+        y = torch.bmm(a, z)
+        zs = [z]
+        for _ in range(iterations - 2):
+            t = torch.baddbmm(eye.mul(1.5).expand_as(z), z, y, alpha=-0.5)
+            y, z = torch.bmm(y, t), torch.bmm(t, z)
+            zs.append(z)
+        if iterations >= 2:
+            t = torch.baddbmm(eye.mul(1.5).expand_as(z), z, y, alpha=-0.5)
+            y = torch.bmm(y, t)
+        # Z_1 … Z_{N-1}; Y_N is recomputed from Z_{N-1} in backward rather than kept.
+        ctx.save_for_backward(x, a, trace, *zs)
+        ctx.iterations = iterations
+        return y * trace.sqrt().view(-1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, a, trace, *zs = ctx.saved_tensors
+        n = ctx.iterations
+        d = a.shape[-1]
+        eye = torch.eye(d, dtype=a.dtype, device=a.device)
+        eye15 = eye.mul(1.5).expand_as(a)
+        root = trace.sqrt().view(-1, 1, 1)
+        y_last = torch.bmm(a, zs[-1])  # Y_{N-1} = A Z_{N-1} (Y_1 when N = 1)
+        t_last = torch.baddbmm(eye15, zs[-1], y_last, alpha=-0.5) if n >= 2 else None
+        y_n = torch.bmm(y_last, t_last) if n >= 2 else y_last
+        g_y = grad_out * root
+        # ∂l/∂tr from the compensation √tr·Y_N.
+        g_trace = (grad_out * y_n).sum(dim=(1, 2)) / (2 * root.view(-1))
+        g_z = None
+        # All iterates are polynomials in the symmetric A: they are symmetric and commute, so no
+        # transposes are needed (transposed operands cost copies), and Z_{k-1} Y_{k-1} = 3I − 2T_k.
+        for k in range(n, 1, -1):
+            z = zs[k - 2]  # Z_{k-1}
+            if k == n:
+                y, t = y_last, t_last
+            else:
+                y = torch.bmm(a, z)  # Y_{k-1} = A Z_{k-1}
+                t = torch.baddbmm(eye15, z, y, alpha=-0.5)
+            p = torch.bmm(y, g_y)
+            if g_z is not None:
+                p = torch.baddbmm(p, g_z, z)
+            new_g_y = torch.baddbmm(torch.bmm(g_y, t), z, p, alpha=-0.5)
+            if g_z is None:  # iteration N: Z_N is not an output
+                new_g_z = torch.bmm(p, y).mul_(-0.5)
+            else:
+                new_g_z = torch.baddbmm(torch.bmm(t, g_z), p, y, alpha=-0.5)
+            g_y, g_z = new_g_y, new_g_z
+        # Iteration 1: Y_1 = A Z_1 and Z_1 = ½(3I − A) with Z_1 = zs[0].
+        z1 = zs[0]
+        g_a = torch.bmm(g_y, z1)
+        g_z1 = torch.bmm(a, g_y)
+        if g_z is not None:
+            g_z1 = g_z1 + g_z
+        g_a = g_a.add_(g_z1, alpha=-0.5)
+        # A = Σ / tr Σ.
+        g_trace = g_trace - (g_a * a).sum(dim=(1, 2)) / trace
+        g_sigma = g_a / trace.view(-1, 1, 1)
+        g_sigma.diagonal(dim1=1, dim2=2).add_(g_trace.view(-1, 1))
+        # Σ = X̄ X̄ᵀ / M: ∂X = (∂Σ + ∂Σᵀ) X̄ / M (X̄ has zero row mean, so centring adds nothing).
+        m = x.shape[-1]
+        centred = x - x.mean(dim=2, keepdim=True)
+        g_x = torch.bmm(g_sigma + g_sigma.transpose(1, 2), centred).div_(m)
+        return g_x, None
+
+
+@_full_precision
+def isqrt_cov(x: Tensor, iterations: int = 5) -> Tensor:
+    """iSQRT-COV's normalised covariance √tr(Σ)·NS_N(Σ/tr Σ) of a feature map, in one step.
+
+    The same function as ``sqrtm_newton_schulz(covariance(x), iterations)`` with about a third of
+    its saved memory (see :class:`_ISqrtCov`); used by the ``isqrt`` head when gradients are needed.
+
+    Args:
+        x: (B, C, H, W) or (B, C, M). iterations: N ≥ 1.
+    Returns:
+        (B, C, C).
+    """
+    x = _positions(x)
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ISqrtCov.apply(x, iterations)
+    return sqrtm_newton_schulz(covariance(x), iterations)

@@ -103,10 +103,17 @@ class RunArtifacts(pl.Callback):
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         self.history.append(row)
 
+    @staticmethod
+    def _run_folder(trainer) -> Optional[str]:
+        """The run's log folder; None for smoke runs (fast_dev_run) and runs without a logger."""
+        if trainer.fast_dev_run or not trainer.loggers or not trainer.is_global_zero:
+            return None
+        return trainer.log_dir
+
     def on_fit_end(self, trainer, pl_module):
         self.train_wall_s = self._elapsed()
         self._fit_started = None
-        if trainer.is_global_zero and self.history and trainer.log_dir:
+        if self.history and self._run_folder(trainer):
             history = pd.DataFrame(self.history).drop_duplicates("epoch", keep="last")
             history.to_csv(os.path.join(trainer.log_dir, "history.csv"), index=False)
             self.plots.append(plot_training_curves(history, os.path.join(trainer.log_dir, "training_curves.png")))
@@ -125,7 +132,7 @@ class RunArtifacts(pl.Callback):
     def on_test_end(self, trainer, pl_module):
         self.test_wall_s = time.perf_counter() - (self._test_started or time.perf_counter())
         confusion = getattr(pl_module, "test_confusion", None)
-        if confusion is None or not trainer.is_global_zero or not trainer.log_dir:
+        if confusion is None or not self._run_folder(trainer):
             return
         counts = confusion.compute().cpu().numpy()
         names = pl_module.hparams.get("class_names")

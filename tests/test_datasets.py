@@ -240,10 +240,12 @@ def test_recipe_can_select_dataset_through_lightningcli(tmp_path):
     write_cub(str(tmp_path / "cub"), n_classes=3, per_class=4)
     cfg = tmp_path / "r.yaml"
     cfg.write_text(f"""
-trainer: {{fast_dev_run: true, accelerator: cpu, enable_progress_bar: false, logger: false}}
+trainer: {{fast_dev_run: true, accelerator: cpu, enable_progress_bar: false, logger: false,
+           default_root_dir: {tmp_path}}}
 model: {{backbone: resnet18, backbone_weights: null, head: gap}}
 data:
   class_path: datamodules.CUB200DataModule
   init_args: {{root: /nonexistent, num_workers: 0, batch_size: 2, resize_size: 64, crop_size: 64}}
 """)
-    assert main(["fit", "--config", str(cfg), "--data.root", str(tmp_path / "cub")]) == 0
+    assert main(["fit", "--config", str(cfg), "--data.root", str(tmp_path / "cub"),
+                 "--runs_csv", str(tmp_path / "runs.csv")]) == 0

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from finegrained.heads import register_head
 from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import random_maclaurin, signed_sqrt, tensor_sketch
+from finegrained.linalg import random_maclaurin, signed_sqrt, tensor_sketch, tensor_sketch_gram, tensor_sketch_hashed
 
 
 class CountSketches(nn.Module):
@@ -39,6 +39,19 @@ class CountSketches(nn.Module):
         """list of n dense (C, d) matrices (one-hot rows times signs: one matmul per sketch)."""
         dense = F.one_hot(self.hashes, self.out_dim).to(dtype) * self.signs.to(dtype).unsqueeze(-1)
         return list(dense.unbind(0))
+
+    def sketch(self, x: Tensor, orders: int):
+        """[TS_2, …, TS_orders] of ``x`` (B, C, H, W).
+
+        Eager PyTorch scatters: order 2 (CBP) from the Gram matrix without any FFT, higher orders
+        (KP) by hashed count sketches and FFTs. Exports use the dense matrices, because ONNX has no
+        index_add and a matmul exports everywhere.
+        """
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return tensor_sketch(x, self.matrices(x.dtype), orders=orders)
+        if orders == 2:  # CBP: from the Gram matrix, no FFT (same values)
+            return [tensor_sketch_gram(x, self.hashes, self.signs, self.out_dim)]
+        return tensor_sketch_hashed(x, self.hashes, self.signs, self.out_dim, orders=orders)
 
 
 @register_head("cbp")
@@ -67,7 +80,7 @@ class CompactBilinearHead(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """The unnormalised compact bilinear feature (B, d)."""
         if self.variant == "ts":
-            return tensor_sketch(x, self.sketches.matrices(x.dtype), orders=2)[0]
+            return self.sketches.sketch(x, orders=2)[0]
         return random_maclaurin(x, self.w1.to(x.dtype), self.w2.to(x.dtype))
 
     @float32_matrices

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from finegrained.heads import register_head
 from finegrained.heads._covariance import CovariancePoolingHead
-from finegrained.linalg import sqrtm_newton_schulz
+from finegrained.heads._precision import float32_matrices
+from finegrained.linalg import isqrt_cov, sqrtm_newton_schulz, triu_vec
 
 
 @register_head("isqrt")
@@ -35,3 +36,9 @@ class ISqrtCovHead(CovariancePoolingHead):
 
     def matrix_function(self, sigma: Tensor) -> Tensor:
         return sqrtm_newton_schulz(sigma, self.iterations)
+
+    @float32_matrices
+    def pool(self, x: Tensor) -> Tensor:
+        # One fused autograd.Function (covariance, Newton–Schulz, compensation) that saves about a
+        # third of the memory of autograd through the same formulas; identical values.
+        return triu_vec(isqrt_cov(x, self.iterations))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from finegrained.heads import register_head
 from finegrained.heads._precision import float32_matrices
 from finegrained.heads.cbp import CountSketches
-from finegrained.linalg import signed_sqrt, tensor_sketch
+from finegrained.linalg import signed_sqrt
 
 
 def rbf_taylor_weights(order: int, gamma: float) -> Tensor:
@@ -57,6 +57,6 @@ class KernelPoolingHead(nn.Module):
     @float32_matrices
     def forward(self, x: Tensor) -> Tensor:
         terms = [self.alpha[0].expand(x.shape[0], 1), self.alpha[1] * x.mean(dim=(2, 3))]
-        sketches = tensor_sketch(x, self.sketches.matrices(x.dtype), orders=self.order)
+        sketches = self.sketches.sketch(x, orders=self.order)
         terms += [self.alpha[k + 2] * ts for k, ts in enumerate(sketches)]
         return F.normalize(signed_sqrt(torch.cat(terms, dim=1), self.eps), dim=1)
