@@ -34,13 +34,15 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
     def __init__(self, root: str, annotation_level: str = "variant", train_split: str = "trainval",
                  crop_banner: bool = True, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = (512, 512),
-                 crop_size: Union[int, List[int]] = 448, hflip: bool = True):
+                 crop_size: Union[int, List[int]] = 448, hflip: bool = True,
+                 skip_corrupt: bool = False):
         if annotation_level not in _CLASS_FILES:
             raise ValueError(f"annotation_level must be one of {sorted(_CLASS_FILES)}, got {annotation_level!r}")
         if train_split not in ("trainval", "train"):
             raise ValueError(f"train_split must be 'trainval' or 'train', got {train_split!r}")
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip)
+                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
+                         skip_corrupt=skip_corrupt)
         self.save_hyperparameters()
         self.annotation_level = annotation_level
         self.train_split = train_split

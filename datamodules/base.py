@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, preprocessing_spec,
@@ -26,13 +27,17 @@ class FineGrainedDataModule(pl.LightningDataModule):
         crop_size: square crop side, or [h, w].
         mean, std: normalisation (ImageNet by default).
         hflip: random horizontal flips in training.
+        skip_corrupt: off (default): an unreadable image stops the run with an error naming the file.
+            On: it is logged once (a warning naming the file and why) and the next readable image of
+            the split takes its place, so a bad file in hour 20 does not cost the run.
     """
 
     def __init__(self, batch_size: int = 32, num_workers: int = 2,
                  resize_size: Union[int, List[int]] = 512, crop_size: Union[int, List[int]] = 448,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 hflip: bool = True):
+                 hflip: bool = True, skip_corrupt: bool = False):
         super().__init__()
+        self.skip_corrupt = skip_corrupt
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.preprocessing = preprocessing_spec(resize_size, crop_size, mean, std)
@@ -59,9 +64,21 @@ class FineGrainedDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset, self.test_dataset = self.build_datasets()
+            for dataset in (self.train_dataset, self.val_dataset, self.test_dataset):
+                if hasattr(dataset, "skip_corrupt"):
+                    dataset.skip_corrupt = self.skip_corrupt
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=False,
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Lightning's default DistributedSampler pads the last rank with repeated images, so a
+            # multi-process evaluation would count some twice; this one splits without repeats
+            # (torchmetrics then sums the per-rank counts exactly).
+            from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, drop_last=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=False)
 

@@ -66,11 +66,12 @@ class StanfordCarsDataModule(AnnotatedDataModule):
     def __init__(self, root: str, layout: str = "auto", bbox_crop: bool = False, val_fraction: float = 0.0,
                  seed: int = 0, batch_size: int = 10, num_workers: int = 4,
                  resize_size: Union[int, List[int]] = (448, 448), crop_size: Union[int, List[int]] = 448,
-                 hflip: bool = True):
+                 hflip: bool = True, skip_corrupt: bool = False):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip)
+                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
+                         skip_corrupt=skip_corrupt)
         self.save_hyperparameters()
         self.requested_layout = layout
 

@@ -8,12 +8,15 @@ Both return ``(tensor, label)`` and expose ``classes``, ``targets`` and ``load_i
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.io import decode_rgb
+from datamodules.io import ImageLoadError, decode_rgb
+
+log = logging.getLogger(__name__)
 
 
 Box = Tuple[float, float, float, float]
@@ -40,6 +43,7 @@ class ImageListDataset(Dataset):
             raise ValueError(f"{len(self.boxes)} boxes for {len(self.samples)} samples")
         self.bottom_crop = bottom_crop
         self.resize = resize
+        self.skipped: set = set()
 
     @property
     def targets(self) -> List[int]:
@@ -63,9 +67,24 @@ class ImageListDataset(Dataset):
             image = image.crop((0, 0, width, bottom))
         return image
 
+    skip_corrupt = False
+
     def __getitem__(self, index: int):
-        image = self.load_image(index)
-        return (self.transform(image) if self.transform else image), self.samples[index][1]
+        if not self.skip_corrupt:
+            image = self.load_image(index)
+            return (self.transform(image) if self.transform else image), self.samples[index][1]
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            try:
+                image = self.load_image(candidate)
+            except ImageLoadError as err:
+                if self.samples[candidate][0] not in self.skipped:
+                    self.skipped.add(self.samples[candidate][0])
+                    log.warning("skip_corrupt: skipping %s (%s); the next readable image is used instead",
+                                self.samples[candidate][0], err)
+                continue
+            return (self.transform(image) if self.transform else image), self.samples[candidate][1]
+        raise ImageLoadError(f"skip_corrupt: none of the {len(self.samples)} images of this split can be read")
 
 
 class ArrayImageDataset(Dataset):

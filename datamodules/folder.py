@@ -7,6 +7,7 @@ the validation set doubles as the test set and a warning says so.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from functools import cached_property
@@ -18,6 +19,8 @@ from datamodules.base import FineGrainedDataModule
 from datamodules.datasets import ImageListDataset
 from datamodules.io import IMAGE_EXTENSIONS
 from datamodules.splits import stratified_holdout
+
+log = logging.getLogger(__name__)
 
 _SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
                 "test": ("test", "testing")}
@@ -64,7 +67,18 @@ class ImageFolderDataModule(FineGrainedDataModule):
         extra = sorted(set(e.name for e in os.scandir(split_dir) if e.is_dir()) - set(index))
         if extra:
             raise ValueError(f"{split_dir!r} has class folders not in train/: {extra}")
-        return make_dataset(split_dir, index, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        samples = make_dataset(split_dir, index, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        labels = {label for _, label in samples}
+        empty = sorted(c for c, k in index.items() if k not in labels)
+        if empty and os.path.basename(split_dir) == "train":
+            raise ValueError(f"{split_dir!r}: class folder(s) {empty} hold no images; expected files ending in "
+                             f"{', '.join(IMAGE_EXTENSIONS)} (remove the folder or add its images)")
+        others = [os.path.join(d, f) for d, _, files in os.walk(split_dir) for f in files
+                  if not f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if others:
+            log.warning("%s: ignoring %d file(s) that are not images (%s%s)", split_dir, len(others),
+                        ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
+        return samples
 
     def build_datasets(self) -> Tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
         classes = self.class_names

@@ -61,6 +61,9 @@ class FineGrainedClassifier(pl.LightningModule):
             for this many epochs the backbone is frozen (weights and BN statistics) and head and
             classifier train with ``stage1_lr``; the schedule then runs over the remaining epochs.
         stage1_lr: learning rate of head and classifier in the first stage.
+        init_from: a checkpoint of this class to start from (fine-tuning a trained model on new
+            data). Tensors whose shapes differ, such as a classifier for another number of classes,
+            are left at their initialisation; what was dropped is printed.
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", backbone_weights: Optional[str] = "imagenet",
@@ -70,7 +73,7 @@ class FineGrainedClassifier(pl.LightningModule):
                  lr_mult: Optional[Dict[str, float]] = None, weight_decay: float = 1e-4,
                  scheduler: str = "constant", lr_steps: Optional[List[int]] = None, lr_gamma: float = 0.1,
                  label_smoothing: float = 0.0, test_flip: bool = True, dropout: float = 0.0,
-                 stage1_epochs: int = 0, stage1_lr: float = 1.0):
+                 stage1_epochs: int = 0, stage1_lr: float = 1.0, init_from: Optional[str] = None):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
@@ -95,6 +98,29 @@ class FineGrainedClassifier(pl.LightningModule):
         self.val_metrics = _metrics(num_classes, "val_")
         self.test_metrics = _metrics(num_classes, "test_")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        if init_from:
+            self.dropped_from_init = self.load_matching_weights(init_from)
+
+    def load_matching_weights(self, checkpoint_path: str) -> List[str]:
+        """Copy the tensors of ``checkpoint_path`` whose names and shapes match; returns the dropped names."""
+        state = _read_checkpoint(checkpoint_path)["state_dict"]
+        own = self.state_dict()
+        kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        dropped = sorted(k for k in state if k not in kept)
+        self.load_state_dict(kept, strict=False)
+        for name in dropped:
+            shape = tuple(state[name].shape)
+            where = f"here {tuple(own[name].shape)}" if name in own else "not in this model"
+            print(f"init_from {checkpoint_path}: dropped {name} {shape} ({where})")
+        print(f"init_from {checkpoint_path}: loaded {len(kept)} tensors, dropped {len(dropped)}")
+        return dropped
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if saved is not None and saved != self.hparams.num_classes:
+            raise ValueError(f"the checkpoint was trained for {saved} classes but the data has "
+                             f"{self.hparams.num_classes}; test it on its own dataset, or fine-tune from it "
+                             f"with --model.init_from CKPT (which drops the classifier)")
 
     # -- inference ------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -196,23 +222,30 @@ class FineGrainedClassifier(pl.LightningModule):
         return 1.0
 
 
+def _read_checkpoint(checkpoint_path: str, map_location: str = "cpu") -> Dict[str, Any]:
+    """A Lightning checkpoint of this class, read with ``weights_only=True``."""
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}") from None
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{checkpoint_path} is not a FineGrainedClassifier checkpoint "
+                         f"(expected 'hyper_parameters' and 'state_dict' entries)")
+    return checkpoint
+
+
 def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrainedClassifier:
     """Rebuild a trained classifier from a Lightning checkpoint, reading it with ``weights_only=True``.
 
     The backbone is built without pretrained weights (the checkpoint holds all of them), so
     this works offline for any backbone.
     """
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}") from None
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} is not a FineGrainedClassifier checkpoint "
-                         f"(expected 'hyper_parameters' and 'state_dict' entries)")
+    checkpoint = _read_checkpoint(checkpoint_path, map_location)
     accepted = inspect.signature(FineGrainedClassifier.__init__).parameters
     # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only.
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
     hparams["backbone_weights"] = None
+    hparams["init_from"] = None  # the checkpoint itself holds every weight
     model = FineGrainedClassifier(**hparams)
     model.load_state_dict(checkpoint["state_dict"])
     model.hparams.backbone_weights = checkpoint["hyper_parameters"].get("backbone_weights")

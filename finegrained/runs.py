@@ -106,17 +106,19 @@ class RunArtifacts(pl.Callback):
     @staticmethod
     def _run_folder(trainer) -> Optional[str]:
         """The run's log folder; None for smoke runs (fast_dev_run) and runs without a logger."""
-        if trainer.fast_dev_run or not trainer.loggers or not trainer.is_global_zero:
+        if trainer.fast_dev_run or not trainer.loggers:
             return None
-        return trainer.log_dir
+        folder = trainer.log_dir  # a collective under DDP: every rank must ask
+        return folder if trainer.is_global_zero else None
 
     def on_fit_end(self, trainer, pl_module):
         self.train_wall_s = self._elapsed()
         self._fit_started = None
-        if self.history and self._run_folder(trainer):
+        folder = self._run_folder(trainer)
+        if self.history and folder:
             history = pd.DataFrame(self.history).drop_duplicates("epoch", keep="last")
-            history.to_csv(os.path.join(trainer.log_dir, "history.csv"), index=False)
-            self.plots.append(plot_training_curves(history, os.path.join(trainer.log_dir, "training_curves.png")))
+            history.to_csv(os.path.join(folder, "history.csv"), index=False)
+            self.plots.append(plot_training_curves(history, os.path.join(folder, "training_curves.png")))
 
     def state_dict(self) -> Dict[str, Any]:
         return {"train_wall_s": self._elapsed(), "history": self.history}
@@ -132,10 +134,13 @@ class RunArtifacts(pl.Callback):
     def on_test_end(self, trainer, pl_module):
         self.test_wall_s = time.perf_counter() - (self._test_started or time.perf_counter())
         confusion = getattr(pl_module, "test_confusion", None)
-        if confusion is None or not self._run_folder(trainer):
+        if confusion is None or trainer.fast_dev_run:
             return
-        counts = confusion.compute().cpu().numpy()
+        counts = confusion.compute().cpu().numpy()  # synced across ranks: every rank computes
+        folder = self._run_folder(trainer)
+        if not folder:
+            return
         names = pl_module.hparams.get("class_names")
-        os.makedirs(trainer.log_dir, exist_ok=True)
-        pd.DataFrame(counts, index=names, columns=names).to_csv(os.path.join(trainer.log_dir, "confusion_matrix.csv"))
-        self.plots.append(plot_confusion_matrix(counts, names, os.path.join(trainer.log_dir, "confusion_matrix.png")))
+        os.makedirs(folder, exist_ok=True)
+        pd.DataFrame(counts, index=names, columns=names).to_csv(os.path.join(folder, "confusion_matrix.csv"))
+        self.plots.append(plot_confusion_matrix(counts, names, os.path.join(folder, "confusion_matrix.png")))

@@ -23,6 +23,10 @@ from finegrained.heads import register_head
 from finegrained.linalg import signed_sqrt
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @register_head("hihca")
 class PolynomialKernelHead(nn.Module):
     """Args:
@@ -44,10 +48,10 @@ class PolynomialKernelHead(nn.Module):
         self.output_dim = filters
 
     def forward(self, x: Tensor) -> Tensor:
-        product = self.projections[0](x)
+        # The projections may run in half precision; their degree-r product overflows fp16 quickly
+        # (1e3² > 65,504), so it is formed in float32 (float64 stays float64).
+        product = _at_least_float32(self.projections[0](x))
         for conv in self.projections[1:]:
-            product = product * conv(x)
+            product = product * _at_least_float32(conv(x))
         pooled = product.mean(dim=(2, 3))
-        if pooled.dtype in (torch.float16, torch.bfloat16):  # degree-r products overflow fp16 quickly
-            pooled = pooled.float()
         return F.normalize(signed_sqrt(pooled, self.eps), dim=1)

@@ -1,0 +1,42 @@
+"""Two-process DDP (gloo, CPU) gives the same test metrics as one process: no image counted twice."""
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import make_image_folder
+
+
+def _finegrained():
+    exe = os.path.join(os.path.dirname(sys.executable), "finegrained")
+    return [exe] if os.path.isfile(exe) else [sys.executable, "-m", "finegrained.cli"]
+
+
+def _test_run(recipe, ckpt, runs_csv, extra):
+    out = subprocess.run(_finegrained() + ["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs_csv,
+                                           "--trainer.accelerator", "cpu", "--trainer.limit_test_batches", "1.0"] + extra,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo DDP test written for Linux")
+def test_two_process_ddp_test_metrics_equal_one_process(trained_run, tmp_path):
+    recipe, ckpt, _ = trained_run
+    # 17 test images over 2 ranks: a padding sampler would give rank 1 a repeated image (18 counted).
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
+    os.remove(sorted(glob.glob(os.path.join(data, "test", "class_2", "*")))[0])
+    extra = ["--data.init_args.root", data]
+    single = _test_run(recipe, ckpt, str(tmp_path / "one.csv"), extra + ["--trainer.devices", "1"])
+    double = _test_run(recipe, ckpt, str(tmp_path / "two.csv"),
+                       extra + ["--trainer.devices", "2", "--trainer.strategy", "ddp"])
+    assert "Test accuracy on 17 images" in single
+    line = lambda text: [l for l in text.splitlines() if l.startswith("Test accuracy on")]  # noqa: E731
+    assert line(single) and line(single) == line(double)
+    one, two = (list(csv.DictReader(open(tmp_path / f))) for f in ("one.csv", "two.csv"))
+    assert len(one) == 1 and len(two) == 1  # rank 0 alone records the run
+    for key in ("top1", "mean_class_acc"):
+        assert float(one[0][key]) == float(two[0][key])

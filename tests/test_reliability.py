@@ -1,0 +1,207 @@
+"""Reliability: the 15 bad-input cases, skip_corrupt, numerics under mixed precision, init_from, safe loading."""
+import glob
+import logging
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import CSVDataModule, CUB200DataModule, FGVCAircraftDataModule, ImageFolderDataModule
+from datamodules.io import ImageLoadError, load_rgb
+from finegrained.cli import main
+from finegrained.heads import build_head
+from finegrained.model import FineGrainedClassifier, load_classifier
+from tests.conftest import make_image_folder, write_image
+from tests.replicas import write_aircraft, write_cub
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+# ---- 1-3: root, layout, annotation files -------------------------------------------------------------
+def test_01_missing_root_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope")) + ".*does not exist"):
+        CUB200DataModule(str(tmp_path / "nope")).class_names
+
+
+def test_02_wrong_layout_says_what_was_expected(tmp_path):
+    (tmp_path / "photos" / "misc").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"CUB-200-2011 not found .*expected images\.txt, classes\.txt"):
+        CUB200DataModule(str(tmp_path / "photos")).class_names
+
+
+def test_03_missing_annotation_file_is_named(tmp_path):
+    data = write_aircraft(str(tmp_path), placeholder=True)
+    os.remove(os.path.join(data, "images_variant_test.txt"))
+    dm = FGVCAircraftDataModule(str(tmp_path), num_workers=0)
+    with pytest.raises(FileNotFoundError, match="images_variant_test.txt"):
+        dm.setup()
+
+
+# ---- 4-10: images --------------------------------------------------------------------------------------
+def _cub_with(tmp_path, damage):
+    base = write_cub(str(tmp_path), n_classes=2, per_class=2)
+    path = os.path.join(base, "images", "001.Bird_kind_1", "Bird_Kind_1_0000_1.jpg")
+    damage(path)
+    dm = CUB200DataModule(str(tmp_path), num_workers=0, resize_size=32, crop_size=32)
+    dm.setup()
+    return dm, path
+
+
+@pytest.mark.parametrize("case,damage,message", [
+    ("04 list entry for a missing image", os.remove, "image file not found"),
+    ("05 corrupt JPEG", lambda p: open(p, "wb").write(b"\xff\xd8\xff\xe0 not really a jpeg"), "corrupt|cannot"),
+    ("06 truncated JPEG", lambda p: open(p, "r+b").truncate(200), "truncated"),
+    ("07 0-byte file", lambda p: open(p, "wb").close(), "0 bytes"),
+])
+def test_bad_image_names_the_file_or_is_skipped(tmp_path, caplog, case, damage, message):
+    dm, path = _cub_with(tmp_path, damage)
+    index = [p for p, _ in dm.train_dataset.samples].index(path)
+    with pytest.raises(ImageLoadError) as err:
+        dm.train_dataset[index]
+    assert path in str(err.value) and re.search(message, str(err.value), re.IGNORECASE), str(err.value)
+    # skip_corrupt: a logged skip, the next readable image takes its place.
+    dm2 = CUB200DataModule(str(tmp_path), num_workers=0, resize_size=32, crop_size=32, skip_corrupt=True)
+    dm2.setup()
+    with caplog.at_level(logging.WARNING):
+        image, label = dm2.train_dataset[index]
+    assert image.shape == (3, 32, 32)
+    assert label == dm2.train_dataset.samples[(index + 1) % len(dm2.train_dataset)][1]
+    assert path in caplog.text and "skip_corrupt" in caplog.text
+    assert path in dm2.train_dataset.skipped
+
+
+def test_08_cmyk_grayscale_rgba_palette_are_converted(tmp_path):
+    for mode, ext in (("CMYK", "jpg"), ("L", "jpg"), ("RGBA", "png"), ("P", "png"), ("LA", "png"), ("I;16", "png")):
+        path = tmp_path / f"img.{mode.replace(';', '')}.{ext}"
+        Image.new(mode, (9, 7)).save(path)
+        image = load_rgb(path)
+        assert image.mode == "RGB" and image.size == (9, 7)
+
+
+def test_09_non_image_file_in_a_class_folder_is_logged_and_ignored(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "f", n_classes=2, per_class=3)
+    (tmp_path / "f" / "train" / "class_0" / "notes.txt").write_text("not an image")
+    dm = ImageFolderDataModule(root, num_workers=0, val_fraction=0.34)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    assert "notes.txt" in caplog.text and "not images" in caplog.text
+    assert all(not p.endswith(".txt") for p, _ in dm.train_dataset.samples + dm.val_dataset.samples)
+
+
+def test_10_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = make_image_folder(tmp_path / "f", n_classes=2, per_class=3)
+    (tmp_path / "f" / "train" / "class_9").mkdir()
+    with pytest.raises(ValueError, match=r"\['class_9'\] hold no images"):
+        ImageFolderDataModule(root, num_workers=0).setup()
+
+
+# ---- 11-13: annotations --------------------------------------------------------------------------------
+def test_11_label_out_of_range_names_file_and_value(tmp_path):
+    base = write_cub(str(tmp_path), n_classes=2, per_class=2, placeholder=True)
+    with open(os.path.join(base, "image_class_labels.txt"), "w") as f:
+        f.write("1 1\n2 7\n3 2\n4 2\n")
+    with pytest.raises(ValueError, match=r"image_class_labels.txt: image 2 has class id 7, not in classes.txt \(1..2\)"):
+        CUB200DataModule(str(tmp_path), num_workers=0).setup()
+    (tmp_path / "img").mkdir()
+    (tmp_path / "train.csv").write_text("a.jpg,5\n")
+    (tmp_path / "test.csv").write_text("a.jpg,0\n")
+    dm = CSVDataModule(str(tmp_path / "img"), str(tmp_path / "train.csv"), str(tmp_path / "test.csv"),
+                       class_names=["cat", "dog"])
+    with pytest.raises(ValueError, match=r"train.csv, line 1.*5"):
+        dm.setup()
+
+
+def test_12_duplicate_image_id_names_file_and_line(tmp_path):
+    base = write_cub(str(tmp_path), n_classes=2, per_class=2, placeholder=True)
+    path = os.path.join(base, "images.txt")
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(lines + [lines[0]]) + "\n")
+    with pytest.raises(ValueError, match=r"images.txt, line 5: duplicate id '1'"):
+        CUB200DataModule(str(tmp_path), num_workers=0).setup()
+
+
+def test_13_csv_path_escaping_the_root(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "train.csv").write_text("../../etc/passwd,cat\n")
+    (tmp_path / "test.csv").write_text("x.jpg,cat\n")
+    dm = CSVDataModule(str(tmp_path / "img"), str(tmp_path / "train.csv"), str(tmp_path / "test.csv"))
+    with pytest.raises(ValueError, match=r"train.csv, line 1: path '\.\./\.\./etc/passwd' resolves outside"):
+        dm.setup()
+
+
+# ---- 14-15: checkpoints and configs --------------------------------------------------------------------
+def test_14_checkpoint_for_another_class_count(trained_run, tmp_path):
+    recipe, ckpt, _ = trained_run
+    other = make_image_folder(tmp_path / "five", n_classes=5, per_class=3)
+    with pytest.raises(ValueError, match="trained for 3 classes but the data has 5.*init_from"):
+        main(["test", "--config", recipe, "--ckpt_path", ckpt, "--data.init_args.root", other,
+              "--runs_csv", str(tmp_path / "runs.csv")])
+
+
+def test_15_unknown_head_or_backbone_lists_the_known_names(trained_run):
+    recipe, _, _ = trained_run
+    with pytest.raises(ValueError, match="unknown head 'nope'; known heads: .*gmsop.*isqrt"):
+        main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.head", "nope"])
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5'; known backbones: .*resnet50"):
+        main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.backbone", "resnet5"])
+
+
+# ---- init_from, safe loading ---------------------------------------------------------------------------
+def test_init_from_drops_a_classifier_of_another_size(trained_run, capsys):
+    _, ckpt, _ = trained_run
+    source = load_classifier(ckpt)
+    model = FineGrainedClassifier(num_classes=5, backbone="resnet18", backbone_weights=None, last_stride=1,
+                                  head="isqrt", head_kwargs={"reduction": 16}, init_from=ckpt)
+    printed = capsys.readouterr().out
+    assert "dropped classifier.1.weight (3, 136)" in printed and "dropped classifier.1.bias (3,)" in printed
+    assert model.dropped_from_init == ["classifier.1.bias", "classifier.1.weight"]
+    torch.testing.assert_close(model.backbone.state_dict()["features.conv1.weight"],
+                               source.backbone.state_dict()["features.conv1.weight"])
+    torch.testing.assert_close(model.head.state_dict()["reduce.0.weight"], source.head.state_dict()["reduce.0.weight"])
+
+
+def test_init_from_through_the_cli(trained_run, tmp_path, capsys):
+    recipe, ckpt, _ = trained_run
+    other = make_image_folder(tmp_path / "four", n_classes=4, per_class=3)
+    assert main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.init_from", ckpt,
+                 "--data.init_args.root", other, "--trainer.default_root_dir", str(tmp_path)]) == 0
+    assert "dropped classifier.1.weight" in capsys.readouterr().out
+
+
+def test_no_torch_load_without_weights_only():
+    offenders = []
+    for path in glob.glob(os.path.join(ROOT, "finegrained", "**", "*.py"), recursive=True) + \
+            glob.glob(os.path.join(ROOT, "datamodules", "*.py")):
+        text = open(path).read()
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in match.group(1):
+                offenders.append(f"{os.path.relpath(path, ROOT)}: {match.group(0)}")
+    assert not offenders, offenders
+
+
+# ---- numerics under mixed precision --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1e-8), (torch.bfloat16, 1.0), (torch.bfloat16, 1e8),
+                                         (torch.float16, 1e-8), (torch.float16, 1.0), (torch.float16, 1e3)])
+def test_every_head_finite_under_autocast(dtype, scale):
+    # fp16 cannot hold features at 1e8 (its largest value is 65,504): a backbone in fp16 would have
+    # overflowed before the head; bf16 has float32's range and is tested there.
+    from tests.test_heads import ALL_HEADS, SMALL
+
+    for name in ALL_HEADS:
+        head = build_head(name, 8, **SMALL[name])
+        x = (torch.randn(2, 8, 4, 4).relu() * scale).requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            out = head(x)
+        (out.float() * torch.randn_like(out.float())).sum().backward()
+        assert torch.isfinite(out).all(), (name, dtype, scale)
+        assert torch.isfinite(x.grad).all(), (name, dtype, scale)
+
+
+def test_short_fit_under_bf16_mixed_on_cpu(trained_run, tmp_path):
+    recipe, _, _ = trained_run
+    assert main(["fit", "--config", recipe, "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1",
+                 "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck")]) == 0
+    model = load_classifier(str(tmp_path / "ck" / "last.ckpt"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
