@@ -34,6 +34,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from finegrained.model import FineGrainedClassifier
 from finegrained.recipe import config_hash, expand_config_args, load_recipe
+from finegrained.resume import AtomicCheckpointIO, RandomState
 from finegrained.runs import RunArtifacts, append_run, device_name, git_commit
 
 
@@ -49,6 +50,7 @@ class FineGrainedCLI(LightningCLI):
         parser.add_argument("--runs_csv", default="results/runs.csv",
                             help="CSV file that every test run appends its record to ('' to skip)")
         parser.add_lightning_class_args(RunArtifacts, "run_artifacts")
+        parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val_top1",
@@ -60,6 +62,13 @@ class FineGrainedCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoints are written atomically unless the recipe chose its own checkpoint plugin.
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if not trainer_config.get("plugins") and "plugins" not in kwargs:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
