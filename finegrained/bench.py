@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from finegrained.linalg import _full_precision  # the heads' own autocast rule, for the baseline too
-from finegrained.linalg import (covariance, eig_power, isqrt_cov, sym, tensor_sketch, tensor_sketch_gram,
-                                tensor_sketch_hashed)
+from finegrained.heads.cbp import CountSketches
+from finegrained.linalg import (covariance, eig_power, full_precision, isqrt_cov, sym, tensor_sketch,
+                                tensor_sketch_gram, tensor_sketch_hashed)
 
 # ------------------------------------------------------------------------------------------ utils
 
@@ -152,7 +152,7 @@ class _OfficialISqrt(torch.autograd.Function):
         return g_x, None
 
 
-@_full_precision
+@full_precision  # the heads' own autocast rule, for the baseline too
 def isqrt_official(x: Tensor, iterations: int = 5) -> Tensor:
     return _OfficialISqrt.apply(x.flatten(2), iterations)
 
@@ -164,19 +164,19 @@ def mpncov_eigh_autograd(x: Tensor) -> Tensor:
 
 
 class _Sketch:
+    """CBP's two count sketches (the head's own :class:`CountSketches`) in three implementations."""
+
     def __init__(self, channels: int, dim: int, device, dtype):
-        g = torch.Generator().manual_seed(0)
-        self.hashes = torch.randint(dim, (2, channels), generator=g).to(device)
-        self.signs = (torch.randint(2, (2, channels), generator=g) * 2 - 1).to(device=device, dtype=dtype)
-        self.dense = [torch.nn.functional.one_hot(self.hashes[k], dim).to(dtype) * self.signs[k, :, None]
-                      for k in range(2)]
-        self.dim = dim
+        self.sketches = CountSketches(channels, dim, 2, seed=0).to(device)
+        self.dense = self.sketches.matrices(dtype)
 
     def hashed(self, x):
-        return tensor_sketch_hashed(x, self.hashes, self.signs, self.dim)[0]
+        s = self.sketches
+        return tensor_sketch_hashed(x, s.hashes, s.signs, s.out_dim)[0]
 
     def gram(self, x):
-        return tensor_sketch_gram(x, self.hashes, self.signs, self.dim)
+        s = self.sketches
+        return tensor_sketch_gram(x, s.hashes, s.signs, s.out_dim)
 
     def dense_matrix(self, x):
         return tensor_sketch(x, self.dense)[0]

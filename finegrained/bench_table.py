@@ -133,14 +133,9 @@ class HeadProbe(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def _accuracies(pred: np.ndarray, labels: np.ndarray, num_classes: int):
-    top1 = float((pred == labels).mean())
-    per_class = [float((pred[labels == k] == k).mean()) for k in range(num_classes) if (labels == k).any()]
-    return top1, float(np.mean(per_class))
-
-
 def evaluate_head(name: str, features: dict, epochs: int, batch_size: int = 64, seed: int = 0) -> dict:
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.preprocessing import StandardScaler
 
     pl.seed_everything(seed, verbose=False)
@@ -172,7 +167,8 @@ def evaluate_head(name: str, features: dict, epochs: int, batch_size: int = 64, 
         with torch.no_grad():
             pred = torch.cat([probe(features["test"][i:i + 256]) for i in range(0, len(test_labels), 256)]).argmax(1).numpy()
         how = f"Lightning fit, {epochs} epochs"
-    top1, mean_class = _accuracies(pred, test_labels.numpy(), num_classes)
+    top1 = float(accuracy_score(test_labels.numpy(), pred))
+    mean_class = float(balanced_accuracy_score(test_labels.numpy(), pred))  # mean per-class recall
     return {"method": name, "name": METHOD_NAMES.get(name, name), "dim": head.output_dim, "top1": top1,
             "mean_class_acc": mean_class, "fit_s": time.perf_counter() - started, "trained_by": how}
 

@@ -79,12 +79,13 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
 
     with torch.no_grad():
-        exact_features = model.head(model.backbone(images))
+        backbone_maps = model.backbone(images)  # shared by the exact and the substitute head
+        exact_features = model.head(backbone_maps)
         exact = model.classifier(exact_features)
     substitute = None
     if fmt == "onnx":
         with torch.no_grad(), onnx_substitutes(network) as descriptions:
-            features = model.head(model.backbone(images))
+            features = model.head(backbone_maps)
             reference = model.classifier(features).numpy()
             batch = torch.export.Dim("batch", min=1)
             program = torch.onnx.export(network, (images[:2],), input_names=["images"], output_names=["logits"],

@@ -37,13 +37,13 @@ __all__ = ["covariance", "gram", "sqrtm_newton_schulz", "triu_vec", "signed_sqrt
            "sqrtm_newton_schulz_lyapunov", "lyapunov_newton_schulz", "powm_newton_schulz", "logm_newton_schulz",
            "count_sketch_matrix", "count_sketch", "tensor_sketch", "tensor_sketch_hashed", "tensor_sketch_gram",
            "random_maclaurin",
-           "isqrt_cov"]
+           "isqrt_cov", "full_precision"]
 
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _full_precision(fn):
+def full_precision(fn):
     """Run ``fn(x, ...)`` in float32 (or float64) with autocast off.
 
     Covariances, Newton–Schulz and eigendecompositions lose their meaning in fp16/bf16 (traces and
@@ -72,7 +72,7 @@ def _positions(x: Tensor) -> Tensor:
     raise ValueError(f"expected a (B,C,H,W) feature map or (B,C,M) matrix, got shape {tuple(x.shape)}")
 
 
-@_full_precision
+@full_precision
 def gram(x: Tensor) -> Tensor:
     """Uncentred second moment G = (1/M) X Xᵀ.
 
@@ -85,7 +85,7 @@ def gram(x: Tensor) -> Tensor:
     return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[-1])
 
 
-@_full_precision
+@full_precision
 def covariance(x: Tensor) -> Tensor:
     """Sample covariance Σ = (1/M) Σ_i (x_i − μ)(x_i − μ)ᵀ over the M = H·W positions.
 
@@ -116,7 +116,7 @@ def _safe_normaliser(t: Tensor) -> Tensor:
     return torch.where(t > torch.finfo(t.dtype).tiny, t, torch.ones_like(t))
 
 
-@_full_precision
+@full_precision
 def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
     """Approximate matrix square root of SPD matrices by coupled Newton–Schulz (iSQRT-COV).
 
@@ -276,7 +276,7 @@ class _SymmetricEigFunction(torch.autograd.Function):
         return u @ inner @ u.transpose(-1, -2), None, None, None
 
 
-@_full_precision
+@full_precision
 def eig_power(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0) -> Tensor:
     """Matrix power U (λ + ε)^α Uᵀ of symmetric PSD matrices (MPN-COV, G²DeNet).
 
@@ -295,7 +295,7 @@ def eig_power(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0) -> Tensor:
     return _spectral(sigma, "power", float(alpha), float(eps))
 
 
-@_full_precision
+@full_precision
 def eig_log(sigma: Tensor, eps: float = 1e-3) -> Tensor:
     """Matrix logarithm log(Σ + εI) = U log(λ + ε) Uᵀ of symmetric PSD matrices (DeepO2P).
 
@@ -361,7 +361,7 @@ class _NewtonSchulzLyapunov(torch.autograd.Function):
         return lyapunov_newton_schulz(y, grad, ctx.backward_iterations), None, None
 
 
-@_full_precision
+@full_precision
 def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_iterations: int = 5) -> Tensor:
     """Improved B-CNN's matrix square root: A/‖A‖_F -> Newton–Schulz -> × √‖A‖_F.
 
@@ -405,7 +405,7 @@ def _unit_frobenius(m: Tensor):
     return m / norm, norm
 
 
-@_full_precision
+@full_precision
 def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iterations: int = 20) -> Tensor:
     """(Σ + εI)^α for α = 2^-k by k Newton–Schulz square roots; the export substitute of :func:`eig_power`.
 
@@ -426,7 +426,7 @@ def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iter
     return root * norm.pow(alpha)
 
 
-@_full_precision
+@full_precision
 def logm_newton_schulz(sigma: Tensor, eps: float = 1e-3, roots: int = 6, iterations: int = 22,
                        terms: int = 12) -> Tensor:
     """log(Σ + εI) without an eigendecomposition, by inverse scaling and squaring.
@@ -472,7 +472,7 @@ def count_sketch_matrix(in_dim: int, out_dim: int, generator: torch.Generator) -
     return sketch
 
 
-@_full_precision
+@full_precision
 def tensor_sketch(x: Tensor, sketches, orders: int = 2):
     """Tensor Sketch of the order-k self tensor products of every position, averaged over positions.
 
@@ -511,7 +511,7 @@ def count_sketch(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -> Tens
     return out.index_add_(-1, hashes, x * signs.to(x.dtype))
 
 
-@_full_precision
+@full_precision
 def tensor_sketch_hashed(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int, orders: int = 2):
     """:func:`tensor_sketch` with the count sketches given as (hashes, signs) rows of shape (n, C)."""
     x = _positions(x).transpose(1, 2)  # (B, M, C)
@@ -523,7 +523,7 @@ def tensor_sketch_hashed(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int,
     return out
 
 
-@_full_precision
+@full_precision
 def tensor_sketch_gram(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -> Tensor:
     """Order-2 Tensor Sketch averaged over positions, computed from the Gram matrix: no FFT.
 
@@ -543,7 +543,7 @@ def tensor_sketch_gram(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -
     return g.new_zeros(g.shape[0], out_dim).index_add_(1, bins, g.flatten(1) * pair_signs)
 
 
-@_full_precision
+@full_precision
 def random_maclaurin(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """Random Maclaurin features of the degree-2 polynomial kernel, averaged over positions.
 
@@ -654,7 +654,7 @@ class _ISqrtCov(torch.autograd.Function):
         return g_x, None
 
 
-@_full_precision
+@full_precision
 def isqrt_cov(x: Tensor, iterations: int = 5) -> Tensor:
     """iSQRT-COV's normalised covariance √tr(Σ)·NS_N(Σ/tr Σ) of a feature map, in one step.
 

@@ -1,14 +1,11 @@
-"""Keep matrix functions out of half precision.
+"""Keep the matrix part of a head out of half precision.
 
-Covariance, Newton–Schulz and eigendecompositions lose their meaning in fp16/bf16
-(trace normalisation and square roots underflow), so under autocast the heads run
-their matrix part in float32 while convolutions before it stay in low precision.
+The method form of :func:`finegrained.linalg.full_precision`: under autocast a head's matrix
+part runs in float32 while the convolutions before it stay in low precision.
 """
 import functools
 
-import torch
-
-_HALF = (torch.float16, torch.bfloat16)
+from finegrained.linalg import full_precision
 
 
 def float32_matrices(fn):
@@ -16,11 +13,6 @@ def float32_matrices(fn):
 
     @functools.wraps(fn)
     def wrapper(self, x, *args, **kwargs):
-        if x.dtype in _HALF:
-            x = x.float()
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return fn(self, x, *args, **kwargs)
-        return fn(self, x, *args, **kwargs)
+        return full_precision(lambda t: fn(self, t, *args, **kwargs))(x)
 
     return wrapper

@@ -17,7 +17,7 @@ from torch import Tensor
 from finegrained.heads import register_head
 from finegrained.heads._covariance import CovariancePoolingHead
 from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import isqrt_cov, sqrtm_newton_schulz, triu_vec
+from finegrained.linalg import isqrt_cov, triu_vec
 
 
 @register_head("isqrt")
@@ -33,9 +33,6 @@ class ISqrtCovHead(CovariancePoolingHead):
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, iterations: int = 5):
         super().__init__(in_channels, reduction)
         self.iterations = iterations
-
-    def matrix_function(self, sigma: Tensor) -> Tensor:
-        return sqrtm_newton_schulz(sigma, self.iterations)
 
     @float32_matrices
     def pool(self, x: Tensor) -> Tensor:
