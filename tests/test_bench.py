@@ -45,6 +45,16 @@ def test_fused_isqrt_saves_less_memory_than_autograd():
     assert 0 < fused < 0.6 * plain
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_fused_isqrt_saves_exactly_its_documented_tensors(n):
+    """X, A, P_1 … P_{N−1}, Y_{N−1} (N + 1 C×C matrices; A alone when N = 1) and the traces."""
+    b, c, m = 3, 8, 20
+    x = torch.randn(b, c, m).requires_grad_(True)
+    matrices = n + 1 if n >= 2 else 1
+    expected = 4 * (b * c * m + matrices * b * c * c + b)
+    assert bench.saved_bytes(lambda t: isqrt_cov(t, n), x) == expected
+
+
 def test_sketch_implementations_agree():
     g = torch.Generator().manual_seed(0)
     c, d = 7, 16
