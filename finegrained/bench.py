@@ -1,6 +1,7 @@
 """``finegrained bench heads|loader|step``: measured speed, against baselines measured in the same run.
 
-Every number is a median over repeats; ratios compare with baselines timed in the same process,
+Every number is a median over repeats, timed in interleaved rounds (each round runs every case once);
+ratios compare with baselines timed in the same process,
 never with remembered numbers. Each subcommand prints a table and writes a CSV with the machine's
 description under ``results/bench/``. Optimised paths are checked against their baselines inside
 the bench (≤ 1e-5 in float32, ≤ 1e-9 in float64); a mismatch raises and fails the command.
@@ -62,6 +63,25 @@ def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warm
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                        warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each function, timed in rounds that run every function once.
+
+    Ratios are taken between these medians; interleaving makes a slow drift of a shared machine
+    (another tenant, frequency scaling) hit the case and its baseline alike instead of whichever
+    happened to run during it.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(median_time(fn, device, 1, warmup=0))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
@@ -225,23 +245,29 @@ def check_parity(device: torch.device, batch: int = 2, channels: int = 16, side:
     return rows
 
 
-def _bmm_rate(b: int, d: int, device, dtype, repeats: int) -> float:
+_PEAK_BMMS = 16  # batched matmuls per timed call of the roofline case, so that it lasts as long as the heads
+
+
+def _bmm_peak_case(b: int, d: int, device, dtype) -> Callable[[], None]:
+    """The roofline: ``_PEAK_BMMS`` batched (d×d)·(d×d) products, timed among the heads' own rounds."""
     a, c = torch.randn(b, d, d, device=device, dtype=dtype), torch.randn(b, d, d, device=device, dtype=dtype)
-    t = median_time(lambda: torch.bmm(a, c), device, repeats * 3)
-    return 2 * b * d ** 3 / t / 1e9
+
+    def run():
+        for _ in range(_PEAK_BMMS):
+            torch.bmm(a, c)
+    return run
 
 
 def _isqrt_flops(b: int, c: int, m: int, n: int) -> float:
-    """Matmul flops of the fused iSQRT FP+BP: covariance (fwd, bwd) + Newton–Schulz (fwd 3N−3, bwd 8N−7)."""
+    """Matmul flops of the fused iSQRT FP+BP: covariance (fwd, bwd) + Newton–Schulz (fwd 3N−3, bwd 6N−5)."""
     cov = 2 * b * c * c * m
-    matmuls = (3 * n - 3) + (8 * n - 7)
+    matmuls = (3 * n - 3) + (6 * n - 5)
     return 2 * cov + matmuls * 2 * b * c ** 3
 
 
 def bench_heads(device: torch.device, repeats: int = 9, batch: int = 8, channels: int = 256,
                 sides: Sequence[int] = (28, 14), autocast: bool = False) -> List[dict]:
     rows = []
-    peak = _bmm_rate(batch, channels, device, torch.float32, repeats)
     for side in sides:
         m = side * side
         x = torch.randn(batch, channels, side, side, device=device).relu_()
@@ -268,9 +294,11 @@ def bench_heads(device: torch.device, repeats: int = 9, batch: int = 8, channels
             "cbp ts (hashed sketch + FFT)": lambda t: sketch.hashed(t.float()),
             "cbp ts (dense sketch matrix)": lambda t: sketch.dense_matrix(t.float()),
         }
-        timings = {}
+        timed = {name: fpbp(fn) for name, fn in cases.items()}
+        timed["bmm peak"] = _bmm_peak_case(batch, channels, device, torch.float32)
+        timings = interleaved_medians(timed, device, repeats)
+        peak = _PEAK_BMMS * 2 * batch * channels ** 3 / timings["bmm peak"] / 1e9
         for name, fn in cases.items():
-            timings[name] = median_time(fpbp(fn), device, repeats)
             mem = saved_bytes(fn, x.detach().requires_grad_(True))
             rows.append({"map": f"{side}x{side}", "case": name, "median_ms": 1e3 * timings[name],
                          "saved_MiB": mem / 2 ** 20})
@@ -289,8 +317,7 @@ def bench_heads(device: torch.device, repeats: int = 9, batch: int = 8, channels
                 row["vs_eigh"] = timings[name] / timings["mpncov autograd through eigh"]
             if name.startswith("cbp"):
                 row["vs_dense"] = timings[name] / timings["cbp ts (dense sketch matrix)"]
-    for row in rows:
-        row["bmm_peak_GFLOP/s"] = peak
+            row["bmm_peak_GFLOP/s"] = peak
     return rows
 
 
@@ -348,9 +375,8 @@ def bench_loader(folder: str, n: int = 24, repeats: int = 5, resize: int = 448, 
                 with Image.open(p) as im:
                     plain(im.convert("RGB"))
 
-        device = torch.device("cpu")
-        t_ours = median_time(project, device, repeats, warmup=1)
-        t_plain = median_time(baseline, device, repeats, warmup=1)
+        timings = interleaved_medians({"ours": project, "plain": baseline}, torch.device("cpu"), repeats, warmup=1)
+        t_ours, t_plain = timings["ours"], timings["plain"]
     finally:
         torch.set_num_threads(threads)
     return [{"pipeline": "PIL + torchvision (baseline)", "images_per_s_per_core": n / t_plain, "speedup": 1.0},
@@ -387,15 +413,7 @@ def bench_step(device: torch.device, backbone: str = "resnet50", head: str = "is
             opt.step()
 
         steps[name] = step
-    # Interleave the two so that slow drifts of a shared machine hit both alike.
-    samples = {name: [] for name in steps}
-    for step in steps.values():  # warm-up
-        step()
-    _sync(device)
-    for _ in range(repeats):
-        for name, step in steps.items():
-            samples[name].append(median_time(step, device, 1, warmup=0))
-    timings = {name: statistics.median(values) for name, values in samples.items()}
+    timings = interleaved_medians(steps, device, repeats, warmup=1)
     for name in steps:
         rows.append({"backbone": backbone, "head": name, "size": size, "batch": batch,
                      "images_per_s": batch / timings[name], "overhead_vs_gap": timings[name] / timings["gap"]})

@@ -358,7 +358,7 @@ def _bench_main(argv: List[str]) -> int:
     step.add_argument("--size", type=int, default=448)
     step.add_argument("--batch", type=int, default=2)
     for p in (heads, loader, step):
-        p.add_argument("--repeats", type=int, default=9 if p is heads else 5 if p is loader else 3)
+        p.add_argument("--repeats", type=int, default=9 if p is heads else 5 if p is loader else 7)
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present, the CPU too)")
         p.add_argument("--threads", type=int, default=2, help="CPU threads (the published setting: 2)")
         p.add_argument("--out", default="results/bench")
