@@ -45,6 +45,25 @@ def test_fused_isqrt_saves_less_memory_than_autograd():
     assert 0 < fused < 0.6 * plain
 
 
+@pytest.mark.parametrize("channels, positions", [(32, 12), (24, 100)])
+def test_fused_isqrt_float32_is_close_to_float64(channels, positions):
+    """Rank-deficient (M < C) and full-rank ReLU features: float32 within 1e-5 of a float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(4, channels, positions, generator=g, dtype=torch.float64).relu_() * 3
+    upstream = torch.randn(4, channels, channels, generator=g, dtype=torch.float64)
+
+    def value_and_grad(fn, dtype):
+        x = x64.to(dtype).requires_grad_(True)
+        out = fn(x)
+        (grad,) = torch.autograd.grad((out * upstream.to(dtype)).sum(), x)
+        return out.double(), grad.double()
+
+    ref_out, ref_grad = value_and_grad(lambda t: bench.isqrt_autograd(t, 5), torch.float64)
+    out, grad = value_and_grad(lambda t: isqrt_cov(t, 5), torch.float32)
+    assert (out - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
+    assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_fused_isqrt_saves_exactly_its_documented_tensors(n):
     """X, A, P_1 … P_{N−1}, Y_{N−1} (N + 1 C×C matrices; A alone when N = 1) and the traces."""
