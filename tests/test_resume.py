@@ -19,6 +19,12 @@ def _command(recipe, root, extra=()):
                    "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
 
 
+def _fit(command):
+    """Run a fit to completion; on failure show its stderr, not just the exit status."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}"
+
+
 def _final(root):
     checkpoint = torch.load(root / "ck" / "last.ckpt", weights_only=True)
     return checkpoint["epoch"], checkpoint["state_dict"], checkpoint["callbacks"]
@@ -30,7 +36,7 @@ def setup(tmp_path_factory):
     data = make_image_folder(tmp / "data", n_classes=3, per_class=12)
     recipe = write_tiny_recipe(str(tmp), data)
     reference = tmp / "reference"
-    subprocess.run(_command(recipe, reference), check=True, capture_output=True, timeout=600)
+    _fit(_command(recipe, reference))
     return tmp, recipe, _final(reference)
 
 
@@ -49,7 +55,7 @@ def test_kill_and_resume_equals_uninterrupted(setup, sig):
     proc.wait(timeout=120)
     epoch, _, _ = _final(root)  # the file a kill left behind loads
     assert epoch < ref_epoch
-    subprocess.run(_command(recipe, root, ["--ckpt_path", "last"]), check=True, capture_output=True, timeout=600)
+    _fit(_command(recipe, root, ["--ckpt_path", "last"]))
     epoch, state, callbacks = _final(root)
     assert epoch == ref_epoch
     for name, tensor in ref_state.items():
