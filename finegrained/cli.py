@@ -78,6 +78,10 @@ class FineGrainedCLI(LightningCLI):
         # A checkpoint holds every weight: do not fetch ImageNet weights just to overwrite them.
         if sub in ("validate", "test", "predict") and cfg.get("ckpt_path"):
             cfg.model.backbone_weights = None
+        # Lightning skips checkpoints under fast_dev_run except save_last at on_train_end, which
+        # would overwrite a real run's last.ckpt (same dirpath in the recipe) with a one-batch model.
+        if sub == "fit" and cfg.get("trainer", {}).get("fast_dev_run") and cfg.get("checkpoint"):
+            cfg.checkpoint.save_last = False
 
     def after_test(self) -> None:
         metrics = self.trainer.callback_metrics

@@ -205,3 +205,14 @@ def test_short_fit_under_bf16_mixed_on_cpu(trained_run, tmp_path):
                  "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck")]) == 0
     model = load_classifier(str(tmp_path / "ck" / "last.ckpt"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fast_dev_run_leaves_an_existing_last_checkpoint_alone(trained_run, tmp_path):
+    recipe, _, _ = trained_run
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "last.ckpt").write_bytes(b"a real run's checkpoint")
+    assert main(["fit", "--config", recipe, "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path),
+                 "--checkpoint.dirpath", str(ck)]) == 0
+    assert (ck / "last.ckpt").read_bytes() == b"a real run's checkpoint"
+    assert sorted(os.listdir(ck)) == ["last.ckpt"]
