@@ -43,6 +43,7 @@ class ImageListDataset(Dataset):
             raise ValueError(f"{len(self.boxes)} boxes for {len(self.samples)} samples")
         self.bottom_crop = bottom_crop
         self.resize = resize
+        self.skip_corrupt = False  # set by the DataModule: see FineGrainedDataModule's skip_corrupt
         self.skipped: set = set()
 
     @property
@@ -67,17 +68,14 @@ class ImageListDataset(Dataset):
             image = image.crop((0, 0, width, bottom))
         return image
 
-    skip_corrupt = False
-
     def __getitem__(self, index: int):
-        if not self.skip_corrupt:
-            image = self.load_image(index)
-            return (self.transform(image) if self.transform else image), self.samples[index][1]
-        for offset in range(len(self.samples)):
-            candidate = (index + offset) % len(self.samples)
+        for offset in range(len(self.samples) if self.skip_corrupt else 1):
+            candidate = index if offset == 0 else (index + offset) % len(self.samples)
             try:
                 image = self.load_image(candidate)
             except ImageLoadError as err:
+                if not self.skip_corrupt:
+                    raise
                 if self.samples[candidate][0] not in self.skipped:
                     self.skipped.add(self.samples[candidate][0])
                     log.warning("skip_corrupt: skipping %s (%s); the next readable image is used instead",

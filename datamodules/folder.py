@@ -64,17 +64,26 @@ class ImageFolderDataModule(FineGrainedDataModule):
 
     def _samples(self, split_dir: str):
         index = {name: i for i, name in enumerate(self.class_names)}
-        extra = sorted(set(e.name for e in os.scandir(split_dir) if e.is_dir()) - set(index))
+        entries = list(os.scandir(split_dir))
+        extra = sorted(set(e.name for e in entries if e.is_dir()) - set(index))
         if extra:
             raise ValueError(f"{split_dir!r} has class folders not in train/: {extra}")
-        samples = make_dataset(split_dir, index, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+        others = [e.path for e in entries
+                  if e.is_file() and not e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")]
+
+        def is_image(path: str) -> bool:  # make_dataset's own walk also collects what is not an image
+            if path.lower().endswith(IMAGE_EXTENSIONS):
+                return True
+            if not os.path.basename(path).startswith("."):
+                others.append(path)
+            return False
+
+        samples = make_dataset(split_dir, index, is_valid_file=is_image, allow_empty=True)
         labels = {label for _, label in samples}
         empty = sorted(c for c, k in index.items() if k not in labels)
         if empty and os.path.basename(split_dir) == "train":
             raise ValueError(f"{split_dir!r}: class folder(s) {empty} hold no images; expected files ending in "
                              f"{', '.join(IMAGE_EXTENSIONS)} (remove the folder or add its images)")
-        others = [os.path.join(d, f) for d, _, files in os.walk(split_dir) for f in files
-                  if not f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
         if others:
             log.warning("%s: ignoring %d file(s) that are not images (%s%s)", split_dir, len(others),
                         ", ".join(others[:3]), ", ..." if len(others) > 3 else "")

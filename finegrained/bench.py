@@ -52,19 +52,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
                         warmup: int = 2) -> Dict[str, float]:
     """Median seconds of each function, timed in rounds that run every function once.
@@ -80,7 +67,10 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], device: torch.device
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(median_time(fn, device, 1, warmup=0))
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -284,40 +274,36 @@ def bench_heads(device: torch.device, repeats: int = 9, batch: int = 8, channels
             return run
 
         sketch = _Sketch(channels, 8192, device, torch.float32)
-        cases = {
-            "isqrt (fused Function)": lambda t: isqrt_cov(t.float(), 5),
-            "isqrt (a) plain autograd": lambda t: isqrt_autograd(t.float(), 5),
-            "isqrt (b) official algorithm": lambda t: isqrt_official(t.float(), 5),
-            "mpncov (K-matrix Function)": lambda t: eig_power(covariance(t.float()), 0.5),
-            "mpncov autograd through eigh": lambda t: mpncov_eigh_autograd(t.float()),
-            "cbp ts (Gram + scatter)": lambda t: sketch.gram(t.float()),
-            "cbp ts (hashed sketch + FFT)": lambda t: sketch.hashed(t.float()),
-            "cbp ts (dense sketch matrix)": lambda t: sketch.dense_matrix(t.float()),
+        cases = {  # x is float32; the heads' matrix functions stay in float32 under autocast too
+            "isqrt (fused Function)": lambda t: isqrt_cov(t, 5),
+            "isqrt (a) plain autograd": lambda t: isqrt_autograd(t, 5),
+            "isqrt (b) official algorithm": lambda t: isqrt_official(t, 5),
+            "mpncov (K-matrix Function)": lambda t: eig_power(covariance(t), 0.5),
+            "mpncov autograd through eigh": mpncov_eigh_autograd,
+            "cbp ts (Gram + scatter)": sketch.gram,
+            "cbp ts (hashed sketch + FFT)": sketch.hashed,
+            "cbp ts (dense sketch matrix)": sketch.dense_matrix,
         }
         timed = {name: fpbp(fn) for name, fn in cases.items()}
         timed["bmm peak"] = _bmm_peak_case(batch, channels, device, torch.float32)
         timings = interleaved_medians(timed, device, repeats)
         peak = _PEAK_BMMS * 2 * batch * channels ** 3 / timings["bmm peak"] / 1e9
-        for name, fn in cases.items():
-            mem = saved_bytes(fn, x.detach().requires_grad_(True))
-            rows.append({"map": f"{side}x{side}", "case": name, "median_ms": 1e3 * timings[name],
-                         "saved_MiB": mem / 2 ** 20})
-        isqrt_flops = _isqrt_flops(batch, channels, m, 5)
-        for row in rows[-len(cases):]:
-            name = row["case"]
+        saved = {name: saved_bytes(fn, x.detach().requires_grad_(True)) / 2 ** 20 for name, fn in cases.items()}
+        for name in cases:
+            row = {"map": f"{side}x{side}", "case": name, "median_ms": 1e3 * timings[name], "saved_MiB": saved[name]}
             if name.startswith("isqrt"):
                 row["vs_(a)"] = timings[name] / timings["isqrt (a) plain autograd"]
                 row["vs_(b)"] = timings[name] / timings["isqrt (b) official algorithm"]
-                row["mem_vs_(a)"] = row["saved_MiB"] / next(r["saved_MiB"] for r in rows[-len(cases):]
-                                                            if r["case"] == "isqrt (a) plain autograd")
+                row["mem_vs_(a)"] = saved[name] / saved["isqrt (a) plain autograd"]
             if name == "isqrt (fused Function)":
-                row["GFLOP/s"] = isqrt_flops / timings[name] / 1e9
+                row["GFLOP/s"] = _isqrt_flops(batch, channels, m, 5) / timings[name] / 1e9
                 row["roofline"] = row["GFLOP/s"] / peak
             if name.startswith("mpncov"):
                 row["vs_eigh"] = timings[name] / timings["mpncov autograd through eigh"]
             if name.startswith("cbp"):
                 row["vs_dense"] = timings[name] / timings["cbp ts (dense sketch matrix)"]
             row["bmm_peak_GFLOP/s"] = peak
+            rows.append(row)
     return rows
 
 

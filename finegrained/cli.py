@@ -367,6 +367,7 @@ def _bench_main(argv: List[str]) -> int:
         p.add_argument("--threads", type=int, default=2, help="CPU threads (the published setting: 2)")
         p.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
+    sides = [int(s) for s in args.sides.split(",")] if args.command == "heads" else []
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
@@ -382,16 +383,14 @@ def _bench_main(argv: List[str]) -> int:
         if args.command == "heads":
             if gpu:
                 print(bench.format_rows(bench.check_parity(device)))
-            rows = bench.bench_heads(device, args.repeats, args.batch, args.channels,
-                                     [int(s) for s in args.sides.split(",")])
+            rows = bench.bench_heads(device, args.repeats, args.batch, args.channels, sides)
             if gpu:
                 print(bench.format_rows(rows))  # the published GPU setting: bf16 autocast, matrix functions in float32
-                bf16 = bench.bench_heads(device, args.repeats, args.batch, args.channels,
-                                         [int(s) for s in args.sides.split(",")], autocast=True)
+                bf16 = bench.bench_heads(device, args.repeats, args.batch, args.channels, sides, autocast=True)
                 for row in bf16:
                     row["case"] += " [bf16 autocast]"
                 rows += bf16
-                for side in args.sides.split(","):
+                for side in sides:
                     t = {r["case"]: r["median_ms"] for r in rows if r["map"] == f"{side}x{side}"}
                     print(f"{side}x{side}: isqrt / mpncov FP+BP time = "
                           f"{t['isqrt (fused Function)'] / t['mpncov (K-matrix Function)']:.3f}")

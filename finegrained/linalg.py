@@ -37,10 +37,12 @@ __all__ = ["covariance", "gram", "sqrtm_newton_schulz", "triu_vec", "signed_sqrt
            "sqrtm_newton_schulz_lyapunov", "lyapunov_newton_schulz", "powm_newton_schulz", "logm_newton_schulz",
            "count_sketch_matrix", "count_sketch", "tensor_sketch", "tensor_sketch_hashed", "tensor_sketch_gram",
            "random_maclaurin",
-           "isqrt_cov", "full_precision"]
+           "isqrt_cov", "full_precision", "at_least_float32"]
 
 
-_HALF = (torch.float16, torch.bfloat16)
+def at_least_float32(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def full_precision(fn):
@@ -53,8 +55,7 @@ def full_precision(fn):
 
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
-        if x.dtype in _HALF:
-            x = x.float()
+        x = at_least_float32(x)
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return fn(x, *args, **kwargs)

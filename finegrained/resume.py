@@ -49,11 +49,8 @@ class RandomState(pl.Callback):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state:
-            self._apply(state)
-
-    @staticmethod
-    def _apply(state: Dict[str, Any]) -> None:
+        if not state:
+            return
         random.setstate((state["python_version"], tuple(state["python"]), None))
         has_gauss, cached = state["numpy_gauss"]
         np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets written in the exact on-disk formats, and a tiny trained model."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Colours that make the classes separable, so a few steps of training mean something.
 PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 200, 30), (160, 40, 200)]
+
+
+def finegrained_command():
+    """The installed ``finegrained`` console script for subprocess tests (the module when not installed)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "finegrained")
+    return [exe] if os.path.isfile(exe) else [sys.executable, "-m", "finegrained.cli"]
 
 
 def write_image(path, colour, size=48, seed=0, fmt=None):

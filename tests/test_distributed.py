@@ -7,16 +7,11 @@ import sys
 
 import pytest
 
-from tests.conftest import make_image_folder
-
-
-def _finegrained():
-    exe = os.path.join(os.path.dirname(sys.executable), "finegrained")
-    return [exe] if os.path.isfile(exe) else [sys.executable, "-m", "finegrained.cli"]
+from tests.conftest import finegrained_command, make_image_folder
 
 
 def _test_run(recipe, ckpt, runs_csv, extra):
-    out = subprocess.run(_finegrained() + ["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs_csv,
+    out = subprocess.run(finegrained_command() + ["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs_csv,
                                            "--trainer.accelerator", "cpu", "--trainer.limit_test_batches", "1.0"] + extra,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -2,19 +2,16 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.conftest import make_image_folder, write_tiny_recipe
+from tests.conftest import finegrained_command, make_image_folder, write_tiny_recipe
 
 
 def _command(recipe, root, extra=()):
-    exe = os.path.join(os.path.dirname(sys.executable), "finegrained")
-    base = [exe] if os.path.isfile(exe) else [sys.executable, "-m", "finegrained.cli"]
-    return base + ["fit", "--config", recipe, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
+    return finegrained_command() + ["fit", "--config", recipe, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
                    "--trainer.limit_val_batches", "1.0", "--trainer.deterministic", "true",
                    "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
 

@@ -2,7 +2,8 @@
 
     optional 1×1 reduction (C -> d, BN, ReLU)  ->  Σ (d × d)  ->  f(Σ)  ->  upper triangle
 
-Subclasses define the matrix function f. Shapes: (B, C, H, W) -> (B, d(d+1)/2).
+Subclasses define the matrix function f, or replace Σ -> f(Σ) as a whole when a fused
+implementation starts from the features (iSQRT-COV). Shapes: (B, C, H, W) -> (B, d(d+1)/2).
 """
 from typing import Optional
 
@@ -23,9 +24,13 @@ class CovariancePoolingHead(nn.Module):
         """(B, d, d) covariance -> (B, d, d) normalised matrix."""
         raise NotImplementedError
 
+    def normalised_covariance(self, x: Tensor) -> Tensor:
+        """(B, d, H, W) features -> (B, d, d) f(Σ)."""
+        return self.matrix_function(covariance(x))
+
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.reduce(x))
 
     @float32_matrices
     def pool(self, x: Tensor) -> Tensor:
-        return triu_vec(self.matrix_function(covariance(x)))
+        return triu_vec(self.normalised_covariance(x))

@@ -15,16 +15,11 @@ Shapes: (B, C, H, W) -> (B, D).
 """
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.linalg import signed_sqrt
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from finegrained.linalg import at_least_float32, signed_sqrt
 
 
 @register_head("hihca")
@@ -50,8 +45,8 @@ class PolynomialKernelHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The projections may run in half precision; their degree-r product overflows fp16 quickly
         # (1e3² > 65,504), so it is formed in float32 (float64 stays float64).
-        product = _at_least_float32(self.projections[0](x))
+        product = at_least_float32(self.projections[0](x))
         for conv in self.projections[1:]:
-            product = product * _at_least_float32(conv(x))
+            product = product * at_least_float32(conv(x))
         pooled = product.mean(dim=(2, 3))
         return F.normalize(signed_sqrt(pooled, self.eps), dim=1)
