@@ -12,9 +12,7 @@ Shapes: images (B, 3, H, W) -> features (B, C, h, w) -> representation (B, head.
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import math
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
@@ -26,8 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finegrained.backbones import build_backbone
 from finegrained.heads import build_head
-
-DEFAULT_LR_MULT = {"backbone": 1.0, "head": 1.0, "classifier": 5.0}
+from finegrained.optim import DEFAULT_LR_MULT, check_settings, configure_optimizers, parameter_groups, set_stage
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -77,13 +74,7 @@ class FineGrainedClassifier(pl.LightningModule):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
-        if optimizer not in ("sgd", "adamw", "adam"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; known: sgd, adamw, adam")
-        if scheduler not in ("constant", "step", "cosine"):
-            raise ValueError(f"unknown scheduler {scheduler!r}; known: constant, step, cosine")
-        unknown_parts = set(lr_mult or {}) - set(DEFAULT_LR_MULT)
-        if unknown_parts:
-            raise ValueError(f"lr_mult has unknown parts {sorted(unknown_parts)}; known: {sorted(DEFAULT_LR_MULT)}")
+        check_settings(optimizer, scheduler, lr_mult, stage1_epochs)
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, weights=backbone_weights, last_stride=last_stride)
         self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
@@ -93,8 +84,6 @@ class FineGrainedClassifier(pl.LightningModule):
             self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(),
                                             nn.Linear(self.head.output_dim, num_classes))
         self.lr_mult = {**DEFAULT_LR_MULT, **(lr_mult or {})}
-        if stage1_epochs < 0:
-            raise ValueError(f"stage1_epochs must be >= 0, got {stage1_epochs}")
         self.val_metrics = _metrics(num_classes, "val_")
         self.test_metrics = _metrics(num_classes, "test_")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -167,59 +156,22 @@ class FineGrainedClassifier(pl.LightningModule):
         self.test_confusion.reset()
 
     def on_train_epoch_start(self) -> None:
-        in_stage1 = self.current_epoch < self.hparams.stage1_epochs
-        if self.hparams.stage1_epochs:
-            self.backbone.requires_grad_(not in_stage1)
-            if in_stage1:
-                self.backbone.eval()  # frozen features: BN statistics stay the pretrained ones
+        set_stage(self.backbone, self.current_epoch, self.hparams.stage1_epochs)
 
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self.predict_logits(images).softmax(dim=1)
 
-    # -- optimisation ---------------------------------------------------------------------
+    # -- optimisation (finegrained.optim) ------------------------------------------------
+    def parts(self) -> Dict[str, nn.Module]:
+        return {"backbone": self.backbone, "head": self.head, "classifier": self.classifier}
+
     def parameter_groups(self) -> List[Dict[str, Any]]:
         """One group per part, each with its own learning rate (frozen parameters left out)."""
-        groups = []
-        for part in ("backbone", "head", "classifier"):
-            params = [p for p in getattr(self, part).parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": self.hparams.lr * self.lr_mult[part], "name": part})
-        return groups
+        return parameter_groups(self.parts(), self.hparams.lr, self.lr_mult)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups = self.parameter_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.stage1_epochs:
-            factors = [functools.partial(self.lr_factor, part=g["name"]) for g in groups]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factors)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if hp.scheduler == "constant":
-            return opt
-        if hp.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.lr_steps or []), gamma=hp.lr_gamma)
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def lr_factor(self, epoch: int, part: str) -> float:
-        """Multiplier of a part's learning rate at ``epoch`` under the two-stage protocol."""
-        hp = self.hparams
-        if epoch < hp.stage1_epochs:
-            return 0.0 if part == "backbone" else hp.stage1_lr / (hp.lr * self.lr_mult[part])
-        epoch -= hp.stage1_epochs
-        if hp.scheduler == "step":
-            return hp.lr_gamma ** sum(epoch >= step for step in (hp.lr_steps or []))
-        if hp.scheduler == "cosine":
-            remaining = max(1, (self.trainer.max_epochs or 1) - hp.stage1_epochs)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, remaining) / remaining))
-        return 1.0
+        return configure_optimizers(self.parts(), self.hparams, self.lr_mult, self.trainer.max_epochs)
 
 
 def _read_checkpoint(checkpoint_path: str, map_location: str = "cpu") -> Dict[str, Any]:

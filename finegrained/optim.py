@@ -1,252 +1,95 @@
-"""FineGrainedClassifier: backbone -> second-order head -> linear classifier, as a LightningModule.
+"""Optimisation of a :class:`~finegrained.model.FineGrainedClassifier`: parameter groups, optimisers,
+schedules and the two-stage protocol, in one place.
 
-A head with ``produces_logits`` (low-rank bilinear pooling) is its own classifier; a head that
-sets ``aux_loss`` in training (GM-SOP's load balance) has it added to the loss.
-
-The fine-tuning protocol follows iSQRT-COV (Li et al., CVPR 2018): SGD with momentum 0.9,
-separate learning-rate multipliers for backbone, head and classifier (classifier ×5),
-and test-time averaging of the logits of each image and its horizontal flip.
-
-Shapes: images (B, 3, H, W) -> features (B, C, h, w) -> representation (B, head.output_dim)
--> logits (B, num_classes).
+* Parts ``backbone``, ``head`` and ``classifier`` each get a parameter group with learning rate
+  ``lr * lr_mult[part]``; the fine-tuning protocol of iSQRT-COV (Li et al., CVPR 2018) uses SGD with
+  momentum 0.9 and the classifier at ×5 (:data:`DEFAULT_LR_MULT`).
+* Schedules: ``constant``, ``step`` (×``lr_gamma`` at each epoch in ``lr_steps``) or ``cosine`` (to 0
+  over the run), stepped once per epoch.
+* The two-stage protocol of B-CNN, CBP, G²DeNet and HIHCA: for ``stage1_epochs`` epochs the backbone is
+  frozen (weights and BatchNorm statistics) and head and classifier train at ``stage1_lr``; the
+  schedule then runs over the remaining epochs.
 """
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torch import nn
 
-from finegrained.backbones import build_backbone
-from finegrained.heads import build_head
-
+PARTS = ("backbone", "head", "classifier")
 DEFAULT_LR_MULT = {"backbone": 1.0, "head": 1.0, "classifier": 5.0}
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULERS = ("constant", "step", "cosine")
 
 
-def _metrics(num_classes: int, prefix: str) -> MetricCollection:
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-               "mean_class_acc": MulticlassAccuracy(num_classes, top_k=1, average="macro")}
-    if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+def check_settings(optimizer: str, scheduler: str, lr_mult: Optional[Mapping[str, float]], stage1_epochs: int) -> None:
+    """Raise ValueError for a setting this module does not know."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    unknown_parts = set(lr_mult or {}) - set(DEFAULT_LR_MULT)
+    if unknown_parts:
+        raise ValueError(f"lr_mult has unknown parts {sorted(unknown_parts)}; known: {sorted(DEFAULT_LR_MULT)}")
+    if stage1_epochs < 0:
+        raise ValueError(f"stage1_epochs must be >= 0, got {stage1_epochs}")
 
 
-class FineGrainedClassifier(pl.LightningModule):
-    """Args:
-        num_classes: number of classes (linked from the DataModule by the CLI).
-        backbone: a name from :func:`finegrained.backbones.available_backbones`.
-        backbone_weights: ``None``, ``"imagenet"`` or a path to a state dict.
-        last_stride: 1 removes the backbone's last down-sampling.
-        head: a name from :func:`finegrained.heads.available_heads`.
-        head_kwargs: keyword arguments of the head (e.g. ``{"reduction": 256}``).
-        class_names: stored with the checkpoint so exports can name their outputs.
-        preprocessing: the test-time preprocessing (stored for exports).
-        optimizer: ``"sgd"`` (momentum 0.9), ``"adamw"`` or ``"adam"``.
-        lr: base learning rate; each part's is ``lr * lr_mult[part]``.
-        lr_mult: multipliers for ``backbone``, ``head`` and ``classifier``.
-        weight_decay: L2 penalty on all parameters.
-        scheduler: ``"constant"``, ``"step"`` (×``lr_gamma`` at each epoch in ``lr_steps``)
-            or ``"cosine"`` (to 0 over ``trainer.max_epochs``).
-        label_smoothing: of the cross-entropy loss.
-        test_flip: average the logits of each test image and its horizontal flip.
-        dropout: dropout before the classifier.
-        stage1_epochs: the first stage of the two-stage protocols (B-CNN, CBP, G²DeNet, HIHCA):
-            for this many epochs the backbone is frozen (weights and BN statistics) and head and
-            classifier train with ``stage1_lr``; the schedule then runs over the remaining epochs.
-        stage1_lr: learning rate of head and classifier in the first stage.
-        init_from: a checkpoint of this class to start from (fine-tuning a trained model on new
-            data). Tensors whose shapes differ, such as a classifier for another number of classes,
-            are left at their initialisation; what was dropped is printed.
-    """
+def parameter_groups(parts: Mapping[str, nn.Module], lr: float, lr_mult: Mapping[str, float]) -> List[Dict[str, Any]]:
+    """One group per part, each with its own learning rate (frozen parameters left out)."""
+    groups = []
+    for part in PARTS:
+        params = [p for p in parts[part].parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr * lr_mult[part], "name": part})
+    return groups
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", backbone_weights: Optional[str] = "imagenet",
-                 last_stride: int = 2, head: str = "isqrt", head_kwargs: Optional[Dict[str, Any]] = None,
-                 class_names: Optional[List[str]] = None, preprocessing: Optional[Dict[str, Any]] = None,
-                 optimizer: str = "sgd", lr: float = 1.2e-3, momentum: float = 0.9,
-                 lr_mult: Optional[Dict[str, float]] = None, weight_decay: float = 1e-4,
-                 scheduler: str = "constant", lr_steps: Optional[List[int]] = None, lr_gamma: float = 0.1,
-                 label_smoothing: float = 0.0, test_flip: bool = True, dropout: float = 0.0,
-                 stage1_epochs: int = 0, stage1_lr: float = 1.0, init_from: Optional[str] = None):
-        super().__init__()
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
-        if optimizer not in ("sgd", "adamw", "adam"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; known: sgd, adamw, adam")
-        if scheduler not in ("constant", "step", "cosine"):
-            raise ValueError(f"unknown scheduler {scheduler!r}; known: constant, step, cosine")
-        unknown_parts = set(lr_mult or {}) - set(DEFAULT_LR_MULT)
-        if unknown_parts:
-            raise ValueError(f"lr_mult has unknown parts {sorted(unknown_parts)}; known: {sorted(DEFAULT_LR_MULT)}")
-        self.save_hyperparameters()
-        self.backbone = build_backbone(backbone, weights=backbone_weights, last_stride=last_stride)
-        self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
-        if getattr(self.head, "produces_logits", False):
-            self.classifier = nn.Identity()
-        else:
-            self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(),
-                                            nn.Linear(self.head.output_dim, num_classes))
-        self.lr_mult = {**DEFAULT_LR_MULT, **(lr_mult or {})}
-        if stage1_epochs < 0:
-            raise ValueError(f"stage1_epochs must be >= 0, got {stage1_epochs}")
-        self.val_metrics = _metrics(num_classes, "val_")
-        self.test_metrics = _metrics(num_classes, "test_")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        if init_from:
-            self.dropped_from_init = self.load_matching_weights(init_from)
 
-    def load_matching_weights(self, checkpoint_path: str) -> List[str]:
-        """Copy the tensors of ``checkpoint_path`` whose names and shapes match; returns the dropped names."""
-        state = _read_checkpoint(checkpoint_path)["state_dict"]
-        own = self.state_dict()
-        kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        dropped = sorted(k for k in state if k not in kept)
-        self.load_state_dict(kept, strict=False)
-        for name in dropped:
-            shape = tuple(state[name].shape)
-            where = f"here {tuple(own[name].shape)}" if name in own else "not in this model"
-            print(f"init_from {checkpoint_path}: dropped {name} {shape} ({where})")
-        print(f"init_from {checkpoint_path}: loaded {len(kept)} tensors, dropped {len(dropped)}")
-        return dropped
-
-    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
-        if saved is not None and saved != self.hparams.num_classes:
-            raise ValueError(f"the checkpoint was trained for {saved} classes but the data has "
-                             f"{self.hparams.num_classes}; test it on its own dataset, or fine-tune from it "
-                             f"with --model.init_from CKPT (which drops the classifier)")
-
-    # -- inference ------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classifier(self.head(self.backbone(images)))
-
-    def predict_logits(self, images: Tensor) -> Tensor:
-        """Logits, averaged with those of the flipped images when ``test_flip`` is set."""
-        logits = self(images)
-        if self.hparams.test_flip:
-            logits = 0.5 * (logits + self(torch.flip(images, dims=[3])))
-        return logits
-
-    # -- steps ----------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
-        aux_loss = getattr(self.head, "aux_loss", None)
-        if aux_loss is not None:  # e.g. GM-SOP's load-balance loss
-            self.log("train_aux_loss", aux_loss, on_step=True, on_epoch=True, batch_size=len(labels))
-            loss = loss + aux_loss
-        acc = (logits.argmax(1) == labels).float().mean()
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
-        self.log("train_top1", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))
-        return loss
-
-    def _evaluate(self, batch, metrics: MetricCollection, stage: str):
-        images, labels = batch
-        logits = self.predict_logits(images).float()
-        loss = F.cross_entropy(logits, labels)
-        metrics.update(logits, labels)
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(labels))
-        self.log_dict(metrics, prog_bar=stage == "val", on_step=False, on_epoch=True)
-        return logits
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, self.val_metrics, "val")
-
-    def test_step(self, batch, batch_idx):
-        logits = self._evaluate(batch, self.test_metrics, "test")
-        self.test_confusion.update(logits, batch[1])
-
-    def on_test_epoch_start(self) -> None:
-        self.test_confusion.reset()
-
-    def on_train_epoch_start(self) -> None:
-        in_stage1 = self.current_epoch < self.hparams.stage1_epochs
-        if self.hparams.stage1_epochs:
-            self.backbone.requires_grad_(not in_stage1)
-            if in_stage1:
-                self.backbone.eval()  # frozen features: BN statistics stay the pretrained ones
-
-    def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.predict_logits(images).softmax(dim=1)
-
-    # -- optimisation ---------------------------------------------------------------------
-    def parameter_groups(self) -> List[Dict[str, Any]]:
-        """One group per part, each with its own learning rate (frozen parameters left out)."""
-        groups = []
-        for part in ("backbone", "head", "classifier"):
-            params = [p for p in getattr(self, part).parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": self.hparams.lr * self.lr_mult[part], "name": part})
-        return groups
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = self.parameter_groups()
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.stage1_epochs:
-            factors = [functools.partial(self.lr_factor, part=g["name"]) for g in groups]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factors)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if hp.scheduler == "constant":
-            return opt
-        if hp.scheduler == "step":
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.lr_steps or []), gamma=hp.lr_gamma)
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
+def configure_optimizers(parts: Mapping[str, nn.Module], hp: Mapping[str, Any], lr_mult: Mapping[str, float],
+                         max_epochs: Optional[int]):
+    """What ``LightningModule.configure_optimizers`` returns, for the settings ``hp`` (the model's hparams)."""
+    groups = parameter_groups(parts, hp["lr"], lr_mult)
+    if hp["optimizer"] == "sgd":
+        opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    elif hp["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    else:
+        opt = torch.optim.Adam(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    if hp["stage1_epochs"]:
+        factors = [functools.partial(lr_factor, part=g["name"], hp=hp, lr_mult=lr_mult, max_epochs=max_epochs)
+                   for g in groups]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def lr_factor(self, epoch: int, part: str) -> float:
-        """Multiplier of a part's learning rate at ``epoch`` under the two-stage protocol."""
-        hp = self.hparams
-        if epoch < hp.stage1_epochs:
-            return 0.0 if part == "backbone" else hp.stage1_lr / (hp.lr * self.lr_mult[part])
-        epoch -= hp.stage1_epochs
-        if hp.scheduler == "step":
-            return hp.lr_gamma ** sum(epoch >= step for step in (hp.lr_steps or []))
-        if hp.scheduler == "cosine":
-            remaining = max(1, (self.trainer.max_epochs or 1) - hp.stage1_epochs)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, remaining) / remaining))
-        return 1.0
+    if hp["scheduler"] == "constant":
+        return opt
+    if hp["scheduler"] == "step":
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp["lr_steps"] or []), gamma=hp["lr_gamma"])
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, max_epochs or 1))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-def _read_checkpoint(checkpoint_path: str, map_location: str = "cpu") -> Dict[str, Any]:
-    """A Lightning checkpoint of this class, read with ``weights_only=True``."""
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}") from None
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} is not a FineGrainedClassifier checkpoint "
-                         f"(expected 'hyper_parameters' and 'state_dict' entries)")
-    return checkpoint
+def lr_factor(epoch: int, part: str, hp: Mapping[str, Any], lr_mult: Mapping[str, float],
+              max_epochs: Optional[int]) -> float:
+    """Multiplier of a part's learning rate at ``epoch`` under the two-stage protocol."""
+    if epoch < hp["stage1_epochs"]:
+        return 0.0 if part == "backbone" else hp["stage1_lr"] / (hp["lr"] * lr_mult[part])
+    epoch -= hp["stage1_epochs"]
+    if hp["scheduler"] == "step":
+        return hp["lr_gamma"] ** sum(epoch >= step for step in (hp["lr_steps"] or []))
+    if hp["scheduler"] == "cosine":
+        remaining = max(1, (max_epochs or 1) - hp["stage1_epochs"])
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, remaining) / remaining))
+    return 1.0
 
 
-def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrainedClassifier:
-    """Rebuild a trained classifier from a Lightning checkpoint, reading it with ``weights_only=True``.
-
-    The backbone is built without pretrained weights (the checkpoint holds all of them), so
-    this works offline for any backbone.
-    """
-    checkpoint = _read_checkpoint(checkpoint_path, map_location)
-    accepted = inspect.signature(FineGrainedClassifier.__init__).parameters
-    # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only.
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    hparams["backbone_weights"] = None
-    hparams["init_from"] = None  # the checkpoint itself holds every weight
-    model = FineGrainedClassifier(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.hparams.backbone_weights = checkpoint["hyper_parameters"].get("backbone_weights")
-    return model.eval()
+def set_stage(backbone: nn.Module, epoch: int, stage1_epochs: int) -> None:
+    """At the start of an epoch: freeze the backbone during stage 1 of the two-stage protocol."""
+    in_stage1 = epoch < stage1_epochs
+    if stage1_epochs:
+        backbone.requires_grad_(not in_stage1)
+        if in_stage1:
+            backbone.eval()  # frozen features: BN statistics stay the pretrained ones

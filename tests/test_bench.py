@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from finegrained import bench
+from finegrained.bench import baselines, timing
+from finegrained.bench.heads import _check
 from finegrained.cli import main
-from finegrained.linalg import (covariance, count_sketch, count_sketch_matrix, isqrt_cov, sqrtm_newton_schulz,
-                                tensor_sketch, tensor_sketch_gram, tensor_sketch_hashed)
+from finegrained.ops import (covariance, count_sketch, count_sketch_matrix, isqrt_cov, sqrtm_newton_schulz,
+                             tensor_sketch, tensor_sketch_gram, tensor_sketch_hashed)
 
 
 def test_bench_heads_quick_checks_parity(capsys):
@@ -22,7 +23,7 @@ def test_bench_heads_quick_checks_parity(capsys):
 def test_parity_check_fails_on_a_wrong_path():
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(RuntimeError, match="differs from its baseline"):
-        bench._check("wrong", lambda t: isqrt_cov(t, 5) * 1.001, lambda t: bench.isqrt_autograd(t, 5), x, 1e-5)
+        _check("wrong", lambda t: isqrt_cov(t, 5) * 1.001, lambda t: baselines.isqrt_autograd(t, 5), x, 1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
@@ -34,14 +35,14 @@ def test_fused_isqrt_gradcheck_and_equality(n):
 
 def test_official_isqrt_baseline_is_the_same_function():
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda t: bench.isqrt_official(t, 3), (x,))
-    torch.testing.assert_close(bench.isqrt_official(x, 5), bench.isqrt_autograd(x, 5), rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda t: baselines.isqrt_official(t, 3), (x,))
+    torch.testing.assert_close(baselines.isqrt_official(x, 5), baselines.isqrt_autograd(x, 5), rtol=1e-12, atol=1e-12)
 
 
 def test_fused_isqrt_saves_less_memory_than_autograd():
     x = torch.randn(4, 32, 10, 10).relu_().requires_grad_(True)
-    fused = bench.saved_bytes(lambda t: isqrt_cov(t, 5), x)
-    plain = bench.saved_bytes(lambda t: bench.isqrt_autograd(t, 5), x)
+    fused = timing.saved_bytes(lambda t: isqrt_cov(t, 5), x)
+    plain = timing.saved_bytes(lambda t: baselines.isqrt_autograd(t, 5), x)
     assert 0 < fused < 0.6 * plain
 
 
@@ -58,7 +59,7 @@ def test_fused_isqrt_float32_is_close_to_float64(channels, positions):
         (grad,) = torch.autograd.grad((out * upstream.to(dtype)).sum(), x)
         return out.double(), grad.double()
 
-    ref_out, ref_grad = value_and_grad(lambda t: bench.isqrt_autograd(t, 5), torch.float64)
+    ref_out, ref_grad = value_and_grad(lambda t: baselines.isqrt_autograd(t, 5), torch.float64)
     out, grad = value_and_grad(lambda t: isqrt_cov(t, 5), torch.float32)
     assert (out - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
     assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
@@ -71,7 +72,7 @@ def test_fused_isqrt_saves_exactly_its_documented_tensors(n):
     x = torch.randn(b, c, m).requires_grad_(True)
     matrices = n + 1 if n >= 2 else 1
     expected = 4 * (b * c * m + matrices * b * c * c + b)
-    assert bench.saved_bytes(lambda t: isqrt_cov(t, n), x) == expected
+    assert timing.saved_bytes(lambda t: isqrt_cov(t, n), x) == expected
 
 
 def test_sketch_implementations_agree():

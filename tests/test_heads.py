@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from finegrained.heads import available_heads, build_head
-from finegrained.linalg import covariance, sqrtm_newton_schulz, triu_vec
+from finegrained.ops import covariance, sqrtm_newton_schulz, triu_vec
 
 torch.manual_seed(0)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from finegrained.linalg import covariance, gram, signed_sqrt, sqrtm_newton_schulz, triu_vec
+from finegrained.ops import covariance, gram, signed_sqrt, sqrtm_newton_schulz, triu_vec
 
 torch.manual_seed(0)
 
@@ -124,9 +124,9 @@ def test_gradcheck_triu_vec_and_signed_sqrt():
 
 
 # ---- eigendecomposition functions with the K-matrix backward --------------------------------------
-from finegrained.linalg import (count_sketch_matrix, eig_log, eig_power, logm_newton_schulz,  # noqa: E402
-                                lyapunov_newton_schulz, powm_newton_schulz, random_maclaurin,
-                                sqrtm_newton_schulz_lyapunov, sym, tensor_sketch)
+from finegrained.ops import (count_sketch_matrix, eig_log, eig_power, logm_newton_schulz,  # noqa: E402
+                             lyapunov_newton_schulz, powm_newton_schulz, random_maclaurin,
+                             sqrtm_newton_schulz_lyapunov, sym, tensor_sketch)
 
 
 def eig_reference(m, f):
@@ -210,7 +210,7 @@ def test_lyapunov_backward_differs_from_unrolled_forward_at_five_iterations():
     g = torch.randn(1, 6, 6, dtype=torch.float64)
     (custom,) = torch.autograd.grad((sqrtm_newton_schulz_lyapunov(sigma) * g).sum(), sigma)
     norm = torch.linalg.matrix_norm(sigma).view(-1, 1, 1)
-    from finegrained.linalg import _coupled_newton_schulz
+    from finegrained.ops.newton_schulz import _coupled_newton_schulz
 
     unrolled_out = _coupled_newton_schulz(sigma / norm, 5) * norm.sqrt()
     (unrolled,) = torch.autograd.grad((unrolled_out * g).sum(), sigma)

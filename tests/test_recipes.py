@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from finegrained.cli import main
-from finegrained.recipe import expand_config_args, load_recipe
+from finegrained.cli.recipe import expand_config_args, load_recipe
 from tests.replicas import write_aircraft, write_cars, write_cub
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*", "*.yaml")))

@@ -8,8 +8,8 @@ import pytest
 
 from datamodules import fashion_mnist
 from finegrained.cli import main
-from finegrained.runs import RUN_FIELDS, append_run, read_runs
-from finegrained.tables import load_reference, select_runs
+from finegrained.results.runs import RUN_FIELDS, append_run, read_runs
+from finegrained.results.tables import load_reference, select_runs
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv")
 
@@ -153,7 +153,7 @@ debian = pytest.mark.skipif(
 
 @debian
 def test_bench_table_on_real_images_uses_its_cache(tmp_path, capsys):
-    from finegrained.bench_table import bench_table
+    from finegrained.bench.table import bench_table
 
     args = dict(per_class=6, test_per_class=4, image_size=64, channels=8, epochs=1, cache_dir=str(tmp_path / "cache"),
                 out=str(tmp_path / "bench"))

@@ -21,37 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import random_maclaurin, signed_sqrt, tensor_sketch, tensor_sketch_gram, tensor_sketch_hashed
-
-
-class CountSketches(nn.Module):
-    """``n`` fixed count sketches C -> d, stored compactly as (h, s) and expanded on use."""
-
-    def __init__(self, in_channels: int, out_dim: int, n: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.out_dim = out_dim
-        self.register_buffer("hashes", torch.randint(out_dim, (n, in_channels), generator=g))
-        self.register_buffer("signs", torch.randint(2, (n, in_channels), generator=g).float() * 2 - 1)
-
-    def matrices(self, dtype: torch.dtype):
-        """list of n dense (C, d) matrices (one-hot rows times signs: one matmul per sketch)."""
-        dense = F.one_hot(self.hashes, self.out_dim).to(dtype) * self.signs.to(dtype).unsqueeze(-1)
-        return list(dense.unbind(0))
-
-    def sketch(self, x: Tensor, orders: int):
-        """[TS_2, …, TS_orders] of ``x`` (B, C, H, W).
-
-        Eager PyTorch scatters: order 2 (CBP) from the Gram matrix without any FFT, higher orders
-        (KP) by hashed count sketches and FFTs. Exports use the dense matrices, because ONNX has no
-        index_add and a matmul exports everywhere.
-        """
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-            return tensor_sketch(x, self.matrices(x.dtype), orders=orders)
-        if orders == 2:  # CBP: from the Gram matrix, no FFT (same values)
-            return [tensor_sketch_gram(x, self.hashes, self.signs, self.out_dim)]
-        return tensor_sketch_hashed(x, self.hashes, self.signs, self.out_dim, orders=orders)
+from finegrained.ops import CountSketches, float32_matrices, random_maclaurin, signed_sqrt
 
 
 @register_head("cbp")

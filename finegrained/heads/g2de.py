@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._layers import optional_reduction
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import covariance, eig_power, powm_newton_schulz, signed_sqrt, sqrtm_newton_schulz, triu_vec
+from finegrained.heads.reduction import optional_reduction
+from finegrained.ops import (covariance, eig_power, float32_matrices, powm_newton_schulz, signed_sqrt,
+                             sqrtm_newton_schulz, triu_vec)
 
 FEATURE_THRESHOLD = 1e-6
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
 from finegrained.heads.srsop import SquareRootSOPHead
+from finegrained.ops import float32_matrices
 
 
 def load_balance_loss(gates: Tensor, weight: float = 100.0) -> Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.linalg import at_least_float32, signed_sqrt
+from finegrained.ops import at_least_float32, signed_sqrt
 
 
 @register_head("hihca")

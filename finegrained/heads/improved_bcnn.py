@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import gram, signed_sqrt, sqrtm_newton_schulz_lyapunov
+from finegrained.ops import float32_matrices, gram, signed_sqrt, sqrtm_newton_schulz_lyapunov
 
 
 @register_head("improved_bcnn")

@@ -15,8 +15,8 @@ from typing import Optional
 from torch import Tensor
 
 from finegrained.heads import register_head
-from finegrained.heads._covariance import CovariancePoolingHead
-from finegrained.linalg import isqrt_cov
+from finegrained.heads.covariance_pooling import CovariancePoolingHead
+from finegrained.ops import isqrt_cov
 
 
 @register_head("isqrt")

@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
-from finegrained.heads.cbp import CountSketches
-from finegrained.linalg import signed_sqrt
+from finegrained.ops import CountSketches, float32_matrices, signed_sqrt
 
 
 def rbf_taylor_weights(order: int, gamma: float) -> Tensor:

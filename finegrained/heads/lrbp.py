@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
+from finegrained.ops import float32_matrices
 
 
 @register_head("lrbp")

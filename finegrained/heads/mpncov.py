@@ -11,7 +11,7 @@ Defaults: α = ½ (paper), ε = 0 (the official README; the code uses 1e-12), re
 (the official fine-grained and ImageNet models: 32,896 values).
 
 ONNX has no eigendecomposition: for export, Q is computed by Newton–Schulz square roots
-(:func:`finegrained.linalg.powm_newton_schulz`, α = 2^-k only, ``substitute_iterations`` each);
+(:func:`finegrained.ops.powm_newton_schulz`, α = 2^-k only, ``substitute_iterations`` each);
 ``finegrained export`` measures and prints the error of that substitute.
 
 Shapes: (B, C, H, W) -> (B, d(d+1)/2), d = reduction or C.
@@ -21,8 +21,8 @@ from typing import Optional
 from torch import Tensor
 
 from finegrained.heads import register_head
-from finegrained.heads._covariance import CovariancePoolingHead
-from finegrained.linalg import eig_power, powm_newton_schulz
+from finegrained.heads.covariance_pooling import CovariancePoolingHead
+from finegrained.ops import eig_power, powm_newton_schulz
 
 
 @register_head("mpncov")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._precision import float32_matrices
+from finegrained.ops import float32_matrices
 
 
 def local_descriptors(features: Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ Defaults: ε = 1e-3 (the regulariser that makes Σ + εI positive definite; the 
 G²DeNet's), no reduction (DeepO2P pools the full map: 131,328 values for C = 512).
 
 ONNX has no eigendecomposition: for export the log is computed by inverse scaling and squaring
-(:func:`finegrained.linalg.logm_newton_schulz`: Newton–Schulz square roots and the Mercator
+(:func:`finegrained.ops.logm_newton_schulz`: Newton–Schulz square roots and the Mercator
 series); ``finegrained export`` measures and prints its error.
 
 Shapes: (B, C, H, W) -> (B, d(d+1)/2), d = reduction or C.
@@ -21,8 +21,8 @@ from typing import Optional
 from torch import Tensor
 
 from finegrained.heads import register_head
-from finegrained.heads._covariance import CovariancePoolingHead
-from finegrained.linalg import eig_log, logm_newton_schulz
+from finegrained.heads.covariance_pooling import CovariancePoolingHead
+from finegrained.ops import eig_log, logm_newton_schulz
 
 
 @register_head("o2p")

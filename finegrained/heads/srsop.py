@@ -14,9 +14,8 @@ Shapes: (B, C, H, W) -> (B, out(out+1)/2).
 from torch import Tensor, nn
 
 from finegrained.heads import register_head
-from finegrained.heads._layers import channel_reduction
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import covariance, sqrtm_newton_schulz, triu_vec
+from finegrained.heads.reduction import channel_reduction
+from finegrained.ops import covariance, float32_matrices, sqrtm_newton_schulz, triu_vec
 
 
 @register_head("srsop")

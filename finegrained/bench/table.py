@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from finegrained.heads import available_heads, build_head
-from finegrained.tables import METHOD_NAMES
+from finegrained.results.tables import METHOD_NAMES
 
 # Paper defaults, except reductions and widths that would expand the 64 PCA channels, and HIHCA's
 # filters and KP's sketches (8,192 and 4,096 in the papers) cut to 2,048 to keep the CPU run short.

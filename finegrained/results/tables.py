@@ -4,7 +4,7 @@ Layout follows the seed: one row per (method, backbone, dim), one column per dat
 Aircraft, Cars) for the fine-grained tables, or per metric (top-1 / top-5 error, time) for the
 others. A cell reads ``paper / ours (Δ)``; the best paper value and the best of ours in a column
 are bold; a number that does not exist is ``—``, never invented. Our numbers come only from run
-records (:mod:`finegrained.runs`), selected by ``runs``: ``latest`` (default) or ``best`` run per
+records (:mod:`finegrained.results.runs`), selected by ``runs``: ``latest`` (default) or ``best`` run per
 recipe, ``all`` (mean over runs), or a comma-separated list of run ids.
 """
 from __future__ import annotations

@@ -9,9 +9,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from finegrained.heads._layers import optional_reduction
-from finegrained.heads._precision import float32_matrices
-from finegrained.linalg import covariance, triu_vec
+from finegrained.heads.reduction import optional_reduction
+from finegrained.ops import covariance, float32_matrices, triu_vec
 
 
 class CovariancePoolingHead(nn.Module):

@@ -20,7 +20,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from finegrained.plots import plot_confusion_matrix, plot_training_curves
+from finegrained.results.plots import plot_confusion_matrix, plot_training_curves
 
 RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
               "head_dim", "epochs", "top1", "top5", "mean_class_acc", "train_wall_s", "test_wall_s", "device",
