@@ -5,7 +5,8 @@ module                      what it holds
 ==========================  ===================================================================
 ``ops.precision``           the float32 rule under autocast (``full_precision``, ``float32_matrices``)
 ``ops.covariance``          ``covariance``, ``gram``, ``triu_vec``, ``signed_sqrt``, ``sym``
-``ops.newton_schulz``       ``sqrtm_newton_schulz`` (iSQRT-COV), the fused ``isqrt_cov``,
+``ops.newton_schulz``       ``newton_schulz`` (the one iteration), ``sqrtm_newton_schulz`` (iSQRT-COV),
+                            the fused ``isqrt_cov``,
                             ``sqrtm_newton_schulz_lyapunov`` and ``lyapunov_newton_schulz`` (improved B-CNN)
 ``ops.eig``                 ``eig_power``, ``eig_log``: eigendecomposition with the K-matrix backward
 ``ops.substitutes``         ``powm_newton_schulz``, ``logm_newton_schulz``: eigendecomposition-free
@@ -18,7 +19,7 @@ C (or d) for channels and M = H*W for positions.
 """
 from finegrained.ops.covariance import covariance, gram, signed_sqrt, sym, triu_indices_flat, triu_vec
 from finegrained.ops.eig import eig_log, eig_power
-from finegrained.ops.newton_schulz import (isqrt_cov, lyapunov_newton_schulz, sqrtm_newton_schulz,
+from finegrained.ops.newton_schulz import (isqrt_cov, lyapunov_newton_schulz, newton_schulz, sqrtm_newton_schulz,
                                            sqrtm_newton_schulz_lyapunov)
 from finegrained.ops.precision import at_least_float32, float32_matrices, full_precision
 from finegrained.ops.sketch import (CountSketches, count_sketch, count_sketch_matrix, random_maclaurin, tensor_sketch,
@@ -26,7 +27,7 @@ from finegrained.ops.sketch import (CountSketches, count_sketch, count_sketch_ma
 from finegrained.ops.substitutes import logm_newton_schulz, powm_newton_schulz
 
 __all__ = ["covariance", "gram", "signed_sqrt", "sym", "triu_indices_flat", "triu_vec", "eig_log", "eig_power",
-           "isqrt_cov", "lyapunov_newton_schulz", "sqrtm_newton_schulz", "sqrtm_newton_schulz_lyapunov",
+           "isqrt_cov", "lyapunov_newton_schulz", "newton_schulz", "sqrtm_newton_schulz", "sqrtm_newton_schulz_lyapunov",
            "at_least_float32", "float32_matrices", "full_precision", "CountSketches", "count_sketch",
            "count_sketch_matrix", "random_maclaurin", "tensor_sketch", "tensor_sketch_gram", "tensor_sketch_hashed",
            "logm_newton_schulz", "powm_newton_schulz"]

@@ -17,7 +17,7 @@ from torch import Tensor
 from finegrained.ops.precision import full_precision
 
 
-def _positions(x: Tensor) -> Tensor:
+def positions(x: Tensor) -> Tensor:
     """(B, C, H, W) or (B, C, M) -> (B, C, M)."""
     if x.dim() == 4:
         return x.flatten(2)
@@ -35,7 +35,7 @@ def gram(x: Tensor) -> Tensor:
     Returns:
         (B, C, C) symmetric positive semi-definite matrices.
     """
-    x = _positions(x)
+    x = positions(x)
     return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[-1])
 
 
@@ -51,23 +51,29 @@ def covariance(x: Tensor) -> Tensor:
     Returns:
         (B, C, C) covariance matrices (biased, i.e. normalised by M).
     """
-    x = _positions(x)
+    x = positions(x)
     centred = x - x.mean(dim=2, keepdim=True)
     return torch.bmm(centred, centred.transpose(1, 2)).div_(x.shape[-1])
 
 
-def _batch_trace(m: Tensor) -> Tensor:
+def batch_trace(m: Tensor) -> Tensor:
     """(B, d, d) -> (B,)"""
     return m.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
-def _safe_normaliser(t: Tensor) -> Tensor:
+def safe_normaliser(t: Tensor) -> Tensor:
     """A positive normaliser (trace or norm), with 1 in place of (numerically) zero values.
 
     Dividing a zero matrix by 1 keeps it zero; dividing by a clamped tiny value instead would make
     the gradient 1/tiny = inf.
     """
     return torch.where(t > torch.finfo(t.dtype).tiny, t, torch.ones_like(t))
+
+
+def unit_frobenius(m: Tensor):
+    """(M/‖M‖_F, ‖M‖_F (B, 1, 1)): the eigenvalues of a PSD M/‖M‖_F lie in [0, 1], where Newton–Schulz converges."""
+    norm = safe_normaliser(torch.linalg.matrix_norm(m)).view(-1, 1, 1)
+    return m / norm, norm
 
 
 def triu_indices_flat(d: int, device: torch.device | None = None) -> Tensor:
@@ -109,6 +115,6 @@ def sym(m: Tensor) -> Tensor:
     return 0.5 * (m + m.transpose(-1, -2))
 
 
-def _check_square(m: Tensor) -> None:
+def check_square(m: Tensor) -> None:
     if m.dim() != 3 or m.shape[-1] != m.shape[-2]:
         raise ValueError(f"expected (B, d, d) matrices, got shape {tuple(m.shape)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from finegrained.ops.covariance import _check_square, sym
+from finegrained.ops.covariance import check_square, sym
 from finegrained.ops.precision import full_precision
 
 
@@ -101,7 +101,7 @@ def eig_power(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0) -> Tensor:
     Returns:
         (B, d, d) symmetric matrices.
     """
-    _check_square(sigma)
+    check_square(sigma)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return _spectral(sigma, "power", float(alpha), float(eps))
@@ -117,7 +117,7 @@ def eig_log(sigma: Tensor, eps: float = 1e-3) -> Tensor:
     Returns:
         (B, d, d) symmetric matrices.
     """
-    _check_square(sigma)
+    check_square(sigma)
     if not eps > 0:
         raise ValueError(f"the matrix logarithm needs eps > 0 (log 0 is -inf), got {eps}")
     return _spectral(sigma, "log", 1.0, float(eps))

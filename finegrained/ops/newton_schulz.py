@@ -16,8 +16,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from finegrained.ops.covariance import _batch_trace, _check_square, _positions, _safe_normaliser, covariance
+from finegrained.ops.covariance import batch_trace, check_square, covariance, positions, safe_normaliser, unit_frobenius
 from finegrained.ops.precision import full_precision
+
+
+def newton_schulz(a: Tensor, iterations: int) -> Tensor:
+    """Y_N of the coupled Newton–Schulz iteration for A^{1/2}; every square root here uses it.
+
+    Y₀ = A, Z₀ = I, and for k = 1..N with T_k = ½(3I − Z_{k−1} Y_{k−1}):
+    Y_k = Y_{k−1} T_k,  Z_k = T_k Z_{k−1}  (Higham, "Functions of Matrices", 2008; iSQRT-COV).
+
+    The first step uses Z₀ = I (T₁ = ½(3I − A), one matmul) and the last computes Y only; both
+    are exact rewrites of the iteration, not approximations. It converges when the eigenvalues of
+    the symmetric A lie in (0, 1]: callers normalise by the trace (iSQRT-COV) or the Frobenius norm.
+
+    Args:
+        a: (B, d, d) symmetric positive semi-definite matrices, normalised.
+        iterations: N ≥ 1.
+    Returns:
+        (B, d, d) approximation of A^{1/2}.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    eye3 = 3.0 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    t = 0.5 * (eye3 - a)
+    y = a @ t
+    if iterations == 1:
+        return y
+    z = t
+    for _ in range(iterations - 2):
+        t = 0.5 * (eye3 - z @ y)
+        y, z = y @ t, t @ z
+    return y @ (0.5 * (eye3 - z @ y))
 
 
 @full_precision
@@ -26,12 +56,8 @@ def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
 
     1. Pre-normalise by the trace, A = Σ / tr Σ, so that ‖I − A‖ < 1 and the
        iteration converges.
-    2. Y₀ = A, Z₀ = I, and for k = 1..N with T_k = ½(3I − Z_{k−1} Y_{k−1}):
-       Y_k = Y_{k−1} T_k,  Z_k = T_k Z_{k−1}.
+    2. N iterations of :func:`newton_schulz`.
     3. Post-compensate: √(tr Σ) · Y_N.
-
-    The first step uses Z₀ = I (T₁ = ½(3I − A)) and the last step computes Y only;
-    both are exact rewrites of the same iteration, not approximations.
 
     Args:
         sigma: (B, d, d) symmetric positive semi-definite matrices.
@@ -41,34 +67,10 @@ def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if sigma.dim() != 3 or sigma.shape[-1] != sigma.shape[-2]:
-        raise ValueError(f"expected (B, d, d) matrices, got shape {tuple(sigma.shape)}")
-    d = sigma.shape[-1]
+    check_square(sigma)
     # A zero matrix (all-zero or constant features) has trace 0: it stays exactly 0, not NaN.
-    trace = _safe_normaliser(_batch_trace(sigma))
-    a = sigma / trace.view(-1, 1, 1)
-    eye3 = 3.0 * torch.eye(d, dtype=sigma.dtype, device=sigma.device)
-
-    t = 0.5 * (eye3 - a)
-    y = a @ t
-    if iterations == 1:
-        return y * trace.sqrt().view(-1, 1, 1)
-    z = t
-    for _ in range(iterations - 2):
-        t = 0.5 * (eye3 - z @ y)
-        y, z = y @ t, t @ z
-    y = y @ (0.5 * (eye3 - z @ y))
-    return y * trace.sqrt().view(-1, 1, 1)
-
-
-def _coupled_newton_schulz(a: Tensor, iterations: int) -> Tensor:
-    """Y_N of the coupled iteration Y₀ = A, Z₀ = I, T = ½(3I − ZY), Y ← YT, Z ← TZ."""
-    eye3 = 3.0 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    y, z = a, torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    for _ in range(iterations):
-        t = 0.5 * (eye3 - z @ y)
-        y, z = y @ t, t @ z
-    return y
+    trace = safe_normaliser(batch_trace(sigma)).view(-1, 1, 1)
+    return newton_schulz(sigma / trace, iterations) * trace.sqrt()
 
 
 def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
@@ -84,8 +86,8 @@ def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
         (B, d, d) X.
     """
     eye3 = 3.0 * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
-    norm = _safe_normaliser(torch.linalg.matrix_norm(z)).view(-1, 1, 1)
-    a, q = z / norm, g / norm
+    a, norm = unit_frobenius(z)
+    q = g / norm
     for _ in range(iterations):
         a2 = a @ a
         at = a.transpose(-1, -2)
@@ -97,7 +99,7 @@ def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
 class _NewtonSchulzLyapunov(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, iterations, backward_iterations):
-        y = _coupled_newton_schulz(a, iterations)
+        y = newton_schulz(a, iterations)
         ctx.save_for_backward(y)
         ctx.backward_iterations = backward_iterations
         return y
@@ -123,13 +125,12 @@ def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_it
     Returns:
         (B, d, d) approximation of Σ^{1/2}.
     """
-    _check_square(sigma)
-    norm = _safe_normaliser(torch.linalg.matrix_norm(sigma)).view(-1, 1, 1)
-    a = sigma / norm
+    check_square(sigma)
+    a, norm = unit_frobenius(sigma)
     if torch.is_grad_enabled() and a.requires_grad:
         root = _NewtonSchulzLyapunov.apply(a, iterations, backward_iterations)
     else:  # inference and export: the same forward without the autograd.Function
-        root = _coupled_newton_schulz(a, iterations)
+        root = newton_schulz(a, iterations)
     return root * norm.sqrt()
 
 
@@ -166,7 +167,7 @@ class _ISqrtCov(torch.autograd.Function):
         centred = x - x.mean(dim=2, keepdim=True)
         scatter = torch.bmm(centred, centred.transpose(1, 2))  # M·Σ
         del centred
-        trace = _safe_normaliser(_batch_trace(scatter).div_(m))  # tr Σ
+        trace = safe_normaliser(batch_trace(scatter).div_(m))  # tr Σ
         a = scatter.div_((trace * m).view(-1, 1, 1))  # Σ / tr Σ in one pass
         y, p, ps = a, a, []
         for k in range(iterations - 1):
@@ -237,7 +238,7 @@ def isqrt_cov(x: Tensor, iterations: int = 5) -> Tensor:
     Returns:
         (B, C, C).
     """
-    x = _positions(x)
+    x = positions(x)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if torch.is_grad_enabled() and x.requires_grad:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finegrained.ops.covariance import _positions, gram
+from finegrained.ops.covariance import positions, gram
 from finegrained.ops.precision import full_precision
 
 
@@ -46,7 +46,7 @@ def tensor_sketch(x: Tensor, sketches, orders: int = 2):
     Returns:
         list of (B, d) tensors [TS_2, …, TS_orders].
     """
-    x = _positions(x).transpose(1, 2)  # (B, M, C)
+    x = positions(x).transpose(1, 2)  # (B, M, C)
     d = sketches[0].shape[1]
     spectrum = torch.fft.rfft(x @ sketches[0], dim=-1)
     out = []
@@ -73,7 +73,7 @@ def count_sketch(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -> Tens
 @full_precision
 def tensor_sketch_hashed(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int, orders: int = 2):
     """:func:`tensor_sketch` with the count sketches given as (hashes, signs) rows of shape (n, C)."""
-    x = _positions(x).transpose(1, 2)  # (B, M, C)
+    x = positions(x).transpose(1, 2)  # (B, M, C)
     spectrum = torch.fft.rfft(count_sketch(x, hashes[0], signs[0], out_dim), dim=-1)
     out = []
     for k in range(1, orders):
@@ -114,7 +114,7 @@ def random_maclaurin(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     Returns:
         (B, d).
     """
-    x = _positions(x).transpose(1, 2)
+    x = positions(x).transpose(1, 2)
     return ((x @ w1) * (x @ w2)).mean(dim=1) / w1.shape[1] ** 0.5
 
 

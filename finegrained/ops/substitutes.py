@@ -14,8 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from finegrained.ops.covariance import _check_square, _safe_normaliser, sym
-from finegrained.ops.newton_schulz import _coupled_newton_schulz
+from finegrained.ops.covariance import check_square, sym, unit_frobenius
+from finegrained.ops.newton_schulz import newton_schulz
 from finegrained.ops.precision import full_precision
 
 
@@ -29,12 +29,6 @@ def _root_schedule(iterations: int, roots: int):
     return [5 + math.ceil(max(iterations - 5, 0) / 2 ** j) for j in range(roots)]
 
 
-def _unit_frobenius(m: Tensor):
-    """(M/‖M‖_F, ‖M‖_F): eigenvalues of the PSD M/‖M‖_F lie in [0, 1], where plain Newton–Schulz converges."""
-    norm = _safe_normaliser(torch.linalg.matrix_norm(m)).view(-1, 1, 1)
-    return m / norm, norm
-
-
 @full_precision
 def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iterations: int = 20) -> Tensor:
     """(Σ + εI)^α for α = 2^-k by k Newton–Schulz square roots; the export substitute of :func:`eig_power`.
@@ -42,7 +36,7 @@ def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iter
     Σ + εI is scaled to unit Frobenius norm, its k-th root taken by k coupled Newton–Schulz square
     roots (``iterations`` for the first, fewer for the better-conditioned later ones), and rescaled.
     """
-    _check_square(sigma)
+    check_square(sigma)
     roots, power = 0, 1.0
     while power > alpha and roots < 8:
         power /= 2
@@ -50,9 +44,9 @@ def powm_newton_schulz(sigma: Tensor, alpha: float = 0.5, eps: float = 0.0, iter
     if power != alpha:
         raise ValueError(f"the Newton–Schulz substitute computes powers 2^-k only (0.5, 0.25, ...), got alpha={alpha}")
     m = sigma + eps * torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device) if eps else sigma
-    root, norm = _unit_frobenius(sym(m))
+    root, norm = unit_frobenius(sym(m))
     for steps in _root_schedule(iterations, roots):
-        root = _coupled_newton_schulz(sym(root), steps)
+        root = newton_schulz(sym(root), steps)
     return root * norm.pow(alpha)
 
 
@@ -72,13 +66,13 @@ def logm_newton_schulz(sigma: Tensor, eps: float = 1e-3, roots: int = 6, iterati
     Returns:
         (B, d, d) approximation of log(Σ + εI).
     """
-    _check_square(sigma)
+    check_square(sigma)
     if not eps > 0:
         raise ValueError(f"the matrix logarithm needs eps > 0, got {eps}")
     eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-    root, scale = _unit_frobenius(sym(sigma + eps * eye))
+    root, scale = unit_frobenius(sym(sigma + eps * eye))
     for steps in _root_schedule(iterations, roots):
-        root = _coupled_newton_schulz(sym(root), steps)
+        root = newton_schulz(sym(root), steps)
     x = root - eye
     power, series = x, x.clone()
     for j in range(2, terms + 1):
