@@ -78,7 +78,7 @@ class FineGrainedClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, weights=backbone_weights, last_stride=last_stride)
         self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
-        if getattr(self.head, "produces_logits", False):
+        if self.head.produces_logits:
             self.classifier = nn.Identity()
         else:
             self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(),
@@ -127,10 +127,9 @@ class FineGrainedClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
-        aux_loss = getattr(self.head, "aux_loss", None)
-        if aux_loss is not None:  # e.g. GM-SOP's load-balance loss
-            self.log("train_aux_loss", aux_loss, on_step=True, on_epoch=True, batch_size=len(labels))
-            loss = loss + aux_loss
+        if self.head.aux_loss is not None:  # e.g. GM-SOP's load-balance loss
+            self.log("train_aux_loss", self.head.aux_loss, on_step=True, on_epoch=True, batch_size=len(labels))
+            loss = loss + self.head.aux_loss
         acc = (logits.argmax(1) == labels).float().mean()
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         self.log("train_top1", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))

@@ -33,8 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from finegrained.heads import available_heads, build_head
-from finegrained.results.tables import METHOD_NAMES
+from finegrained.heads import PoolingHead, available_heads, build_head, head_display_name
 
 # Paper defaults, except reductions and widths that would expand the 64 PCA channels, and HIHCA's
 # filters and KP's sketches (8,192 and 4,096 in the papers) cut to 2,048 to keep the CPU run short.
@@ -111,10 +110,10 @@ def _pool(head: nn.Module, maps: torch.Tensor, batch_size: int = 256) -> np.ndar
 class HeadProbe(pl.LightningModule):
     """A head and a linear classifier trained on cached feature maps."""
 
-    def __init__(self, head: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4):
+    def __init__(self, head: PoolingHead, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4):
         super().__init__()
         self.head = head
-        self.classifier = nn.Identity() if getattr(head, "produces_logits", False) else nn.Linear(head.output_dim, num_classes)
+        self.classifier = nn.Identity() if head.produces_logits else nn.Linear(head.output_dim, num_classes)
         self.lr, self.weight_decay = lr, weight_decay
 
     def forward(self, maps):
@@ -123,9 +122,8 @@ class HeadProbe(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         maps, labels = batch
         loss = F.cross_entropy(self(maps), labels)
-        aux = getattr(self.head, "aux_loss", None)
-        if aux is not None:
-            loss = loss + aux
+        if self.head.aux_loss is not None:
+            loss = loss + self.head.aux_loss
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -154,10 +152,8 @@ def evaluate_head(name: str, features: dict, epochs: int, batch_size: int = 64, 
         how = "logistic regression"
     else:
         # The papers' data-dependent initialisations: k-means centres (NetVLAD), PCA reduction (LRBP).
-        if hasattr(head, "init_centroids"):
-            head.init_centroids(features["train"], seed=seed)
-        if hasattr(head, "init_reduction"):
-            head.init_reduction(features["train"], seed=seed)
+        if head.has_data_init:
+            print(head.init_from_features(features["train"], seed=seed))
         probe = HeadProbe(head, num_classes)
         loader = DataLoader(TensorDataset(features["train"], train_labels), batch_size=batch_size, shuffle=True)
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
@@ -169,7 +165,7 @@ def evaluate_head(name: str, features: dict, epochs: int, batch_size: int = 64, 
         how = f"Lightning fit, {epochs} epochs"
     top1 = float(accuracy_score(test_labels.numpy(), pred))
     mean_class = float(balanced_accuracy_score(test_labels.numpy(), pred))  # mean per-class recall
-    return {"method": name, "name": METHOD_NAMES.get(name, name), "dim": head.output_dim, "top1": top1,
+    return {"method": name, "name": head_display_name(name), "dim": head.output_dim, "top1": top1,
             "mean_class_acc": mean_class, "fit_s": time.perf_counter() - started, "trained_by": how}
 
 

@@ -1,12 +1,14 @@
-"""Pooling heads: one small module per method, and one factory.
+"""Pooling heads: one small module per method, one contract and one factory.
 
-Every head is an ``nn.Module`` mapping a (B, C, H, W) feature map to (B, ``head.output_dim``).
-A head that computes class scores itself (e.g. low-rank bilinear pooling) sets
-``produces_logits = True``; the classifier then uses it as its last layer.
+Every head is a :class:`PoolingHead` mapping a (B, C, H, W) feature map to (B, ``head.output_dim``);
+:mod:`finegrained.heads.base` lists what the contract declares (logits, auxiliary loss, data-dependent
+initialisation, export substitute). The registry here maps names to heads and their display names.
 
     >>> head = build_head("isqrt", in_channels=2048)           # 1x1 conv to 256 + iSQRT
     >>> head.output_dim
     32896
+    >>> head_display_name("isqrt")
+    'iSQRT-COV'
 
 Heads built on an eigendecomposition (``mpncov``, ``o2p``, ``g2de``) carry an eigendecomposition-free
 substitute for ONNX, which has no eigensolver; :func:`onnx_substitutes` switches it on.
@@ -14,20 +16,32 @@ substitute for ONNX, which has no eigensolver; :func:`onnx_substitutes` switches
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Type
 
 from torch import nn
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+from finegrained.heads.base import PoolingHead
+
+__all__ = ["PoolingHead", "register_head", "available_heads", "head_display_name", "build_head", "onnx_substitutes"]
+
+_REGISTRY: Dict[str, Type[PoolingHead]] = {}
+_DISPLAY_NAMES: Dict[str, str] = {}
 
 
-def register_head(name: str):
-    """Class decorator that makes a head available to :func:`build_head` under ``name``."""
+def register_head(name: str, display_name: Optional[str] = None):
+    """Class decorator that makes a :class:`PoolingHead` available to :func:`build_head` under ``name``.
+
+    ``display_name`` is the method's name as its paper spells it (tables, reports); default ``name``.
+    """
 
     def wrap(cls):
         if name in _REGISTRY:
             raise ValueError(f"head {name!r} is registered twice")
+        if not (isinstance(cls, type) and issubclass(cls, PoolingHead)):
+            raise TypeError(f"head {name!r}: {cls!r} does not follow the head contract "
+                            f"(subclass finegrained.heads.PoolingHead)")
         _REGISTRY[name] = cls
+        _DISPLAY_NAMES[name] = display_name or name
         return cls
 
     return wrap
@@ -38,23 +52,31 @@ def available_heads() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build_head(name: str, in_channels: int, num_classes: Optional[int] = None, **kwargs) -> nn.Module:
+def _head_class(name: str) -> Type[PoolingHead]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown head {name!r}; known heads: {', '.join(available_heads())}") from None
+
+
+def head_display_name(name: str) -> str:
+    """The method's name as its paper spells it, e.g. ``"G²DeNet"`` for ``"g2de"``."""
+    _head_class(name)
+    return _DISPLAY_NAMES[name]
+
+
+def build_head(name: str, in_channels: int, num_classes: Optional[int] = None, **kwargs) -> PoolingHead:
     """Build the pooling head ``name`` for feature maps with ``in_channels`` channels.
 
     ``num_classes`` is passed only to heads that compute class scores themselves
-    (``produces_logits = True``, e.g. ``lrbp``); the others ignore it.
+    (``produces_logits``, e.g. ``lrbp``); the others ignore it.
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones), or a logit-producing
             head without ``num_classes``.
     """
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown head {name!r}; known heads: {', '.join(available_heads())}"
-        ) from None
-    if getattr(cls, "produces_logits", False):
+    cls = _head_class(name)
+    if cls.produces_logits:
         if num_classes is None:
             raise ValueError(f"head {name!r} computes class scores itself and needs num_classes")
         return cls(in_channels, num_classes=num_classes, **kwargs)
@@ -67,12 +89,12 @@ def onnx_substitutes(module: nn.Module) -> Iterator[List[str]]:
 
     Yields the descriptions of the substitutes in use (empty when ``module`` has none).
     """
-    heads = [m for m in module.modules() if hasattr(m, "use_substitute")]
+    heads = [m for m in module.modules() if isinstance(m, PoolingHead) and m.export_substitute() is not None]
     previous = [m.use_substitute for m in heads]
     for m in heads:
         m.use_substitute = True
     try:
-        yield [m.substitute_description() for m in heads]
+        yield [m.export_substitute() for m in heads]
     finally:
         for m, flag in zip(heads, previous):
             m.use_substitute = flag

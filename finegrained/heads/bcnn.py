@@ -7,14 +7,14 @@ then sign(g)·√(|g| + ε) and l2. VGG-16 relu5_3 gives 512² = 262,144 values.
 Shapes: (B, C, H, W) -> (B, C²).
 """
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.ops import float32_matrices, gram, signed_sqrt
 
 
-@register_head("bcnn")
-class BilinearHead(nn.Module):
+@register_head("bcnn", "B-CNN")
+class BCNNHead(PoolingHead):
     """Bilinear pooling; ``eps`` sits inside the square root so the gradient is finite at 0."""
 
     def __init__(self, in_channels: int, eps: float = 1e-5):

@@ -18,14 +18,14 @@ Shapes: (B, C, H, W) -> (B, output_dim).
 """
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.ops import CountSketches, float32_matrices, random_maclaurin, signed_sqrt
 
 
-@register_head("cbp")
-class CompactBilinearHead(nn.Module):
+@register_head("cbp", "CBP")
+class CompactBilinearHead(PoolingHead):
     """Args:
         in_channels: C.
         output_dim: d of the sketch (8192, paper).

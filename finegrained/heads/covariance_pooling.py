@@ -7,13 +7,14 @@ implementation starts from the features (iSQRT-COV). Shapes: (B, C, H, W) -> (B,
 """
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from finegrained.heads.base import PoolingHead
 from finegrained.heads.reduction import optional_reduction
 from finegrained.ops import covariance, float32_matrices, triu_vec
 
 
-class CovariancePoolingHead(nn.Module):
+class CovariancePoolingHead(PoolingHead):
     def __init__(self, in_channels: int, reduction: Optional[int]):
         super().__init__()
         self.reduce, self.dim = optional_reduction(in_channels, reduction)

@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.heads.reduction import optional_reduction
 from finegrained.ops import (covariance, eig_power, float32_matrices, powm_newton_schulz, signed_sqrt,
                              sqrtm_newton_schulz, triu_vec)
@@ -48,8 +48,8 @@ def gaussian_embedding(x: Tensor) -> Tensor:
     return torch.cat([top, bottom], dim=1)
 
 
-@register_head("g2de")
-class GaussianEmbeddingHead(nn.Module):
+@register_head("g2de", "G²DeNet")
+class G2DeNetHead(PoolingHead):
     """Args:
         in_channels: C.
         reduction: channels after a 1×1 reduction (BN, ReLU); ``None`` (default, paper) keeps C.
@@ -71,11 +71,10 @@ class GaussianEmbeddingHead(nn.Module):
         self.reduce, self.dim = optional_reduction(in_channels, reduction)
         self.method, self.alpha, self.eps, self.triu = method, alpha, eps, triu
         self.iterations, self.substitute_iterations, self.sqrt_eps = iterations, substitute_iterations, sqrt_eps
-        self.use_substitute = False
         n = self.dim + 1
         self.output_dim = n * (n + 1) // 2 if triu else n * n
 
-    def substitute_description(self) -> str:
+    def export_substitute(self) -> str:
         if self.method == "ns":
             return "g2de: none needed (method='ns')"
         return f"g2de: (Y+εI)^{self.alpha} by Newton–Schulz square roots, {self.substitute_iterations} iterations"

@@ -3,13 +3,13 @@
 Used by Inception, ResNet and DenseNet (Lin, Chen, Yan, "Network In Network", ICLR 2014).
 Shapes: (B, C, H, W) -> (B, C).
 """
-from torch import Tensor, nn
+from torch import Tensor
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 
 
-@register_head("gap")
-class GlobalAvgPoolHead(nn.Module):
+@register_head("gap", "GAP")
+class GlobalAvgPoolHead(PoolingHead):
     """Mean over positions; ``output_dim = in_channels``."""
 
     def __init__(self, in_channels: int):

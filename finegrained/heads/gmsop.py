@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.heads.srsop import SquareRootSOPHead
 from finegrained.ops import float32_matrices
 
@@ -53,8 +53,8 @@ def top_k_gates(logits: Tensor, k: int) -> Tensor:
     return torch.zeros_like(logits).scatter(1, indices, values.softmax(dim=1))
 
 
-@register_head("gmsop")
-class GatedMixtureSOPHead(nn.Module):
+@register_head("gmsop", "GM-SOP")
+class GatedMixtureSOPHead(PoolingHead):
     """Args:
         in_channels: C.
         components: N (16).
@@ -78,7 +78,6 @@ class GatedMixtureSOPHead(nn.Module):
             nn.init.constant_(layer.weight, 1.0 / size)
         self.top_k, self.balance_weight = top_k, balance_weight
         self.output_dim = self.experts[0].output_dim
-        self.aux_loss: Optional[Tensor] = None
         self.last_gates: Optional[Tensor] = None
 
     @float32_matrices

@@ -18,12 +18,12 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.ops import at_least_float32, signed_sqrt
 
 
-@register_head("hihca")
-class PolynomialKernelHead(nn.Module):
+@register_head("hihca", "HIHCA")
+class HIHCAHead(PoolingHead):
     """Args:
         in_channels: C.
         filters: D (8192, paper).

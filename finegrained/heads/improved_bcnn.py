@@ -12,14 +12,14 @@ Frobenius pre-normalisation is the paper's (iSQRT-COV uses the trace instead).
 Shapes: (B, C, H, W) -> (B, C²); VGG-16 relu5_3 gives 262,144 values.
 """
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.ops import float32_matrices, gram, signed_sqrt, sqrtm_newton_schulz_lyapunov
 
 
-@register_head("improved_bcnn")
-class ImprovedBilinearHead(nn.Module):
+@register_head("improved_bcnn", "Improved B-CNN")
+class ImprovedBCNNHead(PoolingHead):
     """Args:
         in_channels: C.
         iterations: forward Newton–Schulz iterations (5, paper).

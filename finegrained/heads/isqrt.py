@@ -19,7 +19,7 @@ from finegrained.heads.covariance_pooling import CovariancePoolingHead
 from finegrained.ops import isqrt_cov
 
 
-@register_head("isqrt")
+@register_head("isqrt", "iSQRT-COV")
 class ISqrtCovHead(CovariancePoolingHead):
     """iSQRT-COV head.
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.ops import CountSketches, float32_matrices, signed_sqrt
 
 
@@ -31,8 +31,8 @@ def rbf_taylor_weights(order: int, gamma: float) -> Tensor:
                          for i in range(order + 1)])
 
 
-@register_head("kp")
-class KernelPoolingHead(nn.Module):
+@register_head("kp", "KP")
+class KernelPoolingHead(PoolingHead):
     """Args:
         in_channels: C.
         order: p ≥ 2 (4, paper).

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
+from finegrained.heads.base import local_descriptors
 from finegrained.ops import float32_matrices
 
 
-@register_head("lrbp")
-class LowRankBilinearHead(nn.Module):
+@register_head("lrbp", "LRBP")
+class LowRankBilinearHead(PoolingHead):
     """Args:
         in_channels: C.
         num_classes: K.
@@ -45,13 +46,14 @@ class LowRankBilinearHead(nn.Module):
         self.output_dim = num_classes
 
     @torch.no_grad()
-    def init_reduction(self, features: Tensor, seed: int = 0) -> None:
-        """PCA (scikit-learn) of the local features (B, C, H, W) or (N, C): P = principal axes, bias = −P·mean."""
+    def init_reduction(self, features: Tensor, seed: int = 0) -> int:
+        """PCA (scikit-learn) of the local features (B, C, H, W) or (N, C): P = principal axes, bias = −P·mean.
+
+        Returns the number of descriptors the PCA was fitted on.
+        """
         from sklearn.decomposition import PCA
 
-        if features.dim() == 4:
-            features = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
-        rows = features.detach().double().cpu().numpy()
+        rows = local_descriptors(features).detach().double().cpu().numpy()
         m = self.reduce.out_channels
         if rows.shape[0] < m:
             raise ValueError(f"PCA to {m} dimensions needs at least {m} descriptors, got {rows.shape[0]}")
@@ -59,6 +61,11 @@ class LowRankBilinearHead(nn.Module):
         axes = torch.as_tensor(pca.components_, dtype=self.reduce.weight.dtype)
         self.reduce.weight.copy_(axes[:, :, None, None])
         self.reduce.bias.copy_(-axes @ torch.as_tensor(np.asarray(pca.mean_), dtype=axes.dtype))
+        return rows.shape[0]
+
+    def init_from_features(self, features: Tensor, seed: int = 0) -> str:
+        used = self.init_reduction(features, seed)
+        return f"lrbp: PCA to {self.reduce.out_channels} channels on {used:,} local descriptors"
 
     @float32_matrices
     def forward(self, x: Tensor) -> Tensor:

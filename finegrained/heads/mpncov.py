@@ -25,7 +25,7 @@ from finegrained.heads.covariance_pooling import CovariancePoolingHead
 from finegrained.ops import eig_power, powm_newton_schulz
 
 
-@register_head("mpncov")
+@register_head("mpncov", "MPN-COV")
 class MPNCovHead(CovariancePoolingHead):
     """Args:
         in_channels: C.
@@ -39,9 +39,8 @@ class MPNCovHead(CovariancePoolingHead):
                  substitute_iterations: int = 20):
         super().__init__(in_channels, reduction)
         self.alpha, self.eps, self.substitute_iterations = alpha, eps, substitute_iterations
-        self.use_substitute = False
 
-    def substitute_description(self) -> str:
+    def export_substitute(self) -> str:
         return (f"mpncov: (Σ+εI)^{self.alpha} by Newton–Schulz square roots, "
                 f"{self.substitute_iterations} iterations each")
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.ops import float32_matrices
 
 
-@register_head("netfv")
-class NetFVHead(nn.Module):
+@register_head("netfv", "NetFV")
+class NetFVHead(PoolingHead):
     """Args:
         in_channels: C.
         clusters: K (64).

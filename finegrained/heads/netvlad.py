@@ -20,21 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
+from finegrained.heads.base import local_descriptors
 from finegrained.ops import float32_matrices
 
 
-def local_descriptors(features: Tensor) -> np.ndarray:
-    """(B, C, H, W) maps or (N, C) rows -> (N, C) float64 numpy array of l2-normalised descriptors."""
-    if features.dim() == 4:
-        features = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
-    if features.dim() != 2:
-        raise ValueError(f"expected (B, C, H, W) feature maps or (N, C) descriptors, got {tuple(features.shape)}")
-    return F.normalize(features.detach().double(), dim=1).cpu().numpy()
-
-
-@register_head("netvlad")
-class NetVLADHead(nn.Module):
+@register_head("netvlad", "NetVLAD")
+class NetVLADHead(PoolingHead):
     """Args:
         in_channels: C.
         clusters: K (64, paper).
@@ -55,11 +47,14 @@ class NetVLADHead(nn.Module):
         self.assign.bias.copy_(-self.alpha * self.centroids.pow(2).sum(1))
 
     @torch.no_grad()
-    def init_centroids(self, features: Tensor, seed: int = 0, max_descriptors: Optional[int] = 50000) -> None:
-        """k-means (scikit-learn) on l2-normalised local descriptors of ``features`` (B, C, H, W) or (N, C)."""
+    def init_centroids(self, features: Tensor, seed: int = 0, max_descriptors: Optional[int] = 50000) -> int:
+        """k-means (scikit-learn) on l2-normalised local descriptors of ``features`` (B, C, H, W) or (N, C).
+
+        Returns the number of descriptors clustered (at most ``max_descriptors``, sampled with ``seed``).
+        """
         from sklearn.cluster import KMeans
 
-        descriptors = local_descriptors(features)
+        descriptors = F.normalize(local_descriptors(features).detach().double(), dim=1).cpu().numpy()
         if len(descriptors) < self.clusters:
             raise ValueError(f"k-means needs at least {self.clusters} descriptors, got {len(descriptors)}")
         if max_descriptors and len(descriptors) > max_descriptors:
@@ -68,6 +63,11 @@ class NetVLADHead(nn.Module):
         kmeans = KMeans(n_clusters=self.clusters, n_init=3, random_state=seed).fit(descriptors)
         self.centroids.copy_(torch.as_tensor(kmeans.cluster_centers_, dtype=self.centroids.dtype))
         self._tie_assignment_to_centroids()
+        return len(descriptors)
+
+    def init_from_features(self, features: Tensor, seed: int = 0) -> str:
+        used = self.init_centroids(features, seed)
+        return f"netvlad: k-means ({self.clusters} centres) on {used:,} l2-normalised local descriptors"
 
     @float32_matrices
     def forward(self, x: Tensor) -> Tensor:

@@ -25,8 +25,8 @@ from finegrained.heads.covariance_pooling import CovariancePoolingHead
 from finegrained.ops import eig_log, logm_newton_schulz
 
 
-@register_head("o2p")
-class LogEuclideanHead(CovariancePoolingHead):
+@register_head("o2p", "DeepO2P")
+class DeepO2PHead(CovariancePoolingHead):
     """Args:
         in_channels: C.
         reduction: channels after a 1×1 reduction (BN, ReLU); ``None`` (default) keeps C.
@@ -40,9 +40,8 @@ class LogEuclideanHead(CovariancePoolingHead):
             raise ValueError(f"o2p needs eps > 0 (log 0 is -inf), got {eps}")
         super().__init__(in_channels, reduction)
         self.eps, self.substitute_roots, self.substitute_iterations = eps, substitute_roots, substitute_iterations
-        self.use_substitute = False
 
-    def substitute_description(self) -> str:
+    def export_substitute(self) -> str:
         return (f"o2p: log by inverse scaling and squaring, {self.substitute_roots} Newton–Schulz square roots "
                 f"({self.substitute_iterations} iterations for the first) + 12-term series")
 

@@ -13,13 +13,13 @@ Shapes: (B, C, H, W) -> (B, out(out+1)/2).
 """
 from torch import Tensor, nn
 
-from finegrained.heads import register_head
+from finegrained.heads import PoolingHead, register_head
 from finegrained.heads.reduction import channel_reduction
 from finegrained.ops import covariance, float32_matrices, sqrtm_newton_schulz, triu_vec
 
 
-@register_head("srsop")
-class SquareRootSOPHead(nn.Module):
+@register_head("srsop", "SR-SOP")
+class SquareRootSOPHead(PoolingHead):
     """Args:
         in_channels: C.
         mid_channels: first 1×1 conv (256).

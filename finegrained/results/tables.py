@@ -15,19 +15,21 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from finegrained.heads import available_heads, head_display_name
+
 DASH = "—"
 DATASET_COLUMNS = {"cub": "Birds", "aircraft": "Aircraft", "cars": "Cars"}
 METRIC_COLUMNS = {"top1_acc": "Top-1 acc.", "top1_err": "Top-1 err.", "top5_err": "Top-5 err.",
                   "time_ms": "FP+BP (ms)", "time_ms_bp": "BP (ms)", "memory": "Memory"}
 LOWER_IS_BETTER = {"top1_err", "top5_err", "time_ms", "time_ms_bp", "memory"}
-METHOD_NAMES = {
-    "isqrt": "iSQRT-COV", "mpncov": "MPN-COV", "cbp": "CBP", "kp": "KP", "gap": "GAP", "netvlad": "NetVLAD",
-    "netfv": "NetFV", "lrbp": "LRBP", "improved_bcnn": "Improved B-CNN", "bcnn": "B-CNN", "g2de": "G²DeNet",
-    "hihca": "HIHCA", "o2p": "DeepO2P", "srsop": "SR-SOP", "gmsop": "GM-SOP", "sop": "SOP", "gm_gap": "GM-GAP",
-    "fbn": "FBN", "sort": "SORT", "isqrt_frobenius": "iSQRT-COV (Frob.)", "isqrt_n3": "iSQRT-COV (N=3)",
-    "isqrt_bn_compensation": "iSQRT-COV (BN compensation)", "improved_bcnn_svd": "Improved B-CNN (SVD)",
-    "eig": "EIG", "svd": "SVD",
+# Rows of the reference tables that are not heads of this library (other papers' methods, ablations,
+# timings); the heads' display names come from their registry.
+REFERENCE_METHOD_NAMES = {
+    "sop": "SOP", "gm_gap": "GM-GAP", "fbn": "FBN", "sort": "SORT", "isqrt_frobenius": "iSQRT-COV (Frob.)",
+    "isqrt_n3": "iSQRT-COV (N=3)", "isqrt_bn_compensation": "iSQRT-COV (BN compensation)",
+    "improved_bcnn_svd": "Improved B-CNN (SVD)", "eig": "EIG", "svd": "SVD",
 }
+METHOD_NAMES = {**{name: head_display_name(name) for name in available_heads()}, **REFERENCE_METHOD_NAMES}
 BACKBONE_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
                   "resnet152": "ResNet-152", "vgg16": "VGG-16", "alexnet": "AlexNet", "wrn36_2": "WRN-36-2",
                   "efficientnet_lite0": "EfficientNet-Lite0"}
