@@ -1,7 +1,8 @@
-"""Backbones: ImageNet networks cut at their last feature map, and one factory.
+"""Backbones: ImageNet networks cut at their last feature map, one registry and one factory.
 
 :func:`build_backbone` returns a :class:`Backbone` mapping images (B, 3, H, W) to features
-(B, C, H/s, W/s) with ``out_channels = C``. One module per family:
+(B, C, H/s, W/s) with ``out_channels = C``. One module per family, each registering its builders
+with :func:`register_backbone`:
 
 * :mod:`finegrained.backbones.torchvision_cnns` -- ResNet-18…152, VGG-16 (relu5_3, no pool5),
   DenseNet-121/161/201, MobileNet-V2, EfficientNet-B0;
@@ -9,37 +10,44 @@
   offline with its pip package).
 
 Weights are handled in one place, :mod:`finegrained.backbones.weights`: ``None`` (random),
-``"imagenet"`` or a path to a state dict loaded with ``weights_only=True``.
+``"imagenet"`` (the family's source) or a path to a state dict, loaded with ``weights_only=True``.
+
+    >>> build_backbone("resnet50", weights=None, last_stride=1).out_channels
+    2048
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Dict, List, Union
+from typing import Callable, Dict, List
 
 from finegrained.backbones.base import Backbone
-from finegrained.backbones.efficientnet_lite import _efficientnet_lite, efficientnet_lite0
-from finegrained.backbones.torchvision_cnns import _densenet, _mobile, _resnet, _vgg
-from finegrained.backbones.weights import WeightsUnavailableError, load_weights
+from finegrained.backbones.weights import Weights, WeightsUnavailableError, load_weights
 
-__all__ = ["build_backbone", "available_backbones", "Backbone", "WeightsUnavailableError",
+__all__ = ["build_backbone", "available_backbones", "register_backbone", "Backbone", "WeightsUnavailableError",
            "efficientnet_lite0", "load_weights"]
 
+Builder = Callable[[str, Weights, int], Backbone]
+_REGISTRY: Dict[str, Builder] = {}
 
-_BUILDERS: Dict[str, Callable[[str, object, int], Backbone]] = {
-    **{n: _resnet for n in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]},
-    **{n: _vgg for n in ["vgg16", "vgg16_bn"]},
-    **{n: _densenet for n in ["densenet121", "densenet161", "densenet201"]},
-    **{n: _mobile for n in ["mobilenet_v2", "efficientnet_b0"]},
-    "efficientnet_lite0": _efficientnet_lite,
-}
+
+def register_backbone(*names: str):
+    """Function decorator: ``builder(name, weights, last_stride) -> Backbone`` builds each of ``names``."""
+
+    def wrap(builder: Builder) -> Builder:
+        for name in names:
+            if name in _REGISTRY:
+                raise ValueError(f"backbone {name!r} is registered twice")
+            _REGISTRY[name] = builder
+        return builder
+
+    return wrap
 
 
 def available_backbones() -> List[str]:
-    """Names accepted by :func:`build_backbone`."""
-    return sorted(_BUILDERS)
+    """Names accepted by :func:`build_backbone`, sorted."""
+    return sorted(_REGISTRY)
 
 
-def build_backbone(name: str, weights: Union[None, str, os.PathLike] = None, last_stride: int = 2) -> Backbone:
+def build_backbone(name: str, weights: Weights = None, last_stride: int = 2) -> Backbone:
     """Build a feature extractor.
 
     Args:
@@ -49,8 +57,13 @@ def build_backbone(name: str, weights: Union[None, str, os.PathLike] = None, las
     Returns:
         :class:`Backbone` with ``out_channels``.
     """
-    if name not in _BUILDERS:
+    if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(available_backbones())}")
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
-    return _BUILDERS[name](name, weights, last_stride)
+    return _REGISTRY[name](name, weights, last_stride)
+
+
+# Importing the family modules registers their backbones.
+from finegrained.backbones import efficientnet_lite, torchvision_cnns  # noqa: E402,F401
+from finegrained.backbones.efficientnet_lite import efficientnet_lite0  # noqa: E402

@@ -6,6 +6,8 @@ gives a 28×28 map as in the published iSQRT-COV fine-tuning.
 """
 from __future__ import annotations
 
+from typing import List
+
 from torch import Tensor, nn
 
 
@@ -28,15 +30,21 @@ class Backbone(nn.Module):
         return self.features(x)
 
 
-def _stride_one(conv: nn.Conv2d) -> None:
+def stride2_convs(module: nn.Module) -> List[nn.Conv2d]:
+    """The stride-2 convolutions of ``module``, in definition order."""
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2)]
+
+
+def last_stride2_conv(module: nn.Module) -> nn.Conv2d:
+    convs = stride2_convs(module)
+    if not convs:
+        raise ValueError("no stride-2 convolution to remove")
+    return convs[-1]
+
+
+def remove_stride(conv: nn.Conv2d) -> None:
+    """Make a stride-2 convolution stride 1 (its map, and every map after it, doubles in size)."""
     conv.stride = (1, 1)
     if hasattr(conv, "static_padding"):  # TF "SAME" padding precomputed for stride 2
         k = conv.kernel_size[0]
         conv.static_padding = nn.ZeroPad2d(k // 2)
-
-
-def _last_stride2_conv(module: nn.Module) -> nn.Conv2d:
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2)]
-    if not convs:
-        raise ValueError("no stride-2 convolution to remove")
-    return convs[-1]

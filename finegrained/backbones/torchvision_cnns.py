@@ -14,51 +14,78 @@ efficientnet_b0           1280   features -- Tan & Le, ICML 2019
 ========================  =====  ==========================================================
 
 ``last_stride=1`` removes the last down-sampling (ResNet's layer4 stride, DenseNet's last
-transition pooling, the last stride-2 conv of the mobile networks).
+transition pooling, the last stride-2 conv of the mobile networks). ``"imagenet"`` weights are
+torchvision's default weights for the name, downloaded once into torch's hub cache.
 """
 from __future__ import annotations
 
+import functools
+import re
 from collections import OrderedDict
 
 import torchvision
 from torch import nn
 
-from finegrained.backbones.base import Backbone, _last_stride2_conv, _stride_one
-from finegrained.backbones.weights import load_weights
+from finegrained.backbones import register_backbone
+from finegrained.backbones.base import Backbone, last_stride2_conv, remove_stride, stride2_convs
+from finegrained.backbones.weights import StateDict, Weights, hub_cached_file, load_weights
 
 
-def _resnet(name: str, weights, last_stride: int) -> Backbone:
+def _imagenet_file(name: str) -> str:
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return hub_cached_file(url, f"ImageNet weights for {name!r}")
+
+
+def _torchvision_model(name: str, weights: Weights, feature_prefixes, fix_keys=None) -> nn.Module:
+    """The full torchvision network ``name`` with ``weights`` loaded."""
     model = torchvision.models.get_model(name, weights=None)
-    load_weights(model, name, weights, feature_prefixes=["conv1", "bn1", "layer"])
+    return load_weights(model, name, weights, feature_prefixes, functools.partial(_imagenet_file, name), fix_keys)
+
+
+# Old torchvision DenseNet checkpoints name layers "norm.1" instead of "norm1".
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _fix_densenet_keys(state: StateDict) -> StateDict:
+    out = OrderedDict()
+    for key, value in state.items():
+        match = _DENSENET_KEY.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+@register_backbone("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+def resnet(name: str, weights: Weights, last_stride: int) -> Backbone:
+    model = _torchvision_model(name, weights, ["conv1", "bn1", "layer"])
     if last_stride == 1:
-        for m in model.layer4.modules():
-            if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2):
-                m.stride = (1, 1)
+        for conv in stride2_convs(model.layer4):  # the block's conv and its shortcut
+            remove_stride(conv)
     features = nn.Sequential(OrderedDict(
         (k, getattr(model, k)) for k in ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]))
     return Backbone(features, model.fc.in_features, name)
 
 
-def _vgg(name: str, weights, last_stride: int) -> Backbone:
+@register_backbone("vgg16", "vgg16_bn")
+def vgg(name: str, weights: Weights, last_stride: int) -> Backbone:
     if last_stride == 1:
         raise ValueError(f"{name} already ends at relu5_3 without pool5 (stride 16); last_stride must be 2")
-    model = torchvision.models.get_model(name, weights=None)
-    load_weights(model, name, weights, feature_prefixes=["features"])
+    model = _torchvision_model(name, weights, ["features"])
     return Backbone(model.features[:-1], 512, name)  # drop pool5
 
 
-def _densenet(name: str, weights, last_stride: int) -> Backbone:
-    model = torchvision.models.get_model(name, weights=None)
-    load_weights(model, name, weights, feature_prefixes=["features"])
+@register_backbone("densenet121", "densenet161", "densenet201")
+def densenet(name: str, weights: Weights, last_stride: int) -> Backbone:
+    model = _torchvision_model(name, weights, ["features"], fix_keys=_fix_densenet_keys)
     if last_stride == 1:
         model.features.transition3.pool = nn.Identity()
     # torchvision applies the final ReLU in forward(), not inside `features`.
     return Backbone(nn.Sequential(model.features, nn.ReLU(inplace=True)), model.classifier.in_features, name)
 
 
-def _mobile(name: str, weights, last_stride: int) -> Backbone:
-    model = torchvision.models.get_model(name, weights=None)
-    load_weights(model, name, weights, feature_prefixes=["features"])
+@register_backbone("mobilenet_v2", "efficientnet_b0")
+def mobile(name: str, weights: Weights, last_stride: int) -> Backbone:
+    model = _torchvision_model(name, weights, ["features"])
     if last_stride == 1:
-        _stride_one(_last_stride2_conv(model.features))
+        remove_stride(last_stride2_conv(model.features))
     return Backbone(model.features, 1280, name)

