@@ -12,7 +12,8 @@ Seed timings (GPU, AlexNet-size layer, FP+BP): iSQRT N=5 1.41 ms, MPN-COV (EIG) 
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,27 +40,67 @@ def _check(name: str, fast: Callable, reference: Callable, x: Tensor, tol: float
     return err
 
 
+@dataclass(frozen=True)
+class Case:
+    """One function timed by ``bench heads``: its printed label and what its row is compared with."""
+
+    label: str
+    ratios: Tuple[Tuple[str, str], ...] = ()  # (column, baseline key): median time / the baseline's
+    memory_ratios: Tuple[Tuple[str, str], ...] = ()  # (column, baseline key): saved memory / the baseline's
+    roofline: bool = False  # achieved GFLOP/s against the batched-matmul rate of the same run
+
+
+_ISQRT_RATIOS = (("vs_(a)", "isqrt_autograd"), ("vs_(b)", "isqrt_official"))
+_ISQRT_MEMORY = (("mem_vs_(a)", "isqrt_autograd"),)
+CASES: Dict[str, Case] = {
+    "isqrt_fused": Case("isqrt (fused Function)", _ISQRT_RATIOS, _ISQRT_MEMORY, roofline=True),
+    "isqrt_autograd": Case("isqrt (a) plain autograd", _ISQRT_RATIOS, _ISQRT_MEMORY),
+    "isqrt_official": Case("isqrt (b) official algorithm", _ISQRT_RATIOS, _ISQRT_MEMORY),
+    "mpncov_kmatrix": Case("mpncov (K-matrix Function)", (("vs_eigh", "mpncov_eigh"),)),
+    "mpncov_eigh": Case("mpncov autograd through eigh", (("vs_eigh", "mpncov_eigh"),)),
+    "cbp_gram": Case("cbp ts (Gram + scatter)", (("vs_dense", "cbp_dense"),)),
+    "cbp_hashed": Case("cbp ts (hashed sketch + FFT)", (("vs_dense", "cbp_dense"),)),
+    "cbp_dense": Case("cbp ts (dense sketch matrix)", (("vs_dense", "cbp_dense"),)),
+}
+
+# (label, optimised case, baseline case, compare in float64 only). Eigenvector gradients are
+# conditioned by eigenvalue gaps, so the eigh pair is compared in float64 for float32 too.
+PARITY_PAIRS = (("isqrt vs (a) autograd", "isqrt_fused", "isqrt_autograd", False),
+                ("isqrt vs (b) official", "isqrt_fused", "isqrt_official", False),
+                ("mpncov vs eigh autograd", "mpncov_kmatrix", "mpncov_eigh", True),
+                ("cbp Gram scatter vs dense", "cbp_gram", "cbp_dense", False),
+                ("kp/cbp hashed FFT vs dense", "cbp_hashed", "cbp_dense", False))
+
+
+def case_functions(channels: int, sketch_dim: int, device, dtype) -> Dict[str, Callable[[Tensor], Tensor]]:
+    """The function of every case of :data:`CASES`, features (B, C, H, W) in."""
+    sketch = _Sketch(channels, sketch_dim, device, dtype)
+    return {
+        "isqrt_fused": lambda t: isqrt_cov(t, 5),
+        "isqrt_autograd": lambda t: isqrt_autograd(t, 5),
+        "isqrt_official": lambda t: isqrt_official(t, 5),
+        "mpncov_kmatrix": lambda t: eig_power(covariance(t), 0.5),
+        "mpncov_eigh": mpncov_eigh_autograd,
+        "cbp_gram": sketch.gram,
+        "cbp_hashed": sketch.hashed,
+        "cbp_dense": sketch.dense_matrix,
+    }
+
+
 def check_parity(device: torch.device, batch: int = 2, channels: int = 16, side: int = 5) -> List[dict]:
     """Every optimised path against its baseline in float32 (1e-5) and float64 (1e-9)."""
     rows = []
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-9)):
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(batch, channels, side, side, generator=g, dtype=torch.float64).relu_().to(device, dtype)
-        sketch = _Sketch(channels, 64, device, dtype)
-        pairs = [
-            ("isqrt vs (a) autograd", lambda t: isqrt_cov(t, 5), lambda t: isqrt_autograd(t, 5)),
-            ("isqrt vs (b) official", lambda t: isqrt_cov(t, 5), lambda t: isqrt_official(t, 5)),
-            ("mpncov vs eigh autograd", lambda t: eig_power(covariance(t), 0.5), mpncov_eigh_autograd),
-            ("cbp Gram scatter vs dense", sketch.gram, sketch.dense_matrix),
-            ("kp/cbp hashed FFT vs dense", sketch.hashed, sketch.dense_matrix),
-        ]
-        for name, fast, ref in pairs:
-            # Eigenvector gradients are conditioned by eigenvalue gaps: compare them in float64 only.
+        functions = case_functions(channels, 64, device, dtype)
+        for name, fast, baseline, float64_only in PARITY_PAIRS:
             label = str(dtype).replace("torch.", "")
-            if "eigh" in name and dtype == torch.float32:
-                err, label, used_tol = _check(name, fast, ref, x.double(), 1e-9), "float64 (for float32)", 1e-9
+            if float64_only and dtype == torch.float32:
+                err = _check(name, functions[fast], functions[baseline], x.double(), 1e-9)
+                label, used_tol = "float64 (for float32)", 1e-9
             else:
-                err, used_tol = _check(name, fast, ref, x, tol), tol
+                err, used_tol = _check(name, functions[fast], functions[baseline], x, tol), tol
             rows.append({"check": name, "dtype": label, "max_rel_error": err, "tolerance": used_tol})
     return rows
 
@@ -102,35 +143,26 @@ def bench_heads(device: torch.device, repeats: int = 9, batch: int = 8, channels
                 out.float().sum().backward()
             return run
 
-        sketch = _Sketch(channels, 8192, device, torch.float32)
-        cases = {  # x is float32; the heads' matrix functions stay in float32 under autocast too
-            "isqrt (fused Function)": lambda t: isqrt_cov(t, 5),
-            "isqrt (a) plain autograd": lambda t: isqrt_autograd(t, 5),
-            "isqrt (b) official algorithm": lambda t: isqrt_official(t, 5),
-            "mpncov (K-matrix Function)": lambda t: eig_power(covariance(t), 0.5),
-            "mpncov autograd through eigh": mpncov_eigh_autograd,
-            "cbp ts (Gram + scatter)": sketch.gram,
-            "cbp ts (hashed sketch + FFT)": sketch.hashed,
-            "cbp ts (dense sketch matrix)": sketch.dense_matrix,
-        }
-        timed = {name: fpbp(fn) for name, fn in cases.items()}
+        # x is float32; the heads' matrix functions stay in float32 under autocast too
+        functions = case_functions(channels, 8192, device, torch.float32)
+        timed = {key: fpbp(fn) for key, fn in functions.items()}
         timed["bmm peak"] = _bmm_peak_case(batch, channels, device, torch.float32)
         timings = interleaved_medians(timed, device, repeats)
         peak = _PEAK_BMMS * 2 * batch * channels ** 3 / timings["bmm peak"] / 1e9
-        saved = {name: saved_bytes(fn, x.detach().requires_grad_(True)) / 2 ** 20 for name, fn in cases.items()}
-        for name in cases:
-            row = {"map": f"{side}x{side}", "case": name, "median_ms": 1e3 * timings[name], "saved_MiB": saved[name]}
-            if name.startswith("isqrt"):
-                row["vs_(a)"] = timings[name] / timings["isqrt (a) plain autograd"]
-                row["vs_(b)"] = timings[name] / timings["isqrt (b) official algorithm"]
-                row["mem_vs_(a)"] = saved[name] / saved["isqrt (a) plain autograd"]
-            if name == "isqrt (fused Function)":
-                row["GFLOP/s"] = _isqrt_flops(batch, channels, m, 5) / timings[name] / 1e9
+        saved = {key: saved_bytes(fn, x.detach().requires_grad_(True)) / 2 ** 20 for key, fn in functions.items()}
+        for key, case in CASES.items():
+            row = {"map": f"{side}x{side}", "case": case.label, "median_ms": 1e3 * timings[key], "saved_MiB": saved[key]}
+            row.update({column: timings[key] / timings[base] for column, base in case.ratios})
+            row.update({column: saved[key] / saved[base] for column, base in case.memory_ratios})
+            if case.roofline:
+                row["GFLOP/s"] = _isqrt_flops(batch, channels, m, 5) / timings[key] / 1e9
                 row["roofline"] = row["GFLOP/s"] / peak
-            if name.startswith("mpncov"):
-                row["vs_eigh"] = timings[name] / timings["mpncov autograd through eigh"]
-            if name.startswith("cbp"):
-                row["vs_dense"] = timings[name] / timings["cbp ts (dense sketch matrix)"]
             row["bmm_peak_GFLOP/s"] = peak
             rows.append(row)
     return rows
+
+
+def time_ratio(rows: List[dict], side: int, case: str, baseline: str) -> float:
+    """Median time of ``case`` over that of ``baseline`` (keys of :data:`CASES`) on the side×side map of ``rows``."""
+    times = {row["case"]: row["median_ms"] for row in rows if row["map"] == f"{side}x{side}"}
+    return times[CASES[case].label] / times[CASES[baseline].label]

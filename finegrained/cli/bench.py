@@ -30,7 +30,7 @@ def _bench_table_main(argv: List[str]) -> int:
 
 
 def _bench_main(argv: List[str]) -> int:
-    from finegrained.bench.heads import bench_heads, check_parity
+    from finegrained.bench.heads import bench_heads, check_parity, time_ratio
     from finegrained.bench.loader import bench_loader
     from finegrained.bench.step import bench_step
     from finegrained.bench.timing import format_rows, write_csv
@@ -81,9 +81,8 @@ def _bench_main(argv: List[str]) -> int:
                     row["case"] += " [bf16 autocast]"
                 rows += bf16
                 for side in sides:
-                    t = {r["case"]: r["median_ms"] for r in rows if r["map"] == f"{side}x{side}"}
                     print(f"{side}x{side}: isqrt / mpncov FP+BP time = "
-                          f"{t['isqrt (fused Function)'] / t['mpncov (K-matrix Function)']:.3f}")
+                          f"{time_ratio(rows, side, 'isqrt_fused', 'mpncov_kmatrix'):.3f}")
         elif args.command == "loader":
             if gpu:
                 continue
