@@ -1,0 +1,199 @@
+"""The layout's rules (what may import what), the head contract and the two registries."""
+import ast
+import glob
+import importlib
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+from finegrained.backbones import available_backbones, build_backbone, register_backbone
+from finegrained.heads import PoolingHead, available_heads, build_head, head_display_name, register_head
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
+           "finegrained.export", "finegrained.predict", "finegrained.resume", "finegrained.linalg")
+TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
+
+
+def _module_name(path):
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _imports(path):
+    """Every module that ``path`` imports, at module level or inside functions, absolute names."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    package = _module_name(path) if path.endswith("__init__.py") else _module_name(path).rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _within(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+MODULES = {_module_name(p): _imports(p) for p in glob.glob(os.path.join(ROOT, "finegrained", "**", "*.py"),
+                                                            recursive=True)
+           + glob.glob(os.path.join(ROOT, "datamodules", "*.py"))}
+
+
+def _project_imports(module):
+    return {n for n in MODULES[module] if n.split(".")[0] in ("finegrained", "datamodules")}
+
+
+def _modules_in(prefix):
+    found = [m for m in MODULES if _within(m, (prefix,))]
+    assert found, f"no modules under {prefix}"
+    return found
+
+
+# ---- what may import what (../shared/reference/architecture.md) ---------------------------------------
+@pytest.mark.parametrize("package, allowed", [
+    ("finegrained.ops", ("finegrained.ops",)),
+    ("finegrained.heads", ("finegrained.heads", "finegrained.ops")),
+    ("finegrained.backbones", ("finegrained.backbones",)),
+    ("finegrained.optim", ()),
+    ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim")),
+    ("datamodules", ("datamodules",)),
+])
+def test_layer_imports_only_what_it_may(package, allowed):
+    for module in _modules_in(package):
+        bad = {n for n in _project_imports(module) if not _within(n, allowed)}
+        assert not bad, f"{module} imports {sorted(bad)}; it may import only {allowed}"
+
+
+def test_library_never_imports_tooling():
+    for module in MODULES:
+        if _within(module, LIBRARY):
+            bad = {n for n in _project_imports(module) if _within(n, TOOLING)}
+            assert not bad, f"library module {module} imports tooling {sorted(bad)}"
+
+
+def test_ops_and_heads_need_neither_lightning_nor_data():
+    for module in _modules_in("finegrained.ops") + _modules_in("finegrained.heads"):
+        bad = {n for n in MODULES[module] if n.split(".")[0] in ("pytorch_lightning", "lightning", "datamodules")}
+        assert not bad, f"{module} imports {sorted(bad)}: a head must work in any PyTorch model"
+
+
+def test_ops_import_nothing_but_torch_and_the_standard_library():
+    for module in _modules_in("finegrained.ops"):
+        third_party = {n.split(".")[0] for n in MODULES[module]} - {"finegrained", "torch", "__future__", "functools",
+                                                                   "math", "typing"}
+        assert not third_party, f"{module} imports {sorted(third_party)}"
+
+
+def test_every_module_has_a_docstring():
+    for path in glob.glob(os.path.join(ROOT, "finegrained", "**", "*.py"), recursive=True):
+        docstring = ast.get_docstring(ast.parse(open(path, encoding="utf-8").read()))
+        assert docstring and len(docstring) > 20, f"{os.path.relpath(path, ROOT)} has no module docstring"
+
+
+def test_the_layer_rule_can_fail():
+    """The checker sees function-level and relative imports (a rule that cannot fail proves nothing)."""
+    source = os.path.join(ROOT, "finegrained", "heads", "gap.py")
+    assert "finegrained.heads.register_head" in _imports(source)
+    assert any(n.startswith("datamodules") for n in MODULES["finegrained.bench.table"])  # a function-level import
+
+
+# ---- the head contract ------------------------------------------------------------------------------------
+SMALL_KWARGS = {"netvlad": {"clusters": 4}, "lrbp": {"reduction": 4, "rank": 2}, "kp": {"sketch_dim": 32},
+                "cbp": {"output_dim": 64}, "hihca": {"filters": 32}, "isqrt": {"reduction": 4},
+                "mpncov": {"reduction": 4}, "srsop": {"mid_channels": 8, "out_channels": 4},
+                "gmsop": {"components": 4, "top_k": 2, "mid_channels": 8, "out_channels": 4}}
+
+
+def _small(name, channels=8):
+    return build_head(name, channels, num_classes=3, **SMALL_KWARGS.get(name, {}))
+
+
+@pytest.mark.parametrize("name", available_heads())
+def test_every_head_follows_the_contract(name):
+    head = _small(name)
+    assert isinstance(head, PoolingHead)
+    assert isinstance(head.output_dim, int) and head.output_dim > 0
+    out = head.eval()(torch.randn(2, 8, 5, 5).relu())
+    assert out.shape == (2, head.output_dim)
+    assert head.aux_loss is None  # only a training forward may set it
+    assert head_display_name(name) and head_display_name(name) != "" and not head.use_substitute
+
+
+def test_contract_flags_are_the_documented_ones():
+    heads = {name: _small(name) for name in available_heads()}
+    assert {n for n, h in heads.items() if h.produces_logits} == {"lrbp"}
+    assert {n for n, h in heads.items() if h.has_data_init} == {"netvlad", "lrbp"}
+    assert {n for n, h in heads.items() if h.export_substitute() is not None} == {"mpncov", "o2p", "g2de"}
+    assert head_display_name("g2de") == "G²DeNet" and head_display_name("isqrt") == "iSQRT-COV"
+
+
+@pytest.mark.parametrize("name", ["netvlad", "lrbp"])
+def test_data_init_changes_the_head_and_says_what_it_did(name):
+    head = _small(name)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    line = head.init_from_features(torch.randn(3, 8, 4, 4).relu(), seed=0)
+    assert name in line and "48" in line  # 3 images × 16 positions
+    changed = [k for k, v in head.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, f"{name}: init_from_features changed nothing"
+
+
+def test_heads_without_data_init_refuse_it():
+    with pytest.raises(NotImplementedError, match="no data-dependent initialisation"):
+        _small("gap").init_from_features(torch.randn(1, 8, 2, 2))
+
+
+def test_registry_refuses_heads_outside_the_contract():
+    with pytest.raises(TypeError, match="head contract"):
+        register_head("plain_module")(torch.nn.Identity)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_head("gap")(type("Other", (PoolingHead,), {}))
+    assert "plain_module" not in available_heads()
+    with pytest.raises(ValueError, match="known heads"):
+        head_display_name("no_such_head")
+
+
+def test_display_names_come_from_the_registry():
+    from finegrained.results.tables import METHOD_NAMES
+
+    for name in available_heads():
+        assert METHOD_NAMES[name] == head_display_name(name)
+
+
+# ---- the backbone registry --------------------------------------------------------------------------------
+def test_backbone_registry_takes_a_new_family():
+    from finegrained.backbones import Backbone, _REGISTRY
+
+    @register_backbone("tiny_test_net")
+    def tiny(name, weights, last_stride):
+        return Backbone(torch.nn.Conv2d(3, 4, 3, stride=last_stride), 4, name)
+
+    try:
+        assert "tiny_test_net" in available_backbones()
+        assert build_backbone("tiny_test_net", last_stride=1)(torch.randn(1, 3, 8, 8)).shape == (1, 4, 6, 6)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_backbone("tiny_test_net")(tiny)
+    finally:
+        _REGISTRY.pop("tiny_test_net", None)
+
+
+# ---- the deprecated module --------------------------------------------------------------------------------
+def test_linalg_is_a_deprecated_re_export_of_ops():
+    import finegrained.ops as ops
+
+    sys.modules.pop("finegrained.linalg", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        linalg = importlib.import_module("finegrained.linalg")
+    assert any(issubclass(w.category, DeprecationWarning) and "finegrained.ops" in str(w.message) for w in caught)
+    for name in ops.__all__:
+        assert getattr(linalg, name) is getattr(ops, name)
