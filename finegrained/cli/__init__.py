@@ -25,22 +25,22 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, List, Optional
 
-from finegrained.cli.bench import _bench_main, _bench_table_main
-from finegrained.cli.data import _data_main, datamodule_from_config
-from finegrained.cli.export import _export_main, _predict_images_main
-from finegrained.cli.results import _tables_main
+from finegrained.cli.bench import bench_command, bench_table_command
+from finegrained.cli.data import data_command, datamodule_from_config
+from finegrained.cli.export import export_command, predict_images_command
+from finegrained.cli.results import tables_command
 from finegrained.cli.train import FineGrainedCLI, run_lightning_cli
 
 __all__ = ["main", "FineGrainedCLI", "run_lightning_cli", "datamodule_from_config"]
 
 
 TOOLS: Dict[str, Callable[[List[str]], int]] = {
-    "bench": _bench_main,
-    "tables": _tables_main,
-    "bench-table": _bench_table_main,
-    "export": _export_main,
-    "predict-images": _predict_images_main,
-    "data": _data_main,
+    "bench": bench_command,
+    "tables": tables_command,
+    "bench-table": bench_table_command,
+    "export": export_command,
+    "predict-images": predict_images_command,
+    "data": data_command,
 }
 
 

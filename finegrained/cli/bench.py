@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 
-def _bench_table_main(argv: List[str]) -> int:
+def bench_table_command(argv: List[str]) -> int:
     from finegrained.bench.table import bench_table
     from finegrained.heads import available_heads
 
@@ -29,7 +29,7 @@ def _bench_table_main(argv: List[str]) -> int:
     return 0
 
 
-def _bench_main(argv: List[str]) -> int:
+def bench_command(argv: List[str]) -> int:
     from finegrained.bench.heads import bench_heads, check_parity, time_ratio
     from finegrained.bench.loader import bench_loader
     from finegrained.bench.step import bench_step

@@ -22,7 +22,7 @@ def datamodule_from_config(config_path: str) -> LightningDataModule:
     return parser.instantiate(cfg).data
 
 
-def _data_main(argv: List[str]) -> int:
+def data_command(argv: List[str]) -> int:
     from datamodules.samples import save_samples
 
     parser = argparse.ArgumentParser(prog="finegrained data", description="Dataset tools.")

@@ -7,7 +7,7 @@ from typing import List
 from finegrained.cli.data import datamodule_from_config
 
 
-def _export_main(argv: List[str]) -> int:
+def export_command(argv: List[str]) -> int:
     from finegrained.export import export_classifier
 
     parser = argparse.ArgumentParser(prog="finegrained export",
@@ -52,7 +52,7 @@ def _validation_images(config_path: str, batches: int):
     return torch.cat(images)
 
 
-def _predict_images_main(argv: List[str]) -> int:
+def predict_images_command(argv: List[str]) -> int:
     from finegrained.predict import predict_images
 
     parser = argparse.ArgumentParser(prog="finegrained predict-images",

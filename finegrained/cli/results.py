@@ -6,7 +6,7 @@ import os
 from typing import List
 
 
-def _tables_main(argv: List[str]) -> int:
+def tables_command(argv: List[str]) -> int:
     from finegrained.results.plots import plot_accuracy_vs_dim
     from finegrained.results.runs import read_runs
     from finegrained.results.tables import accuracy_vs_dim_points, load_reference, select_runs, write_tables
