@@ -18,6 +18,7 @@ from torch import Tensor
 
 from finegrained.ops import (CountSketches, covariance, full_precision, sym, tensor_sketch, tensor_sketch_gram,
                              tensor_sketch_hashed)
+from finegrained.ops.backward import first_order_only
 
 
 def isqrt_autograd(x: Tensor, iterations: int = 5) -> Tensor:
@@ -58,6 +59,7 @@ class _OfficialISqrt(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("isqrt_official")
     def backward(ctx, grad):
         x, centring, a, trace, ys, zs = ctx.saved_tensors
         b, c, _ = x.shape

@@ -12,6 +12,7 @@ module                      what it holds
 ``ops.substitutes``         ``powm_newton_schulz``, ``logm_newton_schulz``: eigendecomposition-free
                             substitutes for ONNX
 ``ops.sketch``              count sketches, Tensor Sketch, Random Maclaurin, ``CountSketches``
+``ops.backward``            ``first_order_only``: hand-written backwards refuse double backward
 ==========================  ===================================================================
 
 Everything public is importable from :mod:`finegrained.ops` directly. Shapes use B for the batch,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finegrained.ops.backward import first_order_only
 from finegrained.ops.covariance import check_square, sym
 from finegrained.ops.precision import full_precision
 
@@ -77,6 +78,7 @@ class _SymmetricEigFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("eig_power/eig_log")
     def backward(ctx, grad):
         lam, u, value, slope, cutoff = ctx.saved_tensors
         diff = lam.unsqueeze(-1) - lam.unsqueeze(-2)  # λ_i − λ_j

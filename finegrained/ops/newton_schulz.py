@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from finegrained.ops.backward import first_order_only
 from finegrained.ops.covariance import batch_trace, check_square, covariance, positions, safe_normaliser, unit_frobenius
 from finegrained.ops.precision import full_precision
 
@@ -105,6 +106,7 @@ class _NewtonSchulzLyapunov(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("sqrtm_newton_schulz_lyapunov")
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return lyapunov_newton_schulz(y, grad, ctx.backward_iterations), None, None
@@ -182,6 +184,7 @@ class _ISqrtCov(torch.autograd.Function):
         return torch.baddbmm(y, y, p, beta=1.5, alpha=-0.5).mul_(trace.sqrt().view(-1, 1, 1))
 
     @staticmethod
+    @first_order_only("isqrt_cov")
     def backward(ctx, grad_out):
         x, a, trace, y_last, *ps = ctx.saved_tensors
         n = ctx.iterations
