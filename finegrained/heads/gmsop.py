@@ -9,6 +9,9 @@ own SR-SOP block with BN (feature f), followed by noisy top-K gating:
     H_i(f) = W_g f + γ · softplus(W_n f),   γ ~ N(0, 1) per image in training, 0 in evaluation
     ω = softmax over the K largest H_i (0 elsewhere),   output = Σ_i ω_i M_i(X)
 
+Tied logits (all of them, at the constant initialisation) are broken at random in training, as the
+official gate layer does, and towards the lower index in evaluation and export (:func:`top_k_gates`).
+
 and a load-balance loss on the batch importance I = Σ_batch ω,
 
     L_B = w · (std(I) / mean(I))²     (population std),
@@ -38,15 +41,24 @@ def load_balance_loss(gates: Tensor, weight: float = 100.0) -> Tensor:
     return weight * importance.var(correction=0) / importance.mean().square().clamp_min(1e-12)
 
 
-def top_k_gates(logits: Tensor, k: int) -> Tensor:
+def top_k_gates(logits: Tensor, k: int, random_ties: bool = False) -> Tensor:
     """(B, N) logits -> (B, N) weights: softmax over the k largest logits per row, 0 elsewhere.
 
-    Ties go to the lower index: with the paper's constant initialisation every logit is equal in
-    evaluation, and top-k's unspecified tie order would make exported models pick other components
-    than PyTorch. A stable sort does not export to ONNX, so selection uses logits lowered by
-    10⁻⁶·(1 + max|logit|)·index, and the softmax uses the unmodified logits.
+    Ties (with the paper's constant initialisation every logit is equal) are broken by lowering the
+    logits used for selection by 10⁻⁶·(1 + max|logit|)·rank; the softmax uses the unmodified logits.
+
+    * ``random_ties=False`` (evaluation, export): rank = index, ties go to the lower index, so that
+      exported models pick the same components as PyTorch (top-k's tie order is unspecified, and a
+      stable sort does not export to ONNX).
+    * ``random_ties=True`` (training): rank = a random permutation per row, ties go to random
+      components, as the official gate layer picks tied top-K entries at random; otherwise half of
+      the components would never be selected from the constant initialisation.
     """
-    ramp = torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
+    n = logits.shape[1]
+    if random_ties:
+        ramp = torch.rand(logits.shape, device=logits.device).argsort(dim=1).to(logits.dtype)
+    else:
+        ramp = torch.arange(n, device=logits.device, dtype=logits.dtype)
     tie_break = 1e-6 * (1 + logits.detach().abs().amax(dim=1, keepdim=True)) * ramp
     indices = (logits - tie_break).topk(k, dim=1).indices
     values = logits.gather(1, indices)
@@ -89,7 +101,7 @@ class GatedMixtureSOPHead(PoolingHead):
         if self.training:
             gamma = torch.randn(x.shape[0], 1, dtype=logits.dtype, device=logits.device)
             logits = logits + gamma * F.softplus(self.noise(f))
-        return top_k_gates(logits, self.top_k)
+        return top_k_gates(logits, self.top_k, random_ties=self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         gates = self.gates(x)  # (B, N)
