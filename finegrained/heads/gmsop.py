@@ -9,9 +9,6 @@ own SR-SOP block with BN (feature f), followed by noisy top-K gating:
     H_i(f) = W_g f + γ · softplus(W_n f),   γ ~ N(0, 1) per image in training, 0 in evaluation
     ω = softmax over the K largest H_i (0 elsewhere),   output = Σ_i ω_i M_i(X)
 
-Tied logits (all of them, at the constant initialisation) are broken at random in training, as the
-official gate layer does, and towards the lower index in evaluation and export (:func:`top_k_gates`).
-
 and a load-balance loss on the batch importance I = Σ_batch ω,
 
     L_B = w · (std(I) / mean(I))²     (population std),
@@ -21,6 +18,9 @@ adds it to the training loss. Defaults from the paper: N = 16, K = 8, w = 100, W
 initialised to the constant 1/size ("ones/size"), components of 256 -> 128 channels with 3
 Newton–Schulz iterations: 8,256 values. All N components are evaluated and weighted (ω is 0 for the
 N − K dropped ones), which keeps the graph static for export.
+
+Tied logits (all of them, at the constant initialisation) are broken at random in training, as the
+official gate layer does, and towards the lower index in evaluation and export (:func:`top_k_gates`).
 
 Shapes: (B, C, H, W) -> (B, 8256).
 """
