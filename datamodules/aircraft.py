@@ -8,7 +8,8 @@
 dataset's README asks users to remove (torchvision's ``FGVCAircraft`` keeps it); it is cropped here
 by default. ``images_box.txt`` holds ``<id> x1 y1 x2 y2`` (1-based, inclusive).
 
-Default transforms follow the iSQRT-COV fine-tuning code: resize to 512×512, crop 448, flip.
+Default transforms follow the iSQRT-COV fine-tuning code (fast-MPN-COV ``imagepreprocess.py``): resize to
+512×512, centre crop 448 in training and at test, random flip in training.
 """
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
                  crop_banner: bool = True, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = (512, 512),
                  crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 skip_corrupt: bool = False):
+                 train_crop: str = "center", skip_corrupt: bool = False):
         if annotation_level not in _CLASS_FILES:
             raise ValueError(f"annotation_level must be one of {sorted(_CLASS_FILES)}, got {annotation_level!r}")
         if train_split not in ("trainval", "train"):
             raise ValueError(f"train_split must be 'trainval' or 'train', got {train_split!r}")
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         skip_corrupt=skip_corrupt)
+                         train_crop=train_crop, skip_corrupt=skip_corrupt)
         self.save_hyperparameters()
         self.annotation_level = annotation_level
         self.train_split = train_split

@@ -27,6 +27,8 @@ class FineGrainedDataModule(pl.LightningDataModule):
         crop_size: square crop side, or [h, w].
         mean, std: normalisation (ImageNet by default).
         hflip: random horizontal flips in training.
+        train_crop: ``"random"`` or ``"center"`` crop of ``crop_size`` in training (the protocol's choice:
+            the official iSQRT-COV fine-tuning crops the centre, compact bilinear pooling a random patch).
         skip_corrupt: off (default): an unreadable image stops the run with an error naming the file.
             On: it is logged once (a warning naming the file and why) and the next readable image of
             the split takes its place, so a bad file in hour 20 does not cost the run.
@@ -35,13 +37,13 @@ class FineGrainedDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 32, num_workers: int = 2,
                  resize_size: Union[int, List[int]] = 512, crop_size: Union[int, List[int]] = 448,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 hflip: bool = True, skip_corrupt: bool = False):
+                 hflip: bool = True, train_crop: str = "random", skip_corrupt: bool = False):
         super().__init__()
         self.skip_corrupt = skip_corrupt
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.preprocessing = preprocessing_spec(resize_size, crop_size, mean, std)
-        self.train_transform = train_transform(resize_size, crop_size, mean, std, hflip)
+        self.train_transform = train_transform(resize_size, crop_size, mean, std, hflip, train_crop)
         self.eval_transform = eval_transform(self.preprocessing)
         self.train_dataset: Optional[Dataset] = None
         self.val_dataset: Optional[Dataset] = None

@@ -14,7 +14,8 @@ from mirrors in several layouts; ``layout="auto"`` detects which:
 
 Annotations (``.mat``, read with scipy): ``class_names`` in ``cars_meta.mat`` (official order, not
 alphabetical); ``annotations`` with fields ``bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, fname``,
-class 1..196 -> label = class − 1. Default transforms: resize to 448×448, flip (iSQRT-COV code).
+class 1..196 -> label = class − 1. Default transforms: resize to 448×448 (the
+448 crop then keeps the whole image), flip (iSQRT-COV code).
 """
 from __future__ import annotations
 
@@ -66,12 +67,12 @@ class StanfordCarsDataModule(AnnotatedDataModule):
     def __init__(self, root: str, layout: str = "auto", bbox_crop: bool = False, val_fraction: float = 0.0,
                  seed: int = 0, batch_size: int = 10, num_workers: int = 4,
                  resize_size: Union[int, List[int]] = (448, 448), crop_size: Union[int, List[int]] = 448,
-                 hflip: bool = True, skip_corrupt: bool = False):
+                 hflip: bool = True, train_crop: str = "center", skip_corrupt: bool = False):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         skip_corrupt=skip_corrupt)
+                         train_crop=train_crop, skip_corrupt=skip_corrupt)
         self.save_hyperparameters()
         self.requested_layout = layout
 

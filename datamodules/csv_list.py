@@ -45,10 +45,10 @@ class CSVDataModule(AnnotatedDataModule):
                  class_names: Optional[List[str]] = None, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 32, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
                  crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 skip_corrupt: bool = False):
+                 train_crop: str = "random", skip_corrupt: bool = False):
         super().__init__(image_root, bbox_crop=False, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         skip_corrupt=skip_corrupt)
+                         train_crop=train_crop, skip_corrupt=skip_corrupt)
         self.save_hyperparameters()
         self.train_csv, self.val_csv, self.test_csv = train_csv, val_csv, test_csv
         self._given_classes = list(class_names) if class_names else None

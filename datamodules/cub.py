@@ -5,8 +5,9 @@ ids): ``images.txt`` (id, relative path), ``image_class_labels.txt`` (id, class 
 ``train_test_split.txt`` (id, 1 = train), ``classes.txt`` (class id, ``NNN.Name``) and
 ``bounding_boxes.txt`` (id, x, y, width, height as floats). Labels are 0-based in ``classes.txt`` order.
 
-Default transforms follow the iSQRT-COV fine-tuning code: shorter side to 448, crop 448 (random in
-training, centre at test), horizontal flip.
+Default transforms follow the iSQRT-COV fine-tuning code (fast-MPN-COV ``imagepreprocess.py``): shorter
+side to 448, centre crop 448 in training and at test, random horizontal flip in training
+(``train_crop="random"`` for protocols that crop at random).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ class CUB200DataModule(AnnotatedDataModule):
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
                  crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 skip_corrupt: bool = False):
+                 train_crop: str = "center", skip_corrupt: bool = False):
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         skip_corrupt=skip_corrupt)
+                         train_crop=train_crop, skip_corrupt=skip_corrupt)
         self.save_hyperparameters()
 
     @cached_property

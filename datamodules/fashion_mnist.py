@@ -76,15 +76,15 @@ class FashionMNISTDataModule(FineGrainedDataModule):
         test_per_class: test images per class from the official test set (``None`` = all 10,000).
         seed: seed of the subsets.
         download: allow torchvision's download when no local copy exists.
-        batch_size, num_workers, hflip: as in :class:`FineGrainedDataModule`.
+        batch_size, num_workers, hflip, train_crop: as in :class:`FineGrainedDataModule`.
     """
 
     def __init__(self, data_dir: Optional[str] = None, image_size: int = 96,
                  subset_per_class: Optional[int] = None, val_per_class: int = 50,
                  test_per_class: Optional[int] = None, seed: int = 0, download: bool = True,
-                 batch_size: int = 32, num_workers: int = 2, hflip: bool = True):
+                 batch_size: int = 32, num_workers: int = 2, hflip: bool = True, train_crop: str = "random"):
         super().__init__(batch_size=batch_size, num_workers=num_workers, resize_size=image_size * 9 // 8,
-                         crop_size=image_size, hflip=hflip)
+                         crop_size=image_size, hflip=hflip, train_crop=train_crop)
         self.save_hyperparameters()
         self.data_dir = data_dir or default_data_dir()
         self.subset_per_class = subset_per_class

@@ -1,6 +1,8 @@
 """Fine-grained preprocessing, described by a small dict so exports can carry it.
 
-Training: resize, random crop, horizontal flip. Test: resize, centre crop.
+Training: resize, random or centre crop (``train_crop``, per protocol: the official iSQRT-COV code crops
+the centre, compact bilinear pooling's code a random 448 of 512×512), horizontal flip. Test: resize,
+centre crop.
 ``resize`` is an int (shorter side, aspect kept, as for CUB) or [h, w] (exact size, as for
 Aircraft 512×512 and Cars 448×448).
 """
@@ -55,8 +57,16 @@ def _to_normalized_tensor(mean, std):
     return [ToNormalizedTensor(mean, std)]
 
 
-def train_transform(resize: Size, crop: Size, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: bool = True):
-    ops = [T.Resize(resize, interpolation=InterpolationMode.BILINEAR, antialias=True), T.RandomCrop(crop)]
+TRAIN_CROPS = ("random", "center")
+
+
+def train_transform(resize: Size, crop: Size, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: bool = True,
+                    train_crop: str = "random"):
+    """Training transform: resize, ``train_crop`` crop (``"random"`` or ``"center"``), optional flip."""
+    if train_crop not in TRAIN_CROPS:
+        raise ValueError(f"train_crop must be one of {TRAIN_CROPS}, got {train_crop!r}")
+    crop_op = T.RandomCrop(crop) if train_crop == "random" else T.CenterCrop(crop)
+    ops = [T.Resize(resize, interpolation=InterpolationMode.BILINEAR, antialias=True), crop_op]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     return T.Compose(ops + _to_normalized_tensor(mean, std))

@@ -48,3 +48,51 @@ def test_gmsop_evaluation_keeps_the_deterministic_tie_rule():
     head(x)
     assert torch.equal(first, head.last_gates)
     assert torch.equal((first > 0).nonzero()[:, 1].view(4, 8), torch.arange(8).expand(4, 8))  # ties -> lowest indices
+
+
+# ---- 10. the training crop of each protocol -------------------------------------------------------------
+def test_center_training_crop_is_the_test_crop_without_randomness():
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.transforms import eval_transform, preprocessing_spec, train_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    centre = train_transform(48, 40, hflip=False, train_crop="center")
+    torch.testing.assert_close(centre(image), eval_transform(preprocessing_spec(48, 40))(image))
+    random = train_transform(48, 40, hflip=False, train_crop="random")
+    torch.manual_seed(0)
+    crops = {tuple(random(image).flatten()[:50].tolist()) for _ in range(5)}
+    assert len(crops) > 1
+    with pytest.raises(ValueError, match="train_crop"):
+        train_transform(48, 40, train_crop="middle")
+
+
+def _merged(path):
+    import os
+
+    from finegrained.cli.recipe import load_recipe
+
+    return load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", path))
+
+
+@pytest.mark.parametrize("dataset", ["cub", "aircraft", "cars"])
+@pytest.mark.parametrize("recipe, crop", [("isqrt_resnet50", "center"), ("isqrt_resnet101", "center"),
+                                          ("mpncov_vgg16", "center"), ("cbp_vgg16", "random"),
+                                          ("cbp_resnet50", "random"), ("g2de_vgg16", "center"),
+                                          ("hihca_vgg16", "center")])
+def test_each_protocol_sets_its_training_crop(dataset, recipe, crop):
+    assert _merged(f"{dataset}/{recipe}.yaml")["data"]["init_args"]["train_crop"] == crop
+
+
+@pytest.mark.parametrize("module, crop", [("CUB200DataModule", "center"), ("FGVCAircraftDataModule", "center"),
+                                          ("StanfordCarsDataModule", "center"), ("ImageFolderDataModule", "random")])
+def test_datamodule_default_training_crop(module, crop):
+    import inspect
+
+    import datamodules
+
+    cls = getattr(datamodules, module)
+    parameters = {**inspect.signature(datamodules.FineGrainedDataModule.__init__).parameters,
+                  **inspect.signature(cls.__init__).parameters}
+    assert parameters["train_crop"].default == crop
