@@ -13,6 +13,7 @@ Shapes: images (B, 3, H, W) -> features (B, C, h, w) -> representation (B, head.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
@@ -33,6 +34,11 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes >= 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
+
+
+# A checkpoint holds every weight: rebuilding from it reads neither pretrained weights (a download
+# offline) nor the checkpoint a fine-tuning started from (which may be gone).
+WEIGHTS_IN_CHECKPOINT = {"backbone_weights": None, "init_from": None}
 
 
 class FineGrainedClassifier(pl.LightningModule):
@@ -104,7 +110,26 @@ class FineGrainedClassifier(pl.LightningModule):
         print(f"init_from {checkpoint_path}: loaded {len(kept)} tensors, dropped {len(dropped)}")
         return dropped
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: Optional[bool] = True, **kwargs):
+        """Lightning's ``load_from_checkpoint``, offline and with ``weights_only=True`` by default.
+
+        The checkpoint holds every weight, so the model is built without reading ``backbone_weights``
+        or ``init_from`` again; both stay recorded in ``hparams`` as the checkpoint has them.
+        """
+        overrides = {key: value for key, value in WEIGHTS_IN_CHECKPOINT.items() if key not in kwargs}
+        model = super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                             strict=strict, weights_only=weights_only, **overrides, **kwargs)
+        if isinstance(checkpoint_path, (str, os.PathLike)) and overrides:
+            recorded = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            _record_weight_sources(model, recorded.get("hyper_parameters", {}), overrides)
+        return model
+
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Restored from a checkpoint: keep the weight sources it records (the model may have been
+        # built without them, see WEIGHTS_IN_CHECKPOINT), so later checkpoints record them too.
+        _record_weight_sources(self, checkpoint.get("hyper_parameters", {}))
         saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
         if saved is not None and saved != self.hparams.num_classes:
             raise ValueError(f"the checkpoint was trained for {saved} classes but the data has "
@@ -195,9 +220,13 @@ def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrai
     accepted = inspect.signature(FineGrainedClassifier.__init__).parameters
     # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only.
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    hparams["backbone_weights"] = None
-    hparams["init_from"] = None  # the checkpoint itself holds every weight
-    model = FineGrainedClassifier(**hparams)
+    model = FineGrainedClassifier(**{**hparams, **WEIGHTS_IN_CHECKPOINT})
     model.load_state_dict(checkpoint["state_dict"])
-    model.hparams.backbone_weights = checkpoint["hyper_parameters"].get("backbone_weights")
+    _record_weight_sources(model, checkpoint["hyper_parameters"])
     return model.eval()
+
+
+def _record_weight_sources(model: FineGrainedClassifier, recorded: Dict[str, Any], keys=WEIGHTS_IN_CHECKPOINT) -> None:
+    """Put back the weight sources the checkpoint recorded (not used to build it, kept for the record)."""
+    for key in keys:
+        model.hparams[key] = recorded.get(key)

@@ -96,3 +96,49 @@ def test_datamodule_default_training_crop(module, crop):
     parameters = {**inspect.signature(datamodules.FineGrainedDataModule.__init__).parameters,
                   **inspect.signature(cls.__init__).parameters}
     assert parameters["train_crop"].default == crop
+
+
+# ---- 7. FineGrainedClassifier.load_from_checkpoint works offline ------------------------------------------
+def test_load_from_checkpoint_reads_neither_pretrained_weights_nor_init_from(tmp_path, monkeypatch, image_folder):
+    import urllib.error
+
+    import pytorch_lightning as pl
+    import torchvision
+
+    from datamodules import ImageFolderDataModule
+    from finegrained.model import FineGrainedClassifier
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    first = FineGrainedClassifier(num_classes=3, backbone="resnet18", backbone_weights=str(weights), head="gap")
+    start = tmp_path / "start.ckpt"
+    torch.save({"hyper_parameters": dict(first.hparams), "state_dict": first.state_dict()}, start)
+    model = FineGrainedClassifier(num_classes=3, backbone="resnet18", backbone_weights=str(weights), head="gap",
+                                  init_from=str(start))
+    dm = ImageFolderDataModule(image_folder, batch_size=4, num_workers=0, resize_size=72, crop_size=64)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    ckpt = tmp_path / "trained.ckpt"
+    model.hparams.backbone_weights = "imagenet"  # as a recipe records it
+    trainer.save_checkpoint(ckpt)
+    weights.unlink()
+    start.unlink()
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
+    loaded = FineGrainedClassifier.load_from_checkpoint(ckpt)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    assert loaded.hparams.backbone_weights == "imagenet" and loaded.hparams.init_from == str(start)  # as recorded
+
+
+def test_cli_test_does_not_read_init_from_again(trained_run, tmp_path):
+    from finegrained.cli import main
+
+    recipe, ckpt, _ = trained_run
+    assert main(["test", "--config", recipe, "--ckpt_path", ckpt, "--model.init_from", str(tmp_path / "gone.ckpt"),
+                 "--runs_csv", ""]) == 0

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from finegrained.cli.recipe import config_hash, expand_config_args
-from finegrained.model import FineGrainedClassifier
+from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import AtomicCheckpointIO, RandomState
 from finegrained.results.runs import RunArtifacts, append_run, device_name, git_commit
 
@@ -59,9 +59,12 @@ class FineGrainedCLI(LightningCLI):
         if not sub:
             return
         cfg = self.config[sub]
-        # A checkpoint holds every weight: do not fetch ImageNet weights just to overwrite them.
-        if sub in ("validate", "test", "predict") and cfg.get("ckpt_path"):
-            cfg.model.backbone_weights = None
+        # A checkpoint (to evaluate, or to resume a fit from) holds every weight: read neither the
+        # pretrained weights (a download) nor an init_from file just to overwrite them; the model
+        # records the sources the checkpoint names when it is restored.
+        if cfg.get("ckpt_path"):
+            for key, value in WEIGHTS_IN_CHECKPOINT.items():
+                cfg.model[key] = value
         # Lightning skips checkpoints under fast_dev_run except save_last at on_train_end, which
         # would overwrite a real run's last.ckpt (same dirpath in the recipe) with a one-batch model.
         if sub == "fit" and cfg.get("trainer", {}).get("fast_dev_run") and cfg.get("checkpoint"):
