@@ -137,8 +137,18 @@ def test_load_from_checkpoint_reads_neither_pretrained_weights_nor_init_from(tmp
 
 
 def test_cli_test_does_not_read_init_from_again(trained_run, tmp_path):
+    """A fine-tuned checkpoint records init_from; LightningCLI takes it from the checkpoint when testing."""
+    import shutil
+
     from finegrained.cli import main
 
     recipe, ckpt, _ = trained_run
-    assert main(["test", "--config", recipe, "--ckpt_path", ckpt, "--model.init_from", str(tmp_path / "gone.ckpt"),
-                 "--runs_csv", ""]) == 0
+    start = tmp_path / "start.ckpt"
+    shutil.copy(ckpt, start)
+    run = ["--config", recipe, "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck"),
+           "--runs_csv", ""]
+    assert main(["fit", *run, "--model.init_from", str(start), "--trainer.max_epochs", "1"]) == 0
+    fine_tuned = tmp_path / "ck" / "last.ckpt"
+    assert torch.load(fine_tuned, weights_only=True)["hyper_parameters"]["init_from"] == str(start)
+    start.unlink()
+    assert main(["test", *run, "--ckpt_path", str(fine_tuned)]) == 0
