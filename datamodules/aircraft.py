@@ -47,7 +47,7 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
         self.save_hyperparameters()
         self.annotation_level = annotation_level
         self.train_split = train_split
-        self.bottom_crop = BANNER_ROWS if crop_banner else 0
+        self.crop_bottom_rows(BANNER_ROWS if crop_banner else 0)
 
     @cached_property
     def dataset_dir(self) -> str:

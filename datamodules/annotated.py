@@ -92,6 +92,13 @@ class AnnotatedDataModule(FineGrainedDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
 
+    def crop_bottom_rows(self, rows: int) -> None:
+        """Remove ``rows`` stored rows at the bottom of every image, and record it with the preprocessing so
+        that exports and ``predict-images`` decode as the test loader does."""
+        self.bottom_crop = rows
+        if rows:
+            self.preprocessing["bottom_crop"] = rows
+
     def read_splits(self) -> Tuple[Split, Optional[Split], Split]:
         """Return (train, official val or None, test) as (samples, boxes-or-None)."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.io import ImageLoadError, decode_rgb
+from datamodules.io import ImageLoadError, decode_cropped
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,7 @@ class ImageListDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The image after the dataset's crops (banner, box) and before the transforms."""
         box = self.boxes[index] if self.boxes is not None else None
-        # A box is relative to the stored image; decode at full scale so it stays exact.
-        image, scale = decode_rgb(self.samples[index][0], None if box is not None else self.resize)
-        width, height = image.size
-        bottom = height - round(self.bottom_crop * scale)
-        if box is not None:
-            left, upper, right, lower = box
-            image = image.crop((max(0, round(left)), max(0, round(upper)),
-                                min(width, round(right)), min(bottom, round(lower))))
-        elif self.bottom_crop:
-            image = image.crop((0, 0, width, bottom))
-        return image
+        return decode_cropped(self.samples[index][0], self.resize, self.bottom_crop, box)
 
     def __getitem__(self, index: int):
         for offset in range(len(self.samples) if self.skip_corrupt else 1):

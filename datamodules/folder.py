@@ -103,6 +103,7 @@ class ImageFolderDataModule(FineGrainedDataModule):
         else:
             warnings.warn(f"{self.root!r} has no test/ folder: the validation split is used as test set")
             test = val
-        return (ImageListDataset(train, classes, self.train_transform),
-                ImageListDataset(val, classes, self.eval_transform),
-                ImageListDataset(test, classes, self.eval_transform))
+        resize = self.preprocessing["resize"]  # large JPEGs are draft-decoded, as in every loader
+        return (ImageListDataset(train, classes, self.train_transform, resize=resize),
+                ImageListDataset(val, classes, self.eval_transform, resize=resize),
+                ImageListDataset(test, classes, self.eval_transform, resize=resize))

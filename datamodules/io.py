@@ -28,6 +28,23 @@ def _draft_request(size, resize):
     return int(resize[1]), int(resize[0])
 
 
+def decode_cropped(path: str | os.PathLike, resize: Optional[Union[int, Sequence[int]]] = None, bottom_crop: int = 0,
+                   box: Optional[Tuple[float, float, float, float]] = None) -> Image.Image:
+    """Decode ``path`` as every loader does before its transforms, for training, test and prediction alike.
+
+    Large JPEGs are draft-decoded for ``resize`` (see :func:`decode_rgb`) unless a ``box`` (left, upper,
+    right, lower in stored pixels) must stay exact; ``bottom_crop`` stored rows are removed (FGVC-Aircraft's
+    copyright banner), then the box is cropped.
+    """
+    image, scale = decode_rgb(path, None if box is not None else resize)
+    width, height = image.size
+    bottom = height - round(bottom_crop * scale)
+    if box is not None:
+        left, upper, right, lower = box
+        return image.crop((max(0, round(left)), max(0, round(upper)), min(width, round(right)), min(bottom, round(lower))))
+    return image.crop((0, 0, width, bottom)) if bottom_crop else image
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully and return it as an RGB PIL image."""
     return decode_rgb(path)[0]

@@ -1,7 +1,8 @@
 """Export a trained FineGrainedClassifier to ONNX or TorchScript, with a JSON manifest.
 
 The artifact maps images (B, 3, h, w), float32, preprocessed as the manifest says, to
-logits (B, num_classes). The manifest ``<FILE>.json`` beside it records the class names,
+logits (B, num_classes): the network ``finegrained test`` evaluates, so with ``test_flip`` (the default)
+the mean of the logits of each image and its horizontal flip (the manifest's ``output.flip_averaged``). The manifest ``<FILE>.json`` beside it records the class names,
 the preprocessing, the model recipe and the sha256 of the artifact; the export checks the
 artifact against PyTorch and records the largest difference.
 
@@ -68,8 +69,9 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
         raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     model = load_classifier(checkpoint_path)
     hp = model.hparams
-    # Export plain modules: the artifact should hold the network, not the Lightning trainer plumbing.
-    network = torch.nn.Sequential(model.backbone, model.head, model.classifier).eval()
+    # Export plain modules: the artifact holds the network as `finegrained test` evaluates it (flip
+    # averaging included), not the Lightning trainer plumbing.
+    network = model.inference_network().eval()
     preprocessing = hp.get("preprocessing") or _DEFAULT_PREPROCESSING
     class_names = list(hp.get("class_names") or [str(i) for i in range(hp.num_classes)])
     height, width = _crop_hw(preprocessing)
@@ -79,14 +81,14 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
 
     with torch.no_grad():
-        backbone_maps = model.backbone(images)  # shared by the exact and the substitute head
-        exact_features = model.head(backbone_maps)
-        exact = model.classifier(exact_features)
+        maps = [model.backbone(view) for view in network.views(images)]  # shared by the exact and the substitute head
+        exact_features = [model.head(m) for m in maps]
+        exact = network.average([model.classifier(f) for f in exact_features])
     substitute = None
     if fmt == "onnx":
         with torch.no_grad(), onnx_substitutes(network) as descriptions:
-            features = model.head(backbone_maps)
-            reference = model.classifier(features).numpy()
+            features = [model.head(m) for m in maps]
+            reference = network.average([model.classifier(f) for f in features]).numpy()
             batch = torch.export.Dim("batch", min=1)
             program = torch.onnx.export(network, (images[:2],), input_names=["images"], output_names=["logits"],
                                         dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
@@ -97,8 +99,8 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
                 "description": "; ".join(descriptions),
                 "measured_on": f"{len(images)} {measured_on}",
                 "logits_max_abs_error": float((torch.as_tensor(reference) - exact).abs().max()),
-                "features_max_abs_error": float((features - exact_features).abs().max()),
-                "features_max_abs": float(exact_features.abs().max()),
+                "features_max_abs_error": float((features[0] - exact_features[0]).abs().max()),
+                "features_max_abs": float(exact_features[0].abs().max()),
             }
     else:
         reference = exact.numpy()
@@ -125,7 +127,10 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
         "class_names": class_names,
         "preprocessing": preprocessing,
         "input": {"name": "images", "shape": ["batch", 3, height, width], "dtype": "float32"},
-        "output": {"name": "logits", "shape": ["batch", len(class_names)]},
+        "output": {"name": "logits", "shape": ["batch", len(class_names)],
+                   "flip_averaged": network.test_flip,
+                   "computes": ("the mean of the logits of each image and its horizontal flip, as finegrained test"
+                                if network.test_flip else "the logits of each image, as finegrained test")},
         "model": {k: hp.get(k) for k in ("backbone", "backbone_weights", "last_stride", "head", "head_kwargs",
                                          "num_classes", "test_flip")},
         "source_checkpoint": os.path.abspath(checkpoint_path),

@@ -36,6 +36,26 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+class InferenceNetwork(nn.Module):
+    """images (B, 3, h, w) -> logits (B, K) as evaluated: with ``test_flip``, the mean of the logits of each
+    image and its horizontal flip (the iSQRT-COV test protocol). Plain modules only, so it exports."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: nn.Module, test_flip: bool):
+        super().__init__()
+        self.backbone, self.head, self.classifier, self.test_flip = backbone, head, classifier, bool(test_flip)
+
+    def views(self, images: Tensor) -> List[Tensor]:
+        """The inputs whose logits are averaged: the images, and their flip with ``test_flip``."""
+        return [images, torch.flip(images, dims=[3])] if self.test_flip else [images]
+
+    @staticmethod
+    def average(logits: List[Tensor]) -> Tensor:
+        return torch.stack(logits).mean(dim=0)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.average([self.classifier(self.head(self.backbone(view))) for view in self.views(images)])
+
+
 # A checkpoint holds every weight: rebuilding from it reads neither pretrained weights (a download
 # offline) nor the checkpoint a fine-tuning started from (which may be gone).
 WEIGHTS_IN_CHECKPOINT = {"backbone_weights": None, "init_from": None}
@@ -140,12 +160,13 @@ class FineGrainedClassifier(pl.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.classifier(self.head(self.backbone(images)))
 
+    def inference_network(self) -> "InferenceNetwork":
+        """The network ``finegrained test`` evaluates, as a plain module (what export writes)."""
+        return InferenceNetwork(self.backbone, self.head, self.classifier, self.hparams.test_flip)
+
     def predict_logits(self, images: Tensor) -> Tensor:
         """Logits, averaged with those of the flipped images when ``test_flip`` is set."""
-        logits = self(images)
-        if self.hparams.test_flip:
-            logits = 0.5 * (logits + self(torch.flip(images, dims=[3])))
-        return logits
+        return self.inference_network()(images)
 
     # -- steps ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

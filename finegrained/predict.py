@@ -10,13 +10,14 @@ import csv
 import json
 import os
 import sys
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from datamodules.io import IMAGE_EXTENSIONS, ImageLoadError, load_rgb
+from datamodules.io import IMAGE_EXTENSIONS, ImageLoadError, decode_cropped
+from datamodules.samples import safe_name
 from datamodules.transforms import eval_transform
 from finegrained.export import manifest_path, sha256_file
 
@@ -38,7 +39,8 @@ class ExportedModel:
             raise ValueError(f"{path} does not match its manifest {mpath}: sha256 {digest} != "
                              f"{self.manifest.get('sha256')}; re-export the model")
         self.class_names: List[str] = self.manifest["class_names"]
-        self.transform = eval_transform(self.manifest["preprocessing"])
+        self.preprocessing = self.manifest["preprocessing"]
+        self.transform = eval_transform(self.preprocessing)
         if self.manifest["format"] == "onnx":
             import onnxruntime as ort
 
@@ -48,6 +50,11 @@ class ExportedModel:
             self._module = torch.jit.load(path, map_location="cpu").eval()
             self._session = None
 
+    def preprocess(self, path: str) -> torch.Tensor:
+        """(3, h, w): decoded (JPEG draft, banner rows) and transformed exactly as the test loader did."""
+        spec = self.preprocessing
+        return self.transform(decode_cropped(path, spec["resize"], spec.get("bottom_crop", 0)))
+
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if self._session is not None:
             return self._session.run(None, {self._input: images.numpy()})[0]
@@ -55,41 +62,67 @@ class ExportedModel:
             return self._module(images).numpy()
 
 
-def collect_images(inputs: Iterable[str]) -> List[str]:
-    """Image files named directly, plus those found recursively in folders (sorted)."""
-    paths = []
+def labelled_folder(folder: str, class_names: Sequence[str]) -> Optional[Dict[str, int]]:
+    """``{sub-folder: label}`` when ``folder`` is labelled, else None.
+
+    A folder is labelled when it holds no image at its top and every sub-folder is named after a class of
+    the model (its name, or the file-safe form ``finegrained data samples --by-class`` writes).
+    """
+    labels = {name: i for i, name in enumerate(class_names)}
+    labels.update({safe_name(name): i for i, name in enumerate(class_names) if safe_name(name) not in labels})
+    entries = list(os.scandir(folder))
+    subfolders = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    loose = [e for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not subfolders or loose or any(name not in labels for name in subfolders):
+        return None
+    return {name: labels[name] for name in subfolders}
+
+
+def collect_images(inputs: Iterable[str], class_names: Sequence[str] = ()) -> List[Tuple[str, Optional[int]]]:
+    """``(path, label or None)`` for image files named directly, and those found recursively in folders
+    (sorted); images under a labelled folder (:func:`labelled_folder`) get the label of their class folder."""
+    images: List[Tuple[str, Optional[int]]] = []
     for item in inputs:
         if os.path.isdir(item):
+            labels = labelled_folder(item, class_names)
             for dirpath, _, files in sorted(os.walk(item)):
-                paths += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                label = None
+                if labels is not None:
+                    label = labels[os.path.relpath(dirpath, item).split(os.sep)[0]] if dirpath != item else None
+                images += [(os.path.join(dirpath, f), label) for f in sorted(files)
+                           if f.lower().endswith(IMAGE_EXTENSIONS)]
         elif os.path.exists(item):
-            paths.append(item)
+            images.append((item, None))
         else:
             raise FileNotFoundError(f"no such image or folder: {item}")
-    if not paths:
+    if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {list(inputs)}")
-    return paths
+    return images
 
 
 def predict_images(model_path: str, inputs: Iterable[str], topk: int = 5, batch_size: int = 16,
                    csv_path: str | None = None, out=None) -> Tuple[List[Dict], List[Tuple[str, str]]]:
     """Predict the top-k classes of every image; print one line per image and optionally write a CSV.
 
-    Returns ``(rows, failures)``: rows hold ``path``, ``rank``, ``class``, ``index``, ``probability``;
-    failures hold ``(path, message)`` for images that could not be read.
+    Images are decoded and preprocessed exactly as the test loader did (the manifest's preprocessing).
+    Images in a labelled folder (one sub-folder per class) also get ``true_class``, and the accuracy over
+    them is printed as ``finegrained test`` prints it.
+
+    Returns ``(rows, failures)``: rows hold ``path``, ``rank``, ``class``, ``index``, ``probability`` (and
+    ``true_class`` for labelled images); failures hold ``(path, message)`` for images that could not be read.
     """
     out = out or sys.stdout
     model = ExportedModel(model_path)
-    paths = collect_images(inputs)
+    images = collect_images(inputs, model.class_names)
     topk = min(topk, len(model.class_names))
-    rows, failures = [], []
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=len(paths) <= batch_size,
-                      file=sys.stderr):
-        batch_paths, tensors = [], []
-        for path in paths[start:start + batch_size]:
+    rows, failures, truth, predicted = [], [], [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch",
+                      disable=len(images) <= batch_size, file=sys.stderr):
+        batch, tensors = [], []
+        for path, label in images[start:start + batch_size]:
             try:
-                tensors.append(model.transform(load_rgb(path)))
-                batch_paths.append(path)
+                tensors.append(model.preprocess(path))
+                batch.append((path, label))
             except ImageLoadError as err:
                 failures.append((path, str(err)))
                 print(f"error: {err}", file=sys.stderr)
@@ -97,18 +130,28 @@ def predict_images(model_path: str, inputs: Iterable[str], topk: int = 5, batch_
             continue
         logits = torch.from_numpy(model(torch.stack(tensors)))
         probs, idx = logits.softmax(dim=1).topk(topk, dim=1)
-        for path, p_row, i_row in zip(batch_paths, probs.tolist(), idx.tolist()):
+        for (path, label), p_row, i_row in zip(batch, probs.tolist(), idx.tolist()):
             ranked = [(model.class_names[i], i, p) for i, p in zip(i_row, p_row)]
             print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, _, p in ranked), file=out)
-            rows += [{"path": path, "rank": r + 1, "class": name, "index": i, "probability": round(p, 6)}
+            known = {} if label is None else {"true_class": model.class_names[label]}
+            rows += [{"path": path, "rank": r + 1, "class": name, "index": i, "probability": round(p, 6), **known}
                      for r, (name, i, p) in enumerate(ranked)]
+            if label is not None:
+                truth.append(label)
+                predicted.append(i_row[0])
+    if truth:
+        from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+        print(f"Accuracy on {len(truth)} labelled images: top-1 {accuracy_score(truth, predicted):.4f}, "
+              f"mean per-class {balanced_accuracy_score(truth, predicted):.4f}", file=out)
     if csv_path:
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+        fields = ["path", "rank", "class", "index", "probability"] + (["true_class"] if truth else [])
         with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "rank", "class", "index", "probability"])
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         print(f"wrote {csv_path}", file=out)
     if failures:
-        print(f"{len(failures)} of {len(paths)} images could not be read (listed above)", file=sys.stderr)
+        print(f"{len(failures)} of {len(images)} images could not be read (listed above)", file=sys.stderr)
     return rows, failures

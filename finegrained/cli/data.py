@@ -32,6 +32,8 @@ def data_command(argv: List[str]) -> int:
     samples.add_argument("--split", choices=["train", "val", "test"], default="test")
     samples.add_argument("--n", type=int, default=8)
     samples.add_argument("--out", required=True)
+    samples.add_argument("--by-class", action="store_true",
+                         help="write a labelled folder OUT/<class>/NNNN.png (predict-images then reports accuracy)")
     verify = sub.add_parser("verify", help="decode every image; print counts per split and class; list problems")
     verify.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     verify.add_argument("--root", required=True, help="dataset folder (or the folder holding it); image root for csv")
@@ -47,7 +49,7 @@ def data_command(argv: List[str]) -> int:
     datamodule.prepare_data()
     datamodule.setup("test")
     dataset = getattr(datamodule, f"{args.split}_dataset")
-    for path in save_samples(dataset, args.out, args.n):
+    for path in save_samples(dataset, args.out, args.n, by_class=args.by_class):
         print(path)
     return 0
 
