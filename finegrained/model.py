@@ -25,7 +25,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finegrained.backbones import build_backbone
 from finegrained.heads import build_head
-from finegrained.optim import DEFAULT_LR_MULT, check_settings, configure_optimizers, parameter_groups, set_stage
+from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings, configure_optimizers, forget_state,
+                               parameter_groups, zero_through)
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -168,11 +169,39 @@ class FineGrainedClassifier(pl.LightningModule):
         """Logits, averaged with those of the flipped images when ``test_flip`` is set."""
         return self.inference_network()(images)
 
+    # -- the two-stage protocol (finegrained.optim) ----------------------------------------------
+    @property
+    def backbone_frozen(self) -> bool:
+        """In stage 1 of a fit: the backbone is frozen (evaluation mode, no autograd, learning rate 0)."""
+        trainer = self._trainer
+        return (trainer is not None and trainer.state.fn == "fit"
+                and backbone_frozen(self.current_epoch, self.hparams.stage1_epochs))
+
+    def train(self, mode: bool = True):
+        # Lightning puts the whole model back in training mode after every validation, mid-epoch ones
+        # included: a frozen backbone must keep its BatchNorm statistics.
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
+        if self.hparams.stage1_epochs and self.current_epoch == self.hparams.stage1_epochs:
+            forget_state(self.optimizers().optimizer, self.backbone)
+
     # -- steps ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        logits = self(images)
+        if self.backbone_frozen:
+            with torch.no_grad():
+                features = self.backbone(images)
+            logits = self.classifier(self.head(features))
+        else:
+            logits = self(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+        if self.backbone_frozen:  # several processes need every trainable parameter in the loss
+            loss = loss + zero_through(self.backbone)
         if self.head.aux_loss is not None:  # e.g. GM-SOP's load-balance loss
             self.log("train_aux_loss", self.head.aux_loss, on_step=True, on_epoch=True, batch_size=len(labels))
             loss = loss + self.head.aux_loss
@@ -199,9 +228,6 @@ class FineGrainedClassifier(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
-
-    def on_train_epoch_start(self) -> None:
-        set_stage(self.backbone, self.current_epoch, self.hparams.stage1_epochs)
 
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

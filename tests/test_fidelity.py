@@ -235,3 +235,96 @@ def test_labelled_folder_accuracy_equals_finegrained_test_on_the_demo_images(tmp
                           capsys.readouterr().out)
     assert tested and predicted, "both commands print their accuracy"
     assert predicted.groups() == tested.groups()
+
+
+# ---- 4. the two-stage protocol: one implementation, works on several processes -------------------------------
+def _two_stage_lrs(scheduler, epochs=6, stage1=2, lr_steps=(2,)):
+    from finegrained.optim import configure_optimizers
+
+    parts = {name: torch.nn.Linear(2, 2) for name in ("backbone", "head", "classifier")}
+    hp = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "scheduler": scheduler,
+          "lr_steps": list(lr_steps), "lr_gamma": 0.1, "stage1_epochs": stage1, "stage1_lr": 1.0}
+    config = configure_optimizers(parts, hp, {"backbone": 1.0, "head": 1.0, "classifier": 5.0}, epochs)
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(epochs):
+        lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_two_stage_learning_rate_of_every_group_per_epoch():
+    import math
+
+    stage1 = {"backbone": 0.0, "head": 1.0, "classifier": 1.0}
+    base = {"backbone": 1e-3, "head": 1e-3, "classifier": 5e-3}
+    scaled = lambda f: {k: v * f for k, v in base.items()}  # noqa: E731
+    expected_step = [stage1, stage1, base, base, scaled(0.1), scaled(0.1)]
+    expected_constant = [stage1, stage1, base, base, base, base]
+    expected_cosine = [stage1, stage1] + [scaled(0.5 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
+    for got, expected in ((_two_stage_lrs("step"), expected_step), (_two_stage_lrs("constant"), expected_constant),
+                          (_two_stage_lrs("cosine"), expected_cosine)):
+        for epoch, (g, e) in enumerate(zip(got, expected)):
+            assert g == pytest.approx(e), (epoch, g, e)
+
+
+def _stage_model(tmp_path, **kwargs):
+    import torchvision
+
+    from finegrained.model import FineGrainedClassifier
+
+    weights = tmp_path / "pretrained.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = FineGrainedClassifier(num_classes=3, backbone="resnet18", backbone_weights=str(weights), last_stride=1,
+                                  head="isqrt", head_kwargs={"reduction": 8}, lr=0.01, **kwargs)
+    return model, {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+
+def test_stage1_keeps_every_backbone_tensor_also_with_mid_epoch_validation(tmp_path, image_folder):
+    import pytorch_lightning as pl
+
+    from datamodules import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(image_folder, batch_size=2, num_workers=0, resize_size=72, crop_size=64)
+    for epochs, changes in ((1, False), (2, True)):
+        model, pretrained = _stage_model(tmp_path, stage1_epochs=1, stage1_lr=0.1)
+        trainer = pl.Trainer(max_epochs=epochs, val_check_interval=0.5, num_sanity_val_steps=0, accelerator="cpu",
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(model, dm)
+        after = model.backbone.state_dict()
+        same = [k for k in pretrained if torch.equal(after[k], pretrained[k])]
+        if changes:  # stage 2 trains the backbone: the check above can fail
+            assert len(same) < len(pretrained)
+        else:
+            assert same == list(pretrained), f"changed in stage 1: {sorted(set(pretrained) - set(same))[:5]}"
+
+
+def test_two_stage_fit_runs_under_ddp_and_switches_to_stage_2(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    import torchvision
+
+    from tests.conftest import finegrained_command
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("gloo DDP test written for Linux")
+    recipe, _, data = trained_run
+    weights = tmp_path / "pretrained.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = subprocess.run(finegrained_command() + [
+        "fit", "--config", recipe, "--model.backbone_weights", str(weights), "--model.stage1_epochs", "1",
+        "--model.stage1_lr", "0.1", "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath",
+        str(tmp_path / "ck"), "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null",
+        "--checkpoint.filename", "{epoch}", "--checkpoint.save_last", "false"],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    pretrained = torch.load(weights, weights_only=True)
+    for epoch, changed in ((0, False), (1, True)):
+        state = torch.load(tmp_path / "ck" / f"epoch={epoch}.ckpt", weights_only=True)["state_dict"]
+        backbone = {k[len("backbone.features."):]: v for k, v in state.items() if k.startswith("backbone.features.")}
+        differs = [k for k, v in backbone.items() if not torch.equal(v, pretrained[k])]
+        assert bool(differs) == changed, (epoch, differs[:3])
