@@ -63,6 +63,13 @@ class FineGrainedDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def validation_is_test(self) -> bool:
+        """Whether validation runs on the test split (the published protocol, ``val_fraction = 0``, or a folder
+        without test/): a checkpoint chosen by validation would then be chosen on the test set."""
+        self.setup()
+        return self.val_dataset is self.test_dataset
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset, self.test_dataset = self.build_datasets()

@@ -104,6 +104,6 @@ class ImageFolderDataModule(FineGrainedDataModule):
             warnings.warn(f"{self.root!r} has no test/ folder: the validation split is used as test set")
             test = val
         resize = self.preprocessing["resize"]  # large JPEGs are draft-decoded, as in every loader
-        return (ImageListDataset(train, classes, self.train_transform, resize=resize),
-                ImageListDataset(val, classes, self.eval_transform, resize=resize),
-                ImageListDataset(test, classes, self.eval_transform, resize=resize))
+        val_dataset = ImageListDataset(val, classes, self.eval_transform, resize=resize)
+        test_dataset = val_dataset if test is val else ImageListDataset(test, classes, self.eval_transform, resize=resize)
+        return ImageListDataset(train, classes, self.train_transform, resize=resize), val_dataset, test_dataset

@@ -328,3 +328,42 @@ def test_two_stage_fit_runs_under_ddp_and_switches_to_stage_2(trained_run, tmp_p
         backbone = {k[len("backbone.features."):]: v for k, v in state.items() if k.startswith("backbone.features.")}
         differs = [k for k, v in backbone.items() if not torch.equal(v, pretrained[k])]
         assert bool(differs) == changed, (epoch, differs[:3])
+
+
+# ---- 5. honest checkpoint choice --------------------------------------------------------------------------------
+@pytest.mark.parametrize("val_fraction, best_written, validation", [(0.0, False, "test set"), (0.5, True, "held-out")])
+def test_checkpoint_choice_is_honest(val_fraction, best_written, validation, trained_run, tmp_path, capsys):
+    import csv
+
+    from finegrained.cli import main
+    from tests.replicas import write_cub
+
+    recipe, _, _ = trained_run
+    cub = write_cub(str(tmp_path / "cub"), n_classes=3, per_class=4)
+    run = ["--config", recipe, "--data", "datamodules.CUB200DataModule", "--data.init_args.root", cub,
+           "--data.init_args.val_fraction", str(val_fraction), "--data.init_args.batch_size", "2",
+           "--data.init_args.resize_size", "72", "--data.init_args.crop_size", "64", "--data.init_args.num_workers", "0",
+           "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck"),
+           "--runs_csv", str(tmp_path / "runs.csv")]
+    assert main(["fit", *run, "--trainer.max_epochs", "2"]) == 0
+    assert (tmp_path / "ck" / "best.ckpt").exists() == best_written
+    ckpt = tmp_path / "ck" / ("best.ckpt" if best_written else "last.ckpt")
+    capsys.readouterr()
+    assert main(["test", *run, "--ckpt_path", str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    selection = "best val_top1" if best_written else "last epoch"
+    assert f"Checkpoint: {selection}; validation: {validation}" in printed
+    (row,) = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert row["validation"] == validation and row["selection"] == selection
+
+
+def test_older_run_records_gain_the_new_columns(tmp_path):
+    from finegrained.results.runs import RUN_FIELDS, append_run, read_runs
+
+    old = [f for f in RUN_FIELDS if f not in ("validation", "selection")]
+    path = tmp_path / "runs.csv"
+    path.write_text(",".join(old) + "\n" + ",".join("x" for _ in old) + "\n")
+    append_run(str(path), {"method": "isqrt", "validation": "held-out", "selection": "last epoch"})
+    runs = read_runs(str(path))
+    assert list(runs.columns) == RUN_FIELDS and len(runs) == 2
+    assert runs["selection"].fillna("").tolist() == ["", "last epoch"]

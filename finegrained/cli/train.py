@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
 
 from finegrained.cli.recipe import config_hash, expand_config_args
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
@@ -33,6 +34,9 @@ class FineGrainedCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--runs_csv", default="results/runs.csv",
                             help="CSV file that every test run appends its record to ('' to skip)")
+        parser.add_argument("--select_on_test", type=bool, default=False,
+                            help="when validation is the test set, still write best.ckpt chosen by val_top1 (the "
+                                 "published code's practice: its number is a maximum over test evaluations)")
         parser.add_lightning_class_args(RunArtifacts, "run_artifacts")
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -52,7 +56,22 @@ class FineGrainedCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if not trainer_config.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        if self.subcommand == "fit":
+            self._honest_checkpoint_choice()
         return super().instantiate_trainer(**kwargs)
+
+    def _honest_checkpoint_choice(self) -> None:
+        """Validation on the test set (the published protocol) must not choose the checkpoint: the result is
+        then the last epoch, as the papers' fixed schedules report, and best.ckpt is not written."""
+        checkpoint = self._get(self.config_init, "checkpoint", default=None)
+        if (checkpoint is None or checkpoint.monitor is None or self._get(self.config_init, "select_on_test")
+                or not getattr(self.datamodule, "validation_is_test", False)):
+            return
+        checkpoint.monitor, checkpoint.save_top_k = None, 0
+        rank_zero_info("validation is the test set (the published protocol): the result is the last epoch "
+                       f"({os.path.join(checkpoint.dirpath or '<log dir>/checkpoints', 'last.ckpt')}); best.ckpt "
+                       "is not written, since choosing it would choose on the test set. Set val_fraction > 0 to "
+                       "choose by held-out validation (or --select_on_test true for the published code's choice)")
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
@@ -79,22 +98,45 @@ class FineGrainedCLI(LightningCLI):
             parts.append(f"mean per-class {float(metrics['test_mean_class_acc']):.4f}")
             n = len(self.trainer.test_dataloaders.dataset) if self.trainer.test_dataloaders is not None else "?"
             print(f"Test accuracy on {n} images: " + ", ".join(parts))
-            self._record_run(metrics)
+            provenance = self._provenance()
+            print(f"Checkpoint: {provenance['selection']}; validation: {provenance['validation']}"
+                  + (" -- chosen on the test set, so this is a maximum over test evaluations (optimistic)"
+                     if provenance["validation"] == "test set" and provenance["selection"].startswith("best") else ""))
+            self._record_run(metrics, provenance)
 
-    def _record_run(self, metrics) -> None:
+    def _provenance(self) -> Dict[str, str]:
+        """Which checkpoint was tested (last epoch, epoch N, best <metric>) and whether validation was held out."""
+        validation = getattr(self.datamodule, "validation_is_test", None)
+        validation = "unknown" if validation is None else "test set" if validation else "held-out"
+        ckpt_path = self.config["test"].get("ckpt_path")
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return {"validation": validation, "selection": "model as instantiated", "epochs": self.trainer.current_epoch}
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        epochs = checkpoint.get("epoch", -1) + 1
+        selection = f"epoch {epochs}"
+        for key, state in checkpoint.get("callbacks", {}).items():
+            if not key.startswith("ModelCheckpoint"):
+                continue
+            best = state.get("best_model_path") or ""
+            if state.get("monitor") and os.path.basename(best) == os.path.basename(ckpt_path):
+                selection = f"best {state['monitor']}"
+            elif os.path.basename(state.get("last_model_path") or "") == os.path.basename(ckpt_path):
+                selection = "last epoch"
+        if epochs == self.config["test"].get("trainer", {}).get("max_epochs") and not selection.startswith("best"):
+            selection = "last epoch"
+        return {"validation": validation, "selection": selection, "epochs": epochs, "checkpoint": checkpoint}
+
+    def _record_run(self, metrics, provenance: Dict[str, Any]) -> None:
         cfg = self.config["test"]
         if not cfg.get("runs_csv"):
             return
         model, datamodule = self.model, self.datamodule
         ckpt_path = cfg.get("ckpt_path")
-        epochs, train_wall = self.trainer.current_epoch, None
-        if ckpt_path and os.path.isfile(ckpt_path):
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-            epochs = checkpoint.get("epoch", -1) + 1
-            for key, state in checkpoint.get("callbacks", {}).items():
-                if key.startswith("RunArtifacts"):
-                    train_wall = state.get("train_wall_s")
-        hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv")}
+        epochs, train_wall = provenance["epochs"], None
+        for key, state in provenance.get("checkpoint", {}).get("callbacks", {}).items():
+            if key.startswith("RunArtifacts"):
+                train_wall = state.get("train_wall_s")
+        hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv", "select_on_test")}
         artifacts = next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
         record = {
             "git_commit": git_commit(),
@@ -113,6 +155,8 @@ class FineGrainedCLI(LightningCLI):
             "device": device_name(self.trainer),
             "checkpoint": ckpt_path or "",
             "plots": ";".join(artifacts.plots) if artifacts else "",
+            "validation": provenance["validation"],
+            "selection": provenance["selection"],
         }
         row = append_run(cfg.runs_csv, record)
         print(f"Recorded run {row['run_id']} in {cfg.runs_csv}")

@@ -24,7 +24,9 @@ from finegrained.results.plots import plot_confusion_matrix, plot_training_curve
 
 RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
               "head_dim", "epochs", "top1", "top5", "mean_class_acc", "train_wall_s", "test_wall_s", "device",
-              "checkpoint", "plots"]
+              "checkpoint", "plots", "validation", "selection"]
+# validation: "held-out" (chosen apart from the test set) or "test set" (the published protocol).
+# selection: which checkpoint was tested: "last epoch", "epoch N" or "best <metric>".
 
 
 def git_commit(cwd: Optional[str] = None) -> str:
@@ -57,7 +59,10 @@ def append_run(path: str, record: Dict[str, Any]) -> Dict[str, Any]:
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if header != RUN_FIELDS:
+        if header != RUN_FIELDS and set(header) < set(RUN_FIELDS):  # written by an earlier version: add the columns
+            pd.read_csv(path, dtype=str, keep_default_na=False).reindex(columns=RUN_FIELDS, fill_value="").to_csv(
+                path, index=False)
+        elif header != RUN_FIELDS:
             raise ValueError(f"{path} has columns {header}; expected {RUN_FIELDS}. Move it aside to start a new file.")
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RUN_FIELDS)
@@ -72,6 +77,7 @@ def read_runs(path: str) -> pd.DataFrame:
     if not os.path.isfile(path):
         return pd.DataFrame(columns=RUN_FIELDS)
     runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str})
+    runs = runs.reindex(columns=list(runs.columns) + [f for f in ("validation", "selection") if f not in runs.columns])
     missing = set(RUN_FIELDS) - set(runs.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)} of a run record")
