@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finegrained.backbones import build_backbone
-from finegrained.heads import build_head
+from finegrained.heads import PoolingHead, build_head
 from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings, configure_optimizers, forget_state,
                                parameter_groups, zero_through)
 
@@ -55,6 +59,18 @@ class InferenceNetwork(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.average([self.classifier(self.head(self.backbone(view))) for view in self.views(images)])
+
+
+def init_head_from_data(head: PoolingHead, features: Tensor, seed: int = 0) -> str:
+    """Run ``head``'s data-dependent initialisation on ``features`` (B, C, H, W), timed and logged once.
+
+    The one path for the LightningModule and ``finegrained bench-table``.
+    """
+    started = time.perf_counter()
+    what = head.init_from_features(features, seed=seed)
+    message = f"data-dependent initialisation: {what} from {len(features)} images ({time.perf_counter() - started:.1f} s)"
+    rank_zero_info(message)
+    return message
 
 
 # A checkpoint holds every weight: rebuilding from it reads neither pretrained weights (a download
@@ -88,6 +104,10 @@ class FineGrainedClassifier(pl.LightningModule):
         init_from: a checkpoint of this class to start from (fine-tuning a trained model on new
             data). Tensors whose shapes differ, such as a classifier for another number of classes,
             are left at their initialisation; what was dropped is printed.
+        data_init_images, data_init_seed: a head with a data-dependent initialisation (NetVLAD's k-means,
+            LRBP's PCA) gets it before the first training step, from the backbone features (evaluation
+            mode) of this many training images drawn with this seed; computed on rank 0 and broadcast to
+            every process; not when resuming from a checkpoint or starting from ``init_from``.
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", backbone_weights: Optional[str] = "imagenet",
@@ -97,7 +117,8 @@ class FineGrainedClassifier(pl.LightningModule):
                  lr_mult: Optional[Dict[str, float]] = None, weight_decay: float = 1e-4,
                  scheduler: str = "constant", lr_steps: Optional[List[int]] = None, lr_gamma: float = 0.1,
                  label_smoothing: float = 0.0, test_flip: bool = True, dropout: float = 0.0,
-                 stage1_epochs: int = 0, stage1_lr: float = 1.0, init_from: Optional[str] = None):
+                 stage1_epochs: int = 0, stage1_lr: float = 1.0, init_from: Optional[str] = None,
+                 data_init_images: int = 128, data_init_seed: int = 0):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
@@ -184,6 +205,40 @@ class FineGrainedClassifier(pl.LightningModule):
         if mode and self.backbone_frozen:
             self.backbone.eval()
         return self
+
+    # -- data-dependent initialisation of the head ---------------------------------------------------
+    def on_train_start(self) -> None:
+        if not self.head.has_data_init:
+            return
+        if self.trainer.ckpt_path or self.hparams.init_from:
+            rank_zero_info(f"{self.hparams.head}: data-dependent initialisation skipped: the weights come from "
+                           f"{self.trainer.ckpt_path or self.hparams.init_from}")
+            return
+        state = None
+        if self.trainer.is_global_zero:
+            features = self._backbone_features(self.trainer.train_dataloader, self.hparams.data_init_images,
+                                               self.hparams.data_init_seed)
+            init_head_from_data(self.head, features, self.hparams.data_init_seed)
+            state = {k: v.cpu() for k, v in self.head.state_dict().items()}
+        state = self.trainer.strategy.broadcast(state, src=0)  # every process starts from rank 0's result
+        self.head.load_state_dict(state)
+
+    @torch.no_grad()
+    def _backbone_features(self, loader, images: int, seed: int) -> Tensor:
+        """Backbone features (evaluation mode, on the CPU) of ``images`` training images drawn with ``seed``."""
+        dataset = loader.dataset
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+        subset = DataLoader(Subset(dataset, chosen), batch_size=loader.batch_size, num_workers=loader.num_workers,
+                            collate_fn=loader.collate_fn)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        features = []
+        with isolate_rng():
+            torch.manual_seed(seed)  # the training transforms' crops and flips too
+            for batch in subset:
+                features.append(self.backbone(batch[0].to(self.device)).float().cpu())
+        self.backbone.train(was_training)
+        return torch.cat(features)
 
     def on_train_epoch_start(self) -> None:
         self.train()

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from finegrained.heads import PoolingHead, available_heads, build_head, head_display_name
+from finegrained.model import init_head_from_data
 
 # Paper defaults, except reductions and widths that would expand the 64 PCA channels, and HIHCA's
 # filters and KP's sketches (8,192 and 4,096 in the papers) cut to 2,048 to keep the CPU run short.
@@ -153,7 +154,7 @@ def evaluate_head(name: str, features: dict, epochs: int, batch_size: int = 64, 
     else:
         # The papers' data-dependent initialisations: k-means centres (NetVLAD), PCA reduction (LRBP).
         if head.has_data_init:
-            print(head.init_from_features(features["train"], seed=seed))
+            init_head_from_data(head, features["train"], seed)
         probe = HeadProbe(head, num_classes)
         loader = DataLoader(TensorDataset(features["train"], train_labels), batch_size=batch_size, shuffle=True)
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,

@@ -25,15 +25,20 @@ from __future__ import annotations
 
 from typing import ClassVar, Optional
 
+import torch
 from torch import Tensor, nn
 
 
-def local_descriptors(features: Tensor) -> Tensor:
-    """(B, C, H, W) feature maps or (N, C) rows -> (B·H·W, C) rows, one per position (data-dependent initialisations)."""
+def local_descriptors(features: Tensor, max_rows: Optional[int] = None, seed: int = 0) -> Tensor:
+    """(B, C, H, W) feature maps or (N, C) rows -> (N, C) rows, one per position, for data-dependent
+    initialisations; at most ``max_rows`` of them, drawn without replacement with ``seed``."""
     if features.dim() == 4:
-        return features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
+        features = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
     if features.dim() != 2:
         raise ValueError(f"expected (B, C, H, W) feature maps or (N, C) descriptors, got {tuple(features.shape)}")
+    if max_rows and len(features) > max_rows:
+        rows = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:max_rows]
+        features = features[rows]
     return features
 
 

@@ -14,6 +14,8 @@ initialisation.
 
 Shapes: (B, C, H, W) -> (B, num_classes).
 """
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -46,14 +48,14 @@ class LowRankBilinearHead(PoolingHead):
         self.output_dim = num_classes
 
     @torch.no_grad()
-    def init_reduction(self, features: Tensor, seed: int = 0) -> int:
+    def init_reduction(self, features: Tensor, seed: int = 0, max_descriptors: Optional[int] = 100000) -> int:
         """PCA (scikit-learn) of the local features (B, C, H, W) or (N, C): P = principal axes, bias = −P·mean.
 
-        Returns the number of descriptors the PCA was fitted on.
+        Returns the number of descriptors the PCA was fitted on (at most ``max_descriptors``, drawn with ``seed``).
         """
         from sklearn.decomposition import PCA
 
-        rows = local_descriptors(features).detach().double().cpu().numpy()
+        rows = local_descriptors(features, max_descriptors, seed).detach().double().cpu().numpy()
         m = self.reduce.out_channels
         if rows.shape[0] < m:
             raise ValueError(f"PCA to {m} dimensions needs at least {m} descriptors, got {rows.shape[0]}")

@@ -15,7 +15,6 @@ Shapes: (B, C, H, W) -> (B, K·C).
 """
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,12 +53,10 @@ class NetVLADHead(PoolingHead):
         """
         from sklearn.cluster import KMeans
 
-        descriptors = F.normalize(local_descriptors(features).detach().double(), dim=1).cpu().numpy()
+        rows = local_descriptors(features, max_descriptors, seed)
+        descriptors = F.normalize(rows.detach().double(), dim=1).cpu().numpy()
         if len(descriptors) < self.clusters:
             raise ValueError(f"k-means needs at least {self.clusters} descriptors, got {len(descriptors)}")
-        if max_descriptors and len(descriptors) > max_descriptors:
-            rows = np.random.default_rng(seed).choice(len(descriptors), max_descriptors, replace=False)
-            descriptors = descriptors[rows]
         kmeans = KMeans(n_clusters=self.clusters, n_init=3, random_state=seed).fit(descriptors)
         self.centroids.copy_(torch.as_tensor(kmeans.cluster_centers_, dtype=self.centroids.dtype))
         self._tie_assignment_to_centroids()

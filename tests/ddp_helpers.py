@@ -1,0 +1,17 @@
+"""Callbacks that the multi-process tests pass to the CLI (``trainer.callbacks``): what every rank holds."""
+import os
+
+import pytorch_lightning as pl
+import torch
+
+
+class SaveHeadPerRank(pl.Callback):
+    """Writes ``<folder>/rank<R>.pt``: the head's state dict of every process at the end of the fit."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.folder, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in pl_module.head.state_dict().items()}
+        torch.save(state, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
