@@ -28,9 +28,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finegrained.backbones import build_backbone
+from finegrained.backbones.weights import read_state_dict
 from finegrained.heads import PoolingHead, build_head
 from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings, configure_optimizers, forget_state,
                                parameter_groups, zero_through)
+from finegrained.pretrained import SplitCheckpoint, split_authors_checkpoint
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -82,7 +84,10 @@ class FineGrainedClassifier(pl.LightningModule):
     """Args:
         num_classes: number of classes (linked from the DataModule by the CLI).
         backbone: a name from :func:`finegrained.backbones.available_backbones`.
-        backbone_weights: ``None``, ``"imagenet"`` or a path to a state dict.
+        backbone_weights: ``None``, ``"imagenet"`` or a path to a state dict: of the full backbone network, or
+            one of the authors' ImageNet-trained second-order models (:mod:`finegrained.pretrained`, e.g.
+            fast-MPN-COV's ``mpncovresnet50-15991845.pth``), whose trunk goes into the backbone and whose
+            1×1 reduction and BatchNorm go into the head; what was mapped is logged.
         last_stride: 1 removes the backbone's last down-sampling.
         head: a name from :func:`finegrained.heads.available_heads`.
         head_kwargs: keyword arguments of the head (e.g. ``{"reduction": 256}``).
@@ -124,8 +129,12 @@ class FineGrainedClassifier(pl.LightningModule):
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
         check_settings(optimizer, scheduler, lr_mult, stage1_epochs)
         self.save_hyperparameters()
-        self.backbone = build_backbone(backbone, weights=backbone_weights, last_stride=last_stride)
+        authors = self._authors_checkpoint(backbone_weights)
+        self.backbone = build_backbone(backbone, weights=authors.trunk if authors else backbone_weights,
+                                       last_stride=last_stride)
         self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
+        if authors:
+            self._load_authors_head(authors, backbone_weights)
         if self.head.produces_logits:
             self.classifier = nn.Identity()
         else:
@@ -137,6 +146,28 @@ class FineGrainedClassifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         if init_from:
             self.dropped_from_init = self.load_matching_weights(init_from)
+
+    @staticmethod
+    def _authors_checkpoint(backbone_weights) -> Optional[SplitCheckpoint]:
+        """The file's split when ``backbone_weights`` is one of the authors' second-order models (finegrained.pretrained)."""
+        if backbone_weights is None or str(backbone_weights) == "imagenet" or not os.path.isfile(str(backbone_weights)):
+            return None
+        return split_authors_checkpoint(read_state_dict(str(backbone_weights)), str(backbone_weights))
+
+    def _load_authors_head(self, split: SplitCheckpoint, source: str) -> None:
+        """The reduction trained with the authors' head goes into this head when it has the same block."""
+        own = self.head.state_dict()
+        if all(k in own and own[k].shape == v.shape for k, v in split.head.items()):
+            self.head.load_state_dict(split.head, strict=False)
+            blocks = sorted({"head." + k.rsplit(".", 1)[0] for k in split.head})
+            reduction = f"{len(split.head)} reduction tensors -> {', '.join(blocks)}"
+        else:
+            reduction = (f"reduction dropped ({self.hparams.head} with head_kwargs {self.hparams.head_kwargs or {}} "
+                         f"has no block of its shape)")
+        rank_zero_info(f"backbone_weights {source}: {split.layout}: {len(split.trunk)} tensors -> backbone; "
+                       f"{reduction}; dropped {', '.join(split.dropped) or 'nothing'}")
+        if self.hparams.last_stride != 1:
+            rank_zero_info(f"backbone_weights {source}: the authors trained layer4 with stride 1 (last_stride: 1)")
 
     def load_matching_weights(self, checkpoint_path: str) -> List[str]:
         """Copy the tensors of ``checkpoint_path`` whose names and shapes match; returns the dropped names."""

@@ -434,3 +434,74 @@ def test_data_init_is_identical_on_every_ddp_rank(trained_run, tmp_path):
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
     assert (rank0["centroids"] >= -0.05).all()  # k-means centres (moved little by one epoch at lr 0.01)
+
+
+# ---- 9. start where the authors started --------------------------------------------------------------------------
+def _authors_resnet_file(path, backbone="resnet50", reduction=256, prefix=""):
+    """A state dict in fast-MPN-COV's iSQRT-COV ResNet layout: trunk, layer_reduce, layer_reduce_bn, fc."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    trunk = {k: v for k, v in getattr(torchvision.models, backbone)().state_dict().items() if not k.startswith("fc.")}
+    channels = 2048 if backbone in ("resnet50", "resnet101") else 512
+    dim = reduction * (reduction + 1) // 2
+    state = {**trunk,
+             "layer_reduce.weight": torch.randn(reduction, channels, 1, 1, generator=g),
+             "layer_reduce_bn.weight": torch.rand(reduction, generator=g) + 0.5,
+             "layer_reduce_bn.bias": torch.randn(reduction, generator=g),
+             "layer_reduce_bn.running_mean": torch.randn(reduction, generator=g),
+             "layer_reduce_bn.running_var": torch.rand(reduction, generator=g) + 0.5,
+             "layer_reduce_bn.num_batches_tracked": torch.tensor(1234),
+             "fc.weight": torch.randn(1000, dim, generator=g), "fc.bias": torch.zeros(1000)}
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_authors_isqrt_resnet50_checkpoint_starts_backbone_and_reduction(tmp_path, caplog, prefix):
+    import logging
+
+    from finegrained.model import FineGrainedClassifier
+
+    path = tmp_path / "mpncovresnet50-15991845.pth"
+    state = _authors_resnet_file(path, prefix=prefix)
+    caplog.set_level(logging.INFO)
+    model = FineGrainedClassifier(num_classes=5, backbone="resnet50", backbone_weights=str(path), last_stride=1,
+                                  head="isqrt", head_kwargs={"reduction": 256})
+    backbone = model.backbone.features.state_dict()
+    for key in ("conv1.weight", "layer4.2.conv3.weight", "layer4.2.bn3.running_var"):
+        torch.testing.assert_close(backbone[key], state[key], rtol=0, atol=0)
+    head = model.head.state_dict()
+    torch.testing.assert_close(head["reduce.0.weight"], state["layer_reduce.weight"], rtol=0, atol=0)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(head[f"reduce.1.{name}"], state[f"layer_reduce_bn.{name}"], rtol=0, atol=0)
+    assert model.classifier[-1].weight.shape == (5, 32896)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "fast-MPN-COV iSQRT-COV ResNet" in logged and "head.reduce.0, head.reduce.1" in logged
+    assert "dropped fc.weight, fc.bias" in logged
+
+
+def test_authors_checkpoint_with_a_head_without_that_reduction_keeps_the_trunk(tmp_path, caplog):
+    import logging
+
+    from finegrained.model import FineGrainedClassifier
+
+    path = tmp_path / "mpncovresnet18.pth"
+    state = _authors_resnet_file(path, backbone="resnet18", reduction=8)
+    caplog.set_level(logging.INFO)
+    model = FineGrainedClassifier(num_classes=3, backbone="resnet18", backbone_weights=str(path), last_stride=1,
+                                  head="gap")
+    torch.testing.assert_close(model.backbone.features.state_dict()["conv1.weight"], state["conv1.weight"])
+    assert any("reduction dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_of_another_layout_is_a_clear_error(tmp_path):
+    from finegrained.model import FineGrainedClassifier
+
+    path = tmp_path / "broken.pth"
+    state = _authors_resnet_file(path, backbone="resnet18", reduction=8)
+    del state["layer_reduce.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"iSQRT-COV ResNet checkpoint .* lack \['layer_reduce.weight'\]"):
+        FineGrainedClassifier(num_classes=3, backbone="resnet18", backbone_weights=str(path), head="isqrt",
+                              head_kwargs={"reduction": 8})

@@ -14,6 +14,7 @@ from finegrained.heads import PoolingHead, available_heads, build_head, head_dis
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
+           "finegrained.pretrained",
            "finegrained.export", "finegrained.predict", "finegrained.resume", "finegrained.linalg")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
 
@@ -65,7 +66,9 @@ def _modules_in(prefix):
     ("finegrained.heads", ("finegrained.heads", "finegrained.ops")),
     ("finegrained.backbones", ("finegrained.backbones",)),
     ("finegrained.optim", ()),
-    ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim")),
+    ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim",
+                           "finegrained.pretrained")),
+    ("finegrained.pretrained", ()),
     ("datamodules", ("datamodules",)),
 ])
 def test_layer_imports_only_what_it_may(package, allowed):

@@ -52,7 +52,8 @@ def build_backbone(name: str, weights: Weights = None, last_stride: int = 2) -> 
 
     Args:
         name: one of :func:`available_backbones`.
-        weights: ``None`` (random init), ``"imagenet"``, or a path to a state dict of the full network.
+        weights: ``None`` (random init), ``"imagenet"``, or a state dict of the full network (a path to one,
+            or the dict itself).
         last_stride: 2 (as published) or 1 (last down-sampling removed, 2× larger map).
     Returns:
         :class:`Backbone` with ``out_channels``.

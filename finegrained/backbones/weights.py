@@ -9,13 +9,13 @@ source: torchvision's default weights downloaded once into torch's hub cache by
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
-Weights = Union[None, str, os.PathLike]
+Weights = Union[None, str, os.PathLike, Mapping[str, Tensor]]
 StateDict = Dict[str, Tensor]
 
 
@@ -69,7 +69,7 @@ def load_weights(model: nn.Module, name: str, weights: Weights, feature_prefixes
     Args:
         model: the network as its family builds it.
         name: the backbone's name, for messages.
-        weights: ``None``, ``"imagenet"`` or a path to a state dict.
+        weights: ``None``, ``"imagenet"``, a path to a state dict, or the state dict itself.
         feature_prefixes: keys that must all be present; missing classifier keys are allowed (a
             backbone needs none), a missing feature key is an error.
         imagenet_file: where the family's ImageNet weights are (called only for ``"imagenet"``).
@@ -77,13 +77,14 @@ def load_weights(model: nn.Module, name: str, weights: Weights, feature_prefixes
     """
     if weights is None:
         return model
-    if str(weights) == "imagenet":
+    if isinstance(weights, Mapping):
+        state, weights = dict(weights), "(a state dict)"
+    elif str(weights) == "imagenet":
         if imagenet_file is None:
             raise WeightsUnavailableError(f"{name} has no source of ImageNet weights; pass a path to a state dict")
-        path = imagenet_file()
+        state = read_state_dict(imagenet_file())
     else:
-        path = os.fspath(weights)
-    state = read_state_dict(path)
+        state = read_state_dict(os.fspath(weights))
     if fix_keys is not None:
         state = fix_keys(state)
     missing, unexpected = model.load_state_dict(state, strict=False)
