@@ -156,7 +156,7 @@ def test_bench_table_on_real_images_uses_its_cache(tmp_path, capsys):
     from finegrained.bench.table import bench_table
 
     args = dict(per_class=6, test_per_class=4, image_size=64, channels=8, epochs=1, cache_dir=str(tmp_path / "cache"),
-                out=str(tmp_path / "bench"))
+                out=str(tmp_path / "bench"), val_per_class=3)
     table = bench_table(["gap", "bcnn", "netvlad"], **args)
     assert list(table["method"]) == ["gap", "bcnn", "netvlad"]
     assert table["top1"].between(0, 1).all() and list(table["dim"]) == [8, 64, 64 * 8]

@@ -16,6 +16,8 @@ def bench_table_command(argv: List[str]) -> int:
                                      description="Every head on Fashion-MNIST with a frozen EfficientNet-Lite0, on a CPU.")
     parser.add_argument("--heads", default="all", help="comma-separated head names, or all")
     parser.add_argument("--per-class", type=int, default=150, help="training images per class")
+    parser.add_argument("--val-per-class", type=int, default=30,
+                        help="validation images per class (further official training images): what each head chooses")
     parser.add_argument("--test-per-class", type=int, default=100, help="test images per class (official test set)")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--channels", type=int, default=64, help="PCA channels of the cached feature maps")
@@ -25,7 +27,8 @@ def bench_table_command(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     heads = available_heads() if args.heads == "all" else [h.strip() for h in args.heads.split(",") if h.strip()]
     bench_table(heads, per_class=args.per_class, test_per_class=args.test_per_class, image_size=args.image_size,
-                channels=args.channels, epochs=args.epochs, cache_dir=args.cache_dir, out=args.out)
+                channels=args.channels, epochs=args.epochs, cache_dir=args.cache_dir, out=args.out,
+                val_per_class=args.val_per_class)
     return 0
 
 
