@@ -7,6 +7,7 @@ After ``setup()`` every DataModule exposes ``train_dataset``, ``val_dataset``,
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
@@ -93,6 +94,14 @@ class FineGrainedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
+
+    def unaugmented_train_dataloader(self) -> DataLoader:
+        """The training images with the evaluation transform, in order, for features computed once (the
+        cached first stage of the two-stage protocols, the SVM test protocol). On one process only."""
+        self.setup("fit")
+        dataset = copy.copy(self.train_dataset)
+        dataset.transform = self.eval_transform
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -24,14 +24,17 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from finegrained.backbones import build_backbone
 from finegrained.backbones.weights import read_state_dict
 from finegrained.heads import PoolingHead, build_head
-from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings, configure_optimizers, forget_state,
-                               parameter_groups, zero_through)
+from finegrained.losses import loss_function
+from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings, clip_activation_gradients,
+                               configure_optimizers, forget_state, parameter_groups, stage_weight_decay,
+                               train_on_cached_features, zero_through)
 from finegrained.pretrained import SplitCheckpoint, split_authors_checkpoint
 
 
@@ -102,10 +105,23 @@ class FineGrainedClassifier(pl.LightningModule):
         label_smoothing: of the cross-entropy loss.
         test_flip: average the logits of each test image and its horizontal flip.
         dropout: dropout before the classifier.
-        stage1_epochs: the first stage of the two-stage protocols (B-CNN, CBP, G²DeNet, HIHCA):
-            for this many epochs the backbone is frozen (weights and BN statistics) and head and
-            classifier train with ``stage1_lr``; the schedule then runs over the remaining epochs.
-        stage1_lr: learning rate of head and classifier in the first stage.
+        weight_decay_mult: multipliers of ``weight_decay`` per part (e.g. ``{"classifier": 0}``: the B-CNN and
+            G²DeNet code decays the backbone only).
+        loss: ``"cross_entropy"`` or ``"one_vs_all_hinge"`` (LRBP's SVM loss), see :mod:`finegrained.losses`.
+        clip_activation_grad: clamp the loss's derivative with respect to every layer's output to this bound
+            (G²DeNet's code clips back-propagated activation derivatives at ±1; not parameter gradients).
+        backbone_layers: backbone layers whose maps the head receives together (HIHCA: ``["relu5_2", "relu5_3"]``).
+        stage1_epochs: the first stage of the two-stage protocols (B-CNN, CBP, G²DeNet, HIHCA): the
+            classifier (and the head, on the ``"frozen"`` route) trains alone on the frozen backbone.
+        stage1_route: ``"frozen"``: the first ``stage1_epochs`` epochs of the fit run with the backbone
+            frozen (weights and BN statistics) at ``stage1_lr``, the schedule then runs over the rest;
+            ``"cached"``: before the fit, head features of the training images (evaluation transform: no
+            augmentation, as the official code caches them) are extracted once and the classifier alone
+            trains on them for ``stage1_epochs`` epochs (SGD, batch ``stage1_batch_size``), then every
+            epoch of the fit is stage 2. Both skip stage 1 when resuming.
+        stage1_lr, stage1_weight_decay, stage1_batch_size: of the first stage.
+        stage1_init_std, stage1_init_bias: when set, the classifier starts stage 1 from N(0, std²) weights and
+            this bias (G²DeNet's code: 0.001 and 0.1).
         init_from: a checkpoint of this class to start from (fine-tuning a trained model on new
             data). Tensors whose shapes differ, such as a classifier for another number of classes,
             are left at their initialisation; what was dropped is printed.
@@ -123,15 +139,20 @@ class FineGrainedClassifier(pl.LightningModule):
                  scheduler: str = "constant", lr_steps: Optional[List[int]] = None, lr_gamma: float = 0.1,
                  label_smoothing: float = 0.0, test_flip: bool = True, dropout: float = 0.0,
                  stage1_epochs: int = 0, stage1_lr: float = 1.0, init_from: Optional[str] = None,
-                 data_init_images: int = 128, data_init_seed: int = 0):
+                 data_init_images: int = 128, data_init_seed: int = 0,
+                 weight_decay_mult: Optional[Dict[str, float]] = None, loss: str = "cross_entropy",
+                 clip_activation_grad: Optional[float] = None, backbone_layers: Optional[List[str]] = None,
+                 stage1_route: str = "frozen", stage1_weight_decay: float = 0.0, stage1_batch_size: int = 256,
+                 stage1_init_std: Optional[float] = None, stage1_init_bias: float = 0.0):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
-        check_settings(optimizer, scheduler, lr_mult, stage1_epochs)
+        check_settings(optimizer, scheduler, lr_mult, stage1_epochs, weight_decay_mult, stage1_route)
+        self.loss_fn = loss_function(loss, label_smoothing)
         self.save_hyperparameters()
         authors = self._authors_checkpoint(backbone_weights)
         self.backbone = build_backbone(backbone, weights=authors.trunk if authors else backbone_weights,
-                                       last_stride=last_stride)
+                                       last_stride=last_stride, layers=backbone_layers)
         self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
         if authors:
             self._load_authors_head(authors, backbone_weights)
@@ -146,6 +167,8 @@ class FineGrainedClassifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         if init_from:
             self.dropped_from_init = self.load_matching_weights(init_from)
+        if clip_activation_grad:
+            clip_activation_gradients(self, clip_activation_grad)
 
     @staticmethod
     def _authors_checkpoint(backbone_weights) -> Optional[SplitCheckpoint]:
@@ -224,9 +247,10 @@ class FineGrainedClassifier(pl.LightningModule):
     # -- the two-stage protocol (finegrained.optim) ----------------------------------------------
     @property
     def backbone_frozen(self) -> bool:
-        """In stage 1 of a fit: the backbone is frozen (evaluation mode, no autograd, learning rate 0)."""
+        """In stage 1 of a fit on the frozen route: the backbone is frozen (evaluation mode, no autograd,
+        learning rate 0)."""
         trainer = self._trainer
-        return (trainer is not None and trainer.state.fn == "fit"
+        return (trainer is not None and trainer.state.fn == "fit" and self.hparams.stage1_route == "frozen"
                 and backbone_frozen(self.current_epoch, self.hparams.stage1_epochs))
 
     def train(self, mode: bool = True):
@@ -237,8 +261,13 @@ class FineGrainedClassifier(pl.LightningModule):
             self.backbone.eval()
         return self
 
-    # -- data-dependent initialisation of the head ---------------------------------------------------
+    # -- what happens once before the first training step --------------------------------------------
     def on_train_start(self) -> None:
+        self._data_dependent_init()
+        if self.hparams.stage1_route == "cached" and self.hparams.stage1_epochs:
+            self._cached_stage1()
+
+    def _data_dependent_init(self) -> None:
         if not self.head.has_data_init:
             return
         if self.trainer.ckpt_path or self.hparams.init_from:
@@ -253,6 +282,61 @@ class FineGrainedClassifier(pl.LightningModule):
             state = {k: v.cpu() for k, v in self.head.state_dict().items()}
         state = self.trainer.strategy.broadcast(state, src=0)  # every process starts from rank 0's result
         self.head.load_state_dict(state)
+
+    def _cached_stage1(self) -> None:
+        """Stage 1 on cached features: head outputs of the un-augmented training images, extracted once on
+        rank 0; the classifier alone trains on them (:func:`finegrained.optim.train_on_cached_features`) and
+        every process receives the result."""
+        hp = self.hparams
+        if self.trainer.ckpt_path:
+            rank_zero_info(f"stage 1 (cached features) skipped: resuming from {self.trainer.ckpt_path}")
+            return
+        if self.head.produces_logits:
+            raise ValueError(f"stage1_route 'cached' trains a classifier on head features, but {hp.head} computes "
+                             f"class scores itself; use stage1_route 'frozen' or stage1_epochs 0")
+        state = None
+        if self.trainer.is_global_zero:
+            started = time.perf_counter()
+            loader = self._unaugmented_training_loader()
+            features, labels = self.head_features(loader)
+            if hp.stage1_init_std is not None:
+                linear = [m for m in self.classifier.modules() if isinstance(m, nn.Linear)][-1]
+                with torch.no_grad():
+                    linear.weight.normal_(0.0, hp.stage1_init_std)
+                    linear.bias.fill_(hp.stage1_init_bias)
+            loss = train_on_cached_features(self.classifier, features, labels, self.loss_fn, hp.stage1_epochs,
+                                            hp.stage1_lr, hp.stage1_weight_decay, hp.stage1_batch_size,
+                                            hp.momentum, hp.data_init_seed, self.device)
+            rank_zero_info(f"stage 1 on cached features: {len(labels)} images, {features.shape[1]:,}-d, "
+                           f"{hp.stage1_epochs} epochs at lr {hp.stage1_lr:g} (weight decay {hp.stage1_weight_decay:g}, "
+                           f"batch {hp.stage1_batch_size}): last loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")
+            state = {k: v.cpu() for k, v in self.classifier.state_dict().items()}
+        self.classifier.load_state_dict(self.trainer.strategy.broadcast(state, src=0))
+
+    def _unaugmented_training_loader(self):
+        """The training images with the evaluation transform (the official code caches un-augmented features);
+        the training loader itself when the DataModule cannot give them."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "unaugmented_train_dataloader"):
+            return datamodule.unaugmented_train_dataloader()
+        rank_zero_info("stage 1 (cached features): the DataModule has no unaugmented_train_dataloader(); "
+                       "caching features of the augmented training loader")
+        return self.trainer.train_dataloader
+
+    @torch.no_grad()
+    def head_features(self, loader, flip: bool = False) -> Tuple[Tensor, Tensor]:
+        """(N, D) head outputs (float16, on the CPU) and (N,) labels of every batch of ``loader`` (backbone and
+        head in evaluation mode); with ``flip``, also of the flipped images (2N rows)."""
+        was_training = self.training
+        self.eval()
+        features, labels = [], []
+        for images, targets in tqdm(loader, desc="head features", unit="batch"):
+            images = images.to(self.device)
+            for view in ([images, torch.flip(images, dims=[3])] if flip else [images]):
+                features.append(self.head(self.backbone(view)).float().to("cpu", torch.float16))
+                labels.append(targets.cpu())
+        self.train(was_training)
+        return torch.cat(features), torch.cat(labels)
 
     @torch.no_grad()
     def _backbone_features(self, loader, images: int, seed: int) -> Tensor:
@@ -273,8 +357,12 @@ class FineGrainedClassifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.train()
-        if self.hparams.stage1_epochs and self.current_epoch == self.hparams.stage1_epochs:
-            forget_state(self.optimizers().optimizer, self.backbone)
+        hp = self.hparams
+        if hp.stage1_epochs and hp.stage1_route == "frozen":
+            optimizer = self.optimizers().optimizer
+            stage_weight_decay(optimizer, self.backbone_frozen, hp.stage1_weight_decay)
+            if self.current_epoch == hp.stage1_epochs:
+                forget_state(optimizer, self.backbone)
 
     # -- steps ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -285,7 +373,7 @@ class FineGrainedClassifier(pl.LightningModule):
             logits = self.classifier(self.head(features))
         else:
             logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+        loss = self.loss_fn(logits, labels)
         if self.backbone_frozen:  # several processes need every trainable parameter in the loss
             loss = loss + zero_through(self.backbone)
         if self.head.aux_loss is not None:  # e.g. GM-SOP's load-balance loss
@@ -324,11 +412,15 @@ class FineGrainedClassifier(pl.LightningModule):
         return {"backbone": self.backbone, "head": self.head, "classifier": self.classifier}
 
     def parameter_groups(self) -> List[Dict[str, Any]]:
-        """One group per part, each with its own learning rate (frozen parameters left out)."""
-        return parameter_groups(self.parts(), self.hparams.lr, self.lr_mult)
+        """One group per part (and per prefix of the head's ``parameter_lr_mult``), each with its own learning
+        rate and weight decay (frozen parameters left out)."""
+        hp = self.hparams
+        return parameter_groups(self.parts(), hp.lr, self.lr_mult, hp.weight_decay, hp.weight_decay_mult,
+                                {"head": self.head.parameter_lr_mult})
 
     def configure_optimizers(self):
-        return configure_optimizers(self.parts(), self.hparams, self.lr_mult, self.trainer.max_epochs)
+        return configure_optimizers(self.parts(), self.hparams, self.lr_mult, self.trainer.max_epochs,
+                                    {"head": self.head.parameter_lr_mult})
 
 
 def _read_checkpoint(checkpoint_path: str, map_location: str = "cpu") -> Dict[str, Any]:

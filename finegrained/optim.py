@@ -24,26 +24,48 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("constant", "step", "cosine")
 
 
-def check_settings(optimizer: str, scheduler: str, lr_mult: Optional[Mapping[str, float]], stage1_epochs: int) -> None:
+STAGE1_ROUTES = ("frozen", "cached")
+
+
+def check_settings(optimizer: str, scheduler: str, lr_mult: Optional[Mapping[str, float]], stage1_epochs: int,
+                   weight_decay_mult: Optional[Mapping[str, float]] = None, stage1_route: str = "frozen") -> None:
     """Raise ValueError for a setting this module does not know."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
-    unknown_parts = set(lr_mult or {}) - set(DEFAULT_LR_MULT)
-    if unknown_parts:
-        raise ValueError(f"lr_mult has unknown parts {sorted(unknown_parts)}; known: {sorted(DEFAULT_LR_MULT)}")
+    for name, mult in (("lr_mult", lr_mult), ("weight_decay_mult", weight_decay_mult)):
+        unknown_parts = set(mult or {}) - set(PARTS)
+        if unknown_parts:
+            raise ValueError(f"{name} has unknown parts {sorted(unknown_parts)}; known: {sorted(PARTS)}")
     if stage1_epochs < 0:
         raise ValueError(f"stage1_epochs must be >= 0, got {stage1_epochs}")
+    if stage1_route not in STAGE1_ROUTES:
+        raise ValueError(f"unknown stage1_route {stage1_route!r}; known: {', '.join(STAGE1_ROUTES)}")
 
 
-def parameter_groups(parts: Mapping[str, nn.Module], lr: float, lr_mult: Mapping[str, float]) -> List[Dict[str, Any]]:
-    """One group per part, each with its own learning rate (frozen parameters left out)."""
+def parameter_groups(parts: Mapping[str, nn.Module], lr: float, lr_mult: Mapping[str, float],
+                     weight_decay: float = 0.0, weight_decay_mult: Optional[Mapping[str, float]] = None,
+                     parameter_lr_mult: Optional[Mapping[str, Mapping[str, float]]] = None) -> List[Dict[str, Any]]:
+    """One group per part, with its own learning rate ``lr * lr_mult[part]`` and weight decay
+    ``weight_decay * weight_decay_mult[part]`` (frozen parameters left out).
+
+    ``parameter_lr_mult[part]`` maps parameter-name prefixes of that part to a further multiplier (a head's
+    own, e.g. HIHCA's layer scales at ×10); each gets a group named ``part.prefix``.
+    """
     groups = []
     for part in PARTS:
-        params = [p for p in parts[part].parameters() if p.requires_grad]
+        wd = weight_decay * (weight_decay_mult or {}).get(part, 1.0)
+        special = dict((parameter_lr_mult or {}).get(part, {}))
+        named = [(n, p) for n, p in parts[part].named_parameters() if p.requires_grad]
+        for prefix, mult in special.items():
+            params = [p for n, p in named if n.startswith(prefix)]
+            if params:
+                groups.append({"params": params, "lr": lr * lr_mult[part] * mult, "weight_decay": wd,
+                               "name": f"{part}.{prefix}"})
+        params = [p for n, p in named if not n.startswith(tuple(special))]
         if params:
-            groups.append({"params": params, "lr": lr * lr_mult[part], "name": part})
+            groups.append({"params": params, "lr": lr * lr_mult[part], "weight_decay": wd, "name": part})
     return groups
 
 
@@ -66,16 +88,17 @@ def build_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], epoc
 
 
 def configure_optimizers(parts: Mapping[str, nn.Module], hp: Mapping[str, Any], lr_mult: Mapping[str, float],
-                         max_epochs: Optional[int]):
+                         max_epochs: Optional[int], parameter_lr_mult: Optional[Mapping[str, Mapping[str, float]]] = None):
     """What ``LightningModule.configure_optimizers`` returns, for the settings ``hp`` (the model's hparams).
 
     The two-stage protocol is torch's ``SequentialLR``: stage 1 holds every group at a constant factor
     (0 for the backbone, ``stage1_lr`` for head and classifier), then the schedule runs over the
     remaining epochs, its milestones counted from the start of stage 2.
     """
-    groups = parameter_groups(parts, hp["lr"], lr_mult)
+    groups = parameter_groups(parts, hp["lr"], lr_mult, hp["weight_decay"], hp.get("weight_decay_mult"),
+                              parameter_lr_mult)
     opt = build_optimizer(groups, hp)
-    stage1 = hp["stage1_epochs"]
+    stage1 = hp["stage1_epochs"] if hp.get("stage1_route", "frozen") == "frozen" else 0
     schedule = build_schedule(opt, hp, (max_epochs or 1) - stage1)
     if stage1:
         factors = [0.0 if g["name"] == "backbone" else hp["stage1_lr"] / g["lr"] for g in groups]
@@ -112,3 +135,56 @@ def forget_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
     """
     for p in module.parameters():
         optimizer.state.pop(p, None)
+
+
+def stage_weight_decay(optimizer: torch.optim.Optimizer, stage1: bool, stage1_weight_decay: float) -> None:
+    """Stage 1 trains with its own weight decay (the official two-stage code: 0 or nearly); stage 2 with each
+    group's own. The group's own is kept as ``initial_weight_decay``."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_weight_decay", group["weight_decay"])
+        group["weight_decay"] = stage1_weight_decay if stage1 else group["initial_weight_decay"]
+
+
+def train_on_cached_features(classifier: nn.Module, features: Tensor, labels: Tensor, loss_fn, epochs: int, lr: float,
+                             weight_decay: float, batch_size: int, momentum: float = 0.9, seed: int = 0,
+                             device: Optional[torch.device] = None) -> float:
+    """Stage 1 on cached features: SGD on the classifier alone, as the official two-stage code trains its
+    logistic regression (B-CNN, G²DeNet, HIHCA: lr 1.0, weight decay 0, batch 256, hundreds of epochs).
+
+    Args:
+        classifier: maps (B, D) features to (B, K) logits; trained in place.
+        features: (N, D) head outputs of the training images, on the CPU (float16 keeps them small).
+        labels: (N,).
+    Returns:
+        the mean training loss of the last epoch.
+    """
+    from tqdm import tqdm
+
+    device = device or next(classifier.parameters()).device
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    classifier.train()
+    last = float("nan")
+    for _ in tqdm(range(epochs), desc="stage 1 on cached features", unit="epoch"):
+        order, total = torch.randperm(len(labels), generator=generator), 0.0
+        for start in range(0, len(labels), batch_size):
+            rows = order[start:start + batch_size]
+            loss = loss_fn(classifier(features[rows].to(device, torch.float32)), labels[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(rows)
+        last = total / len(labels)
+    return last
+
+
+def clip_activation_gradients(module: nn.Module, bound: float) -> list:
+    """Clamp the derivative of the loss with respect to the output of every layer of ``module`` to
+    [−bound, bound] as it flows back (G²DeNet's code clamps the back-propagated derivatives of every layer at
+    ±1, ``vl_GlbGaussian_nn.m``); parameter gradients are not clipped. Returns the hook handles."""
+
+    def clamp_output(layer, inputs, output):
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: grad.clamp(-bound, bound))
+
+    return [m.register_forward_hook(clamp_output) for m in module.modules() if not list(m.children())]

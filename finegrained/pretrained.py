@@ -11,6 +11,9 @@ Known state-dict layouts (:data:`LAYOUTS`):
   torchvision-style trunk (``conv1``, ``bn1``, ``layer1`` … ``layer4``, layer4 with stride 1), then
   ``layer_reduce`` (1×1 conv 2048 → 256, no bias), ``layer_reduce_bn`` (BatchNorm2d(256)) and ``fc``
   (32,896 → 1,000, dropped).
+* fast-MPN-COV iSQRT-COV VGG-16 with BatchNorm (``mpncovvgg16_bn``): torchvision's ``features.*`` without
+  pool5, ``representation.conv_dr_block.0`` (1×1 conv 512 → 256, no bias), ``representation.conv_dr_block.1``
+  (BatchNorm2d(256)) and ``classifier.*`` (dropped).
 
 :func:`split_authors_checkpoint` recognises such a state dict and returns the trunk (for the backbone),
 the reduction renamed for the head's ``reduce`` block (conv ``reduce.0``, BatchNorm ``reduce.1``, as
@@ -40,6 +43,13 @@ LAYOUTS = (
            required=("layer_reduce_bn.running_var", "layer_reduce.weight", "layer_reduce_bn.weight",
                      "layer_reduce_bn.bias", "layer_reduce_bn.running_mean", "conv1.weight", "layer4.0.conv1.weight"),
            dropped_prefixes=("fc.",)),
+    Layout("fast-MPN-COV iSQRT-COV VGG-16-BN",
+           head_prefixes=(("representation.conv_dr_block.0.", "reduce.0."),
+                          ("representation.conv_dr_block.1.", "reduce.1.")),
+           required=("representation.conv_dr_block.1.running_var", "representation.conv_dr_block.0.weight",
+                     "representation.conv_dr_block.1.weight", "representation.conv_dr_block.1.bias",
+                     "representation.conv_dr_block.1.running_mean", "features.0.weight", "features.40.weight"),
+           dropped_prefixes=("classifier.",)),
 )
 
 

@@ -6,10 +6,17 @@ import torch
 
 
 class SaveHeadPerRank(pl.Callback):
-    """Writes ``<folder>/rank<R>.pt``: the head's state dict of every process at the end of the fit."""
+    """Writes ``<folder>/rank<R>.pt``: the head's state dict of every process at the end of the fit, and
+    ``<folder>/classifier_rank<R>.pt`` the classifier's at the start of training (after a cached stage 1)."""
 
     def __init__(self, folder: str):
         self.folder = folder
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            state = {k: v.detach().cpu() for k, v in pl_module.classifier.state_dict().items()}
+            torch.save(state, os.path.join(self.folder, f"classifier_rank{trainer.global_rank}.pt"))
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.folder, exist_ok=True)

@@ -389,7 +389,9 @@ def test_fit_initialises_netvlad_centroids_by_kmeans(trained_run, tmp_path, capl
     centroids = state["head.centroids"]
     assert (centroids >= -1e-6).all(), "centroids are not k-means centres of post-ReLU descriptors"
     assert any("k-means (8 centres)" in r.getMessage() for r in caplog.records)
-    assert torch.allclose(state["head.assign.weight"].flatten(1), 2 * 100.0 * centroids)  # assignment tied to it
+    weight = state["head.assign.weight"].flatten(1)  # w_k = 2α c_k: tied to the centroids by one positive factor
+    factor = (weight * centroids).sum() / centroids.square().sum()
+    assert factor > 0 and torch.allclose(weight, factor * centroids, atol=1e-5)
 
 
 def test_data_init_is_skipped_when_resuming_or_starting_from_a_checkpoint(trained_run, tmp_path, caplog):
@@ -527,3 +529,168 @@ def test_bench_table_choices_do_not_depend_on_the_test_split():
         honest, blind = evaluate_head(head, features, epochs=1), evaluate_head(head, shuffled, epochs=1)
         assert honest["trained_by"] == blind["trained_by"] and honest["val_top1"] == blind["val_top1"]
         assert "validation_sweep" in honest and honest["validation_sweep"].count(":") >= 3
+
+
+# ==== Issue 14: each recipe runs what the official training code runs ===============================================
+def test_netvlad_alpha_from_the_data_gives_the_nearest_centre_100_times_the_next():
+    from finegrained.heads import build_head
+
+    torch.manual_seed(0)
+    head = build_head("netvlad", 8, clusters=4)
+    features = torch.randn(6, 8, 5, 5).relu()
+    head.init_from_features(features)
+    x = torch.nn.functional.normalize(features.flatten(2).transpose(1, 2).reshape(-1, 8).double(), dim=1)
+    top2 = (x @ head.centroids.double().T).topk(2, dim=1).values
+    assert head.alpha == pytest.approx(-__import__("math").log(0.01) / float((top2[:, 0] - top2[:, 1]).mean()))
+    logits = head.assign(torch.nn.functional.normalize(features, dim=1)).flatten(2).transpose(1, 2).reshape(-1, 4)
+    ratios = logits.double().topk(2, dim=1).values
+    # w_k·x̂ + b_k = α(2c_kᵀx̂ − ‖c_k‖²): the log-ratio of the two nearest weights is α(s₁ − s₂) + α(‖c₂‖² − ‖c₁‖²)
+    assert head.alpha != 100.0 and torch.isfinite(ratios).all()
+
+
+def test_cached_stage1_trains_the_classifier_on_unaugmented_features_and_every_rank_gets_it(trained_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import finegrained_command
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("gloo DDP test written for Linux")
+    recipe, ckpt, _ = trained_run
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    extra = tmp_path / "callbacks.yaml"
+    extra.write_text(f"trainer:\n  callbacks:\n    - class_path: tests.ddp_helpers.SaveHeadPerRank\n"
+                     f"      init_args: {{folder: {tmp_path / 'states'}}}\n")
+    start = torch.load(ckpt, weights_only=True)["state_dict"]
+    out = subprocess.run(finegrained_command() + [
+        "fit", "--config", recipe, "--config", str(extra), "--model.head", "gap", "--model.head_kwargs", "{}",
+        "--model.stage1_route", "cached", "--model.stage1_epochs", "20", "--model.stage1_lr", "0.5",
+        "--model.stage1_batch_size", "4", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
+        "--checkpoint.dirpath", str(tmp_path / "ck")],
+        capture_output=True, text=True, timeout=600, cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert __import__("re").search(r"stage 1 on cached features: \d+ images, 512-d, 20 epochs at lr 0.5",
+                                   out.stdout + out.stderr)
+    rank0, rank1 = (torch.load(tmp_path / "states" / f"classifier_rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert rank0["1.weight"].abs().max() > 0.05  # trained: the fresh 512 -> 3 layer starts within ±1/√512 = 0.044
+    del start
+
+
+def test_train_on_cached_features_learns_a_separable_problem():
+    from finegrained.losses import loss_function
+    from finegrained.optim import train_on_cached_features
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    features = (torch.eye(3)[labels] * 4 + torch.randn(60, 3, generator=g)).half()
+    classifier = torch.nn.Linear(3, 3)
+    first = loss_function("cross_entropy")(classifier(features.float()), labels).item()
+    last = train_on_cached_features(classifier, features, labels, loss_function("cross_entropy"), epochs=30, lr=0.5,
+                                    weight_decay=0.0, batch_size=16)
+    assert last < 0.1 < first and (classifier(features.float()).argmax(1) == labels).float().mean() > 0.95
+
+
+def test_weight_decay_and_learning_rate_per_part_and_per_head_parameter():
+    from finegrained.model import FineGrainedClassifier
+
+    model = FineGrainedClassifier(num_classes=3, backbone="vgg16", backbone_weights=None, head="hihca",
+                                  head_kwargs={"filters": 16}, backbone_layers=["relu5_2", "relu5_3"], lr=1e-3,
+                                  lr_mult={"classifier": 1000.0}, weight_decay=5e-4,
+                                  weight_decay_mult={"classifier": 0.0})
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert groups["head.layer_scales"]["lr"] == pytest.approx(1e-2) and groups["head"]["lr"] == pytest.approx(1e-3)
+    assert groups["classifier"]["lr"] == pytest.approx(1.0) and groups["classifier"]["weight_decay"] == 0.0
+    assert groups["backbone"]["weight_decay"] == groups["head"]["weight_decay"] == pytest.approx(5e-4)
+    assert sum(len(g["params"]) for g in groups.values()) == len([p for p in model.parameters() if p.requires_grad])
+    assert model.head.layer_scales.tolist() == [0.5, 1.0]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_stage1_weight_decay_applies_in_stage_1_only():
+    from finegrained.optim import stage_weight_decay
+
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "weight_decay": 5e-4}], lr=0.1)
+    stage_weight_decay(opt, True, 0.0)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    stage_weight_decay(opt, False, 0.0)
+    assert opt.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_one_vs_all_hinge_as_in_the_lrbp_code():
+    from finegrained.losses import one_vs_all_hinge
+
+    scores = torch.tensor([[2.0, 0.5, -3.0], [0.2, -0.9, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 1])
+    # image 0: true 2.0 -> 0; 0.5 -> 1.5 (not above 1.5: kept); -3 -> 0. image 1: 0.2 -> 1.2; -0.9 -> 1.9 > 1.5: 0.19;
+    # 1.0 -> 2.0 > 1.5: 0.2.
+    expected = (1.5 + 1.2 + 0.19 + 0.2) / 2
+    loss = one_vs_all_hinge(scores, labels)
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert scores.grad.flatten().tolist() == pytest.approx([0.0, 0.5, 0.0, 0.5, -0.05, 0.05])
+
+
+def test_activation_gradients_are_clamped_not_parameter_gradients():
+    from finegrained.optim import clip_activation_gradients
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    clip_activation_gradients(net, 1.0)
+    seen = {}
+
+    def record(module, inputs, output):
+        output.register_hook(lambda g: seen.setdefault("grad", g.clone()))
+
+    net[0].register_forward_hook(record)
+    x = 100 * torch.ones(1, 2)
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].weight.fill_(10.0)
+    (net(x) * 100).sum().backward()
+    assert seen["grad"].abs().max() <= 1.0  # the layer output's derivative (1000 unclipped) arrives clamped
+    # d loss / d W1 = (clamped derivative 1) × (layer-0 output 200): parameter gradients are not clipped
+    assert net[1].weight.grad.abs().max() > 100.0
+
+
+def test_vgg_backbone_returns_the_layers_asked_for():
+    from finegrained.backbones import build_backbone
+
+    backbone = build_backbone("vgg16", layers=["relu5_2", "relu5_3"])
+    assert backbone.out_channels == [512, 512]
+    with pytest.raises(ValueError, match="no layer"):
+        build_backbone("vgg16", layers=["relu9_9"])
+    with pytest.raises(ValueError, match="network order"):
+        build_backbone("vgg16", layers=["relu5_3", "relu5_2"])
+    with pytest.raises(ValueError, match="cannot return layers"):
+        build_backbone("resnet18", layers=["layer3"])
+
+
+def test_authors_mpncov_vgg16_bn_checkpoint(tmp_path, caplog):
+    import logging
+
+    import torchvision
+
+    from finegrained.model import FineGrainedClassifier
+
+    g = torch.Generator().manual_seed(0)
+    features = {k: v for k, v in torchvision.models.vgg16_bn().state_dict().items() if k.startswith("features.")}
+    state = {**features, "representation.conv_dr_block.0.weight": torch.randn(256, 512, 1, 1, generator=g),
+             "representation.conv_dr_block.1.weight": torch.rand(256, generator=g),
+             "representation.conv_dr_block.1.bias": torch.randn(256, generator=g),
+             "representation.conv_dr_block.1.running_mean": torch.randn(256, generator=g),
+             "representation.conv_dr_block.1.running_var": torch.rand(256, generator=g) + 0.5,
+             "representation.conv_dr_block.1.num_batches_tracked": torch.tensor(7),
+             "classifier.weight": torch.randn(1000, 32896, generator=g), "classifier.bias": torch.zeros(1000)}
+    path = tmp_path / "mpncovvgg16_bn.pth"
+    torch.save(state, path)
+    caplog.set_level(logging.INFO)
+    model = FineGrainedClassifier(num_classes=4, backbone="vgg16_bn", backbone_weights=str(path), head="isqrt",
+                                  head_kwargs={"reduction": 256})
+    torch.testing.assert_close(model.backbone.features[40].weight, state["features.40.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.head.reduce[1].running_var, state["representation.conv_dr_block.1.running_var"])
+    assert any("VGG-16-BN" in r.getMessage() and "dropped classifier.weight" in r.getMessage() for r in caplog.records)

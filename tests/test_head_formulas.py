@@ -316,9 +316,11 @@ def test_netfv():
     check(head, per_image(ref), x)
 
 
-def test_lrbp():
+@pytest.mark.parametrize("positions", ["sum", "mean"])
+def test_lrbp(positions):
     c, m, classes, rank = 5, 4, 3, 4
-    head = build_head("lrbp", c, num_classes=classes, reduction=m, rank=rank).double()
+    head = build_head("lrbp", c, num_classes=classes, reduction=m, rank=rank, positions=positions,
+                      freeze_reduction=False).double()
     with torch.no_grad():
         head.bias.normal_()
     p = head.project.weight[:, :, 0, 0].view(classes, rank, m)
@@ -330,7 +332,7 @@ def test_lrbp():
         for k in range(classes):
             u, v = p[k, : rank // 2].T, p[k, rank // 2:].T
             w_k = u @ u.T - v @ v.T
-            scores.append(torch.trace(w_k @ y @ y.T) / y.shape[1] + head.bias[k])
+            scores.append(torch.trace(w_k @ y @ y.T) / (y.shape[1] if positions == "mean" else 1) + head.bias[k])
         return torch.stack(scores)
 
     check(head, per_image(ref), x)

@@ -17,7 +17,8 @@ Weights are handled in one place, :mod:`finegrained.backbones.weights`: ``None``
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+import inspect
+from typing import Callable, Dict, List, Optional, Sequence
 
 from finegrained.backbones.base import Backbone
 from finegrained.backbones.weights import Weights, WeightsUnavailableError, load_weights
@@ -47,7 +48,8 @@ def available_backbones() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build_backbone(name: str, weights: Weights = None, last_stride: int = 2) -> Backbone:
+def build_backbone(name: str, weights: Weights = None, last_stride: int = 2,
+                   layers: Optional[Sequence[str]] = None) -> Backbone:
     """Build a feature extractor.
 
     Args:
@@ -55,6 +57,8 @@ def build_backbone(name: str, weights: Weights = None, last_stride: int = 2) -> 
         weights: ``None`` (random init), ``"imagenet"``, or a state dict of the full network (a path to one,
             or the dict itself).
         last_stride: 2 (as published) or 1 (last down-sampling removed, 2× larger map).
+        layers: return these layers instead of the last map (VGG: e.g. ``["relu5_2", "relu5_3"]``); the
+            backbone then returns a list of maps and ``out_channels`` is a list.
     Returns:
         :class:`Backbone` with ``out_channels``.
     """
@@ -62,7 +66,12 @@ def build_backbone(name: str, weights: Weights = None, last_stride: int = 2) -> 
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(available_backbones())}")
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
-    return _REGISTRY[name](name, weights, last_stride)
+    builder = _REGISTRY[name]
+    if not layers:
+        return builder(name, weights, last_stride)
+    if "layers" not in inspect.signature(builder).parameters:
+        raise ValueError(f"backbone {name!r} returns its last feature map only; it cannot return layers {list(layers)}")
+    return builder(name, weights, last_stride, layers=list(layers))
 
 
 # Importing the family modules registers their backbones.

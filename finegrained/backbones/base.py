@@ -6,7 +6,7 @@ gives a 28×28 map as in the published iSQRT-COV fine-tuning.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -15,12 +15,13 @@ class Backbone(nn.Module):
     """A feature extractor with a known number of output channels.
 
     Attributes:
-        features: the network cut at its last conv map; (B, 3, H, W) -> (B, C, h, w).
-        out_channels: C.
+        features: the network cut at its last conv map; (B, 3, H, W) -> (B, C, h, w), or a list of such
+            maps when the backbone returns several layers (:class:`LayerOutputs`).
+        out_channels: C, or one C per returned layer.
         name: the builder name, e.g. ``"resnet50"``.
     """
 
-    def __init__(self, features: nn.Module, out_channels: int, name: str):
+    def __init__(self, features: nn.Module, out_channels: Union[int, List[int]], name: str):
         super().__init__()
         self.features = features
         self.out_channels = out_channels
@@ -28,6 +29,42 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
+
+
+class LayerOutputs(nn.Module):
+    """A sequential network that returns the outputs of several of its layers, e.g. VGG's relu5_2 and relu5_3
+    (the two layers HIHCA fuses); it stops after the last one asked for.
+
+    (B, 3, H, W) -> [(B, C_i, h_i, w_i) for each layer, in network order].
+    """
+
+    def __init__(self, layers: nn.Sequential, returned: Sequence[int]):
+        super().__init__()
+        self.returned = sorted(returned)
+        self.layers = layers[:self.returned[-1] + 1]
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        outputs = []
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index in self.returned:
+                outputs.append(x)
+        return outputs
+
+
+def vgg_layer_names(features: nn.Sequential) -> Dict[str, int]:
+    """{"conv5_3": 28, "relu5_3": 29, ...}: the names of the VGG papers for the indices of ``features``."""
+    names, block, number = {}, 1, 0
+    for index, layer in enumerate(features):
+        if isinstance(layer, nn.Conv2d):
+            number += 1
+            names[f"conv{block}_{number}"] = index
+        elif isinstance(layer, nn.ReLU):
+            names[f"relu{block}_{number}"] = index
+        elif isinstance(layer, nn.MaxPool2d):
+            names[f"pool{block}"] = index
+            block, number = block + 1, 0
+    return names
 
 
 def stride2_convs(module: nn.Module) -> List[nn.Conv2d]:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import functools
 import re
 from collections import OrderedDict
+from typing import Optional, Sequence
 
 import torchvision
 from torch import nn
 
 from finegrained.backbones import register_backbone
-from finegrained.backbones.base import Backbone, last_stride2_conv, remove_stride, stride2_convs
+from finegrained.backbones.base import (Backbone, LayerOutputs, last_stride2_conv, remove_stride, stride2_convs,
+                                        vgg_layer_names)
 from finegrained.backbones.weights import StateDict, Weights, hub_cached_file, load_weights
 
 
@@ -67,11 +69,26 @@ def resnet(name: str, weights: Weights, last_stride: int) -> Backbone:
 
 
 @register_backbone("vgg16", "vgg16_bn")
-def vgg(name: str, weights: Weights, last_stride: int) -> Backbone:
+def vgg(name: str, weights: Weights, last_stride: int, layers: Optional[Sequence[str]] = None) -> Backbone:
+    """relu5_3 without pool5 (s = 16), or the outputs of ``layers`` (e.g. ``["relu5_2", "relu5_3"]``)."""
     if last_stride == 1:
         raise ValueError(f"{name} already ends at relu5_3 without pool5 (stride 16); last_stride must be 2")
     model = _torchvision_model(name, weights, ["features"])
-    return Backbone(model.features[:-1], 512, name)  # drop pool5
+    if not layers:
+        return Backbone(model.features[:-1], 512, name)  # drop pool5
+    names = vgg_layer_names(model.features)
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        raise ValueError(f"{name} has no layer(s) {unknown}; known: {', '.join(names)}")
+    channels = [_channels_at(model.features, names[layer]) for layer in layers]
+    order = sorted(range(len(layers)), key=lambda i: names[layers[i]])
+    if order != list(range(len(layers))):
+        raise ValueError(f"list the layers in network order, got {list(layers)}")
+    return Backbone(LayerOutputs(model.features, [names[layer] for layer in layers]), channels, name)
+
+
+def _channels_at(features: nn.Sequential, index: int) -> int:
+    return [m for m in features[:index + 1] if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
 @register_backbone("densenet121", "densenet161", "densenet201")

@@ -16,6 +16,8 @@ member                      meaning
 ``export_substitute()``,    what the head computes instead of an eigendecomposition while
 ``use_substitute``          ``use_substitute`` is set (ONNX has no eigensolver); ``None`` when it
                             exports as it is
+``parameter_lr_mult``       class attribute: learning-rate multipliers of parameter-name prefixes,
+                            relative to the head's rate (HIHCA's layer scales: ×10)
 ==========================  ====================================================================
 
 Heads register under a name with :func:`finegrained.heads.register_head`; that registry also holds
@@ -23,7 +25,7 @@ their display names (the papers' spelling, e.g. ``"iSQRT-COV"``).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +48,7 @@ class PoolingHead(nn.Module):
     """Base class of every head: (B, C, H, W) -> (B, ``output_dim``)."""
 
     produces_logits: ClassVar[bool] = False
+    parameter_lr_mult: ClassVar[Dict[str, float]] = {}
 
     def __init__(self) -> None:
         super().__init__()

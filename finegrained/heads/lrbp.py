@@ -5,12 +5,14 @@ Kong & Fowlkes, "Low-rank Bilinear Pooling for Fine-Grained Classification", CVP
 After a shared 1×1 reduction P (C -> m), class k scores the bilinear feature with a rank-r matrix
 W_k = U_k U_kᵀ − V_k V_kᵀ (U_k, V_k: m × r/2), without ever forming the m×m feature:
 
-    score_k = tr(W_k Y Yᵀ)/M + b_k = (‖U_kᵀ Y‖²_F − ‖V_kᵀ Y‖²_F)/M + b_k,    Y = P X (m × M)
+    score_k = tr(W_k Y Yᵀ) + b_k = ‖U_kᵀ Y‖²_F − ‖V_kᵀ Y‖²_F + b_k,    Y = P X (m × M)
 
-This head is the classifier (``produces_logits``): it takes ``num_classes`` and its output is the
-logits. Defaults from the paper: m = 100 (the seed table's 10K = 100² equivalent dimension),
-rank r = 8. :meth:`LowRankBilinearHead.init_reduction` sets P by PCA (scikit-learn), the paper's
-initialisation.
+summed over the M positions as in the paper and its code (``bisvm_posneg_UUreg_forward.m``);
+``positions="mean"`` divides by M. This head is the classifier (``produces_logits``): it takes
+``num_classes`` and its output is the logits. Defaults from the paper and its code: m = 100 (the seed
+table's 10K = 100² equivalent dimension), rank r = 8, U_k and V_k from 0.01·N(0, 1), P set by PCA
+(:meth:`LowRankBilinearHead.init_reduction`, the data-dependent initialisation) and then frozen
+(``freeze_reduction``).
 
 Shapes: (B, C, H, W) -> (B, num_classes).
 """
@@ -32,18 +34,24 @@ class LowRankBilinearHead(PoolingHead):
         num_classes: K.
         reduction: m (100, paper).
         rank: r, even; U_k and V_k have r/2 columns each (8, paper).
+        freeze_reduction: keep P at its data-dependent initialisation (the official code).
+        positions: ``"sum"`` (paper) or ``"mean"`` over the positions.
     """
 
     produces_logits = True
 
-    def __init__(self, in_channels: int, num_classes: int, reduction: int = 100, rank: int = 8):
+    def __init__(self, in_channels: int, num_classes: int, reduction: int = 100, rank: int = 8,
+                 freeze_reduction: bool = True, positions: str = "sum"):
         super().__init__()
         if rank < 2 or rank % 2:
             raise ValueError(f"rank must be an even number >= 2 (U and V get rank/2 columns), got {rank}")
-        self.num_classes, self.half_rank = num_classes, rank // 2
+        if positions not in ("sum", "mean"):
+            raise ValueError(f"positions must be 'sum' or 'mean', got {positions!r}")
+        self.num_classes, self.half_rank, self.positions = num_classes, rank // 2, positions
         self.reduce = nn.Conv2d(in_channels, reduction, kernel_size=1, bias=True)
+        self.reduce.requires_grad_(not freeze_reduction)
         self.project = nn.Conv2d(reduction, num_classes * rank, kernel_size=1, bias=False)
-        nn.init.normal_(self.project.weight, std=reduction ** -0.5)
+        nn.init.normal_(self.project.weight, std=0.01)
         self.bias = nn.Parameter(torch.zeros(num_classes))
         self.output_dim = num_classes
 
@@ -72,5 +80,7 @@ class LowRankBilinearHead(PoolingHead):
     @float32_matrices
     def forward(self, x: Tensor) -> Tensor:
         y = self.project(self.reduce(x)).flatten(2)  # (B, K·r, M)
-        energy = y.square().mean(-1).view(x.shape[0], self.num_classes, 2, self.half_rank).sum(-1)
+        squares = y.square()
+        energy = (squares.sum(-1) if self.positions == "sum" else squares.mean(-1))
+        energy = energy.view(x.shape[0], self.num_classes, 2, self.half_rank).sum(-1)
         return energy[:, :, 0] - energy[:, :, 1] + self.bias

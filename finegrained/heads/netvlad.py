@@ -6,13 +6,16 @@ recognition", CVPR 2016.
     x̂_m = x_m/‖x_m‖,  a_k(x̂) = softmax_k(w_kᵀx̂ + b_k),  w_k = 2α·c_k,  b_k = −α‖c_k‖²
     V(:, k) = Σ_m a_k(x̂_m)(x̂_m − c_k)  ->  l2 per cluster (intra-normalisation)  ->  l2
 
-Defaults: K = 64 clusters (paper; 512 × 64 = 32,768 values on VGG-16, the seed table's 32K) and
-α = 100 (large α makes the soft assignment close to VLAD's hard one, as in the paper's
-initialisation). :meth:`NetVLADHead.init_centroids` sets c (and w, b) by k-means on features
-(scikit-learn), the paper's initialisation; otherwise centres start random on the unit sphere.
+Defaults: K = 64 clusters (paper; 512 × 64 = 32,768 values on VGG-16, the seed table's 32K).
+:meth:`NetVLADHead.init_centroids` (the data-dependent initialisation) sets c by k-means on
+l2-normalised descriptors (scikit-learn) and, as the official code does (``addLayers.m``), α from the
+data: α = −log(0.01) / mean(s₁ − s₂), with s₁ ≥ s₂ the two largest similarities x̂ᵀc_k of a descriptor,
+so that the nearest centre gets 100 times the weight of the next on average; then w and b. Until then
+centres start random on the unit sphere with α = ``alpha`` (100).
 
 Shapes: (B, C, H, W) -> (B, K·C).
 """
+import math
 from typing import Optional
 
 import torch
@@ -29,12 +32,13 @@ class NetVLADHead(PoolingHead):
     """Args:
         in_channels: C.
         clusters: K (64, paper).
-        alpha: assignment sharpness α (100).
+        alpha: assignment sharpness α before the data-dependent initialisation (100).
+        alpha_from_data: set α from the descriptors in :meth:`init_centroids` (the official code).
     """
 
-    def __init__(self, in_channels: int, clusters: int = 64, alpha: float = 100.0):
+    def __init__(self, in_channels: int, clusters: int = 64, alpha: float = 100.0, alpha_from_data: bool = True):
         super().__init__()
-        self.clusters, self.alpha = clusters, alpha
+        self.clusters, self.alpha, self.alpha_from_data = clusters, alpha, alpha_from_data
         self.centroids = nn.Parameter(F.normalize(torch.randn(clusters, in_channels), dim=1))
         self.assign = nn.Conv2d(in_channels, clusters, kernel_size=1, bias=True)
         self._tie_assignment_to_centroids()
@@ -58,13 +62,19 @@ class NetVLADHead(PoolingHead):
         if len(descriptors) < self.clusters:
             raise ValueError(f"k-means needs at least {self.clusters} descriptors, got {len(descriptors)}")
         kmeans = KMeans(n_clusters=self.clusters, n_init=3, random_state=seed).fit(descriptors)
-        self.centroids.copy_(torch.as_tensor(kmeans.cluster_centers_, dtype=self.centroids.dtype))
+        centres = torch.as_tensor(kmeans.cluster_centers_)
+        if self.alpha_from_data:
+            top2 = (torch.as_tensor(descriptors) @ centres.T).topk(2, dim=1).values
+            gap = float((top2[:, 0] - top2[:, 1]).mean())
+            self.alpha = -math.log(0.01) / max(gap, torch.finfo(torch.float64).eps)
+        self.centroids.copy_(centres.to(self.centroids.dtype))
         self._tie_assignment_to_centroids()
         return len(descriptors)
 
     def init_from_features(self, features: Tensor, seed: int = 0) -> str:
         used = self.init_centroids(features, seed)
-        return f"netvlad: k-means ({self.clusters} centres) on {used:,} l2-normalised local descriptors"
+        return (f"netvlad: k-means ({self.clusters} centres) on {used:,} l2-normalised local descriptors, "
+                f"alpha {self.alpha:.4g}")
 
     @float32_matrices
     def forward(self, x: Tensor) -> Tensor:
