@@ -14,7 +14,7 @@ from finegrained.heads import PoolingHead, available_heads, build_head, head_dis
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
-           "finegrained.pretrained",
+           "finegrained.pretrained", "finegrained.losses",
            "finegrained.export", "finegrained.predict", "finegrained.resume", "finegrained.linalg")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
 
@@ -67,8 +67,9 @@ def _modules_in(prefix):
     ("finegrained.backbones", ("finegrained.backbones",)),
     ("finegrained.optim", ()),
     ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim",
-                           "finegrained.pretrained")),
+                           "finegrained.pretrained", "finegrained.losses")),
     ("finegrained.pretrained", ()),
+    ("finegrained.losses", ()),
     ("datamodules", ("datamodules",)),
 ])
 def test_layer_imports_only_what_it_may(package, allowed):
