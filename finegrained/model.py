@@ -325,16 +325,17 @@ class FineGrainedClassifier(pl.LightningModule):
 
     @torch.no_grad()
     def head_features(self, loader, flip: bool = False) -> Tuple[Tensor, Tensor]:
-        """(N, D) head outputs (float16, on the CPU) and (N,) labels of every batch of ``loader`` (backbone and
-        head in evaluation mode); with ``flip``, also of the flipped images (2N rows)."""
+        """Head outputs (float16, on the CPU) and (N,) labels of every batch of ``loader``, backbone and head in
+        evaluation mode: (N, D), or with ``flip`` (N, 2, D) for each image and its horizontal flip."""
         was_training = self.training
         self.eval()
         features, labels = [], []
         for images, targets in tqdm(loader, desc="head features", unit="batch"):
             images = images.to(self.device)
-            for view in ([images, torch.flip(images, dims=[3])] if flip else [images]):
-                features.append(self.head(self.backbone(view)).float().to("cpu", torch.float16))
-                labels.append(targets.cpu())
+            views = [images, torch.flip(images, dims=[3])] if flip else [images]
+            rows = [self.head(self.backbone(view)).float().to("cpu", torch.float16) for view in views]
+            features.append(torch.stack(rows, dim=1) if flip else rows[0])
+            labels.append(torch.as_tensor(targets).cpu())
         self.train(was_training)
         return torch.cat(features), torch.cat(labels)
 

@@ -694,3 +694,72 @@ def test_authors_mpncov_vgg16_bn_checkpoint(tmp_path, caplog):
     torch.testing.assert_close(model.backbone.features[40].weight, state["features.40.weight"], rtol=0, atol=0)
     torch.testing.assert_close(model.head.reduce[1].running_var, state["representation.conv_dr_block.1.running_var"])
     assert any("VGG-16-BN" in r.getMessage() and "dropped classifier.weight" in r.getMessage() for r in caplog.records)
+
+
+def test_svm_protocol_trains_one_vs_all_on_image_and_flip_and_averages_test_scores():
+    import numpy as np
+    from sklearn.svm import LinearSVC
+
+    from finegrained.svm import svm_accuracy
+
+    g = torch.Generator().manual_seed(0)
+
+    class Stub:
+        """head_features of 'datasets' that are tensors of features already: (N, 2, D)."""
+
+        @staticmethod
+        def head_features(loader, flip):
+            assert flip
+            rows = torch.cat([batch for batch in loader])
+            return rows[:, :, :-1], rows[:, 0, -1].long()
+
+    def data(n):
+        labels = torch.arange(n) % 6
+        x = torch.randn(n, 2, 8, generator=g) + torch.nn.functional.one_hot(labels, 8)[:, None].float() * 1.5
+        return torch.cat([x, labels[:, None, None].float().expand(n, 2, 1)], dim=2)
+
+    train, test = data(60), data(30)
+    result = svm_accuracy(Stub(), train, test)
+    norm = lambda t: torch.nn.functional.normalize(t, dim=-1).numpy()  # noqa: E731
+    svm = LinearSVC(C=1.0, random_state=0).fit(norm(train[:, :, :-1].flatten(0, 1)), np.repeat(np.arange(60) % 6, 2))
+    scores = (svm.decision_function(norm(test[:, 0, :-1])) + svm.decision_function(norm(test[:, 1, :-1]))) / 2
+    assert result["top1"] == pytest.approx(float((scores.argmax(1) == np.arange(30) % 6).mean()))
+    assert 0 <= result["mean_class_acc"] <= 1 and "top5" in result
+
+
+def test_finegrained_test_svm_prints_and_records_both_classifiers(trained_run, tmp_path, capsys):
+    import csv
+
+    from finegrained.cli import main
+
+    recipe, ckpt, _ = trained_run
+    runs = tmp_path / "runs.csv"
+    assert main(["test", "--config", recipe, "--ckpt_path", ckpt, "--svm", "true", "--runs_csv", str(runs)]) == 0
+    printed = capsys.readouterr().out
+    assert "Test accuracy on" in printed and "SVM accuracy on" in printed
+    assert [row["classifier"] for row in csv.DictReader(open(runs))] == ["softmax", "svm"]
+
+
+def test_svm_papers_are_compared_with_svm_runs_and_the_mixed_bcnn_row_is_marked(tmp_path):
+    import os
+
+    import pandas as pd
+
+    from finegrained.results.runs import RUN_FIELDS
+    from finegrained.results.tables import comparison, load_reference, write_tables
+
+    reference = load_reference(os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv"))
+    rows = reference[(reference["table"] == "fgvc_comparison") & (reference["method"] == "bcnn")]
+    assert set(rows["dim"]) == {"", "[D,D]"} and set(rows["classifier"]) == {"svm"}
+    dd = rows[rows["dim"] == "[D,D]"].set_index("dataset")["value"].to_dict()
+    assert dd == {"cub": 84.0, "aircraft": 84.1, "cars": 90.6}
+    run = {f: "" for f in RUN_FIELDS}
+    runs = pd.DataFrame([{**run, "recipe": "r", "dataset": "cars", "method": "bcnn", "backbone": "vgg16",
+                          "head_dim": 262144, "top1": 0.90, "classifier": "softmax", "timestamp": "1"},
+                         {**run, "recipe": "r", "dataset": "cars", "method": "bcnn", "backbone": "vgg16",
+                          "head_dim": 262144, "top1": 0.91, "classifier": "svm", "timestamp": "2"}])
+    _, ours, _ = comparison(reference, runs, "fgvc_comparison")
+    assert ours.loc[("bcnn", "vgg16", "[D,D]"), "cars"] == pytest.approx(91.0)  # the SVM run, not the softmax one
+    write_tables(reference, runs, str(tmp_path))
+    text = open(tmp_path / "fgvc_comparison.md").read()
+    assert "| B-CNN†" in text and "asymmetric [D,M]" in text

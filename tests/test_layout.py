@@ -14,7 +14,7 @@ from finegrained.heads import PoolingHead, available_heads, build_head, head_dis
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
-           "finegrained.pretrained", "finegrained.losses",
+           "finegrained.pretrained", "finegrained.losses", "finegrained.svm",
            "finegrained.export", "finegrained.predict", "finegrained.resume", "finegrained.linalg")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
 

@@ -21,6 +21,7 @@ from finegrained.cli.recipe import config_hash, expand_config_args
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import AtomicCheckpointIO, RandomState
 from finegrained.results.runs import RunArtifacts, append_run, device_name, git_commit
+from finegrained.svm import svm_accuracy
 
 
 class FineGrainedCLI(LightningCLI):
@@ -34,6 +35,9 @@ class FineGrainedCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--runs_csv", default="results/runs.csv",
                             help="CSV file that every test run appends its record to ('' to skip)")
+        parser.add_argument("--svm", type=bool, default=False,
+                            help="test: also train one-vs-all linear SVMs (C = 1) on l2-normalised head features of "
+                                 "the training images and their flips, and report their accuracy (B-CNN, HIHCA)")
         parser.add_argument("--select_on_test", type=bool, default=False,
                             help="when validation is the test set, still write best.ckpt chosen by val_top1 (the "
                                  "published code's practice: its number is a maximum over test evaluations)")
@@ -92,17 +96,29 @@ class FineGrainedCLI(LightningCLI):
     def after_test(self) -> None:
         metrics = self.trainer.callback_metrics
         if "test_top1" in metrics and self.trainer.is_global_zero:
-            parts = [f"top-1 {float(metrics['test_top1']):.4f}"]
-            if "test_top5" in metrics:
-                parts.append(f"top-5 {float(metrics['test_top5']):.4f}")
-            parts.append(f"mean per-class {float(metrics['test_mean_class_acc']):.4f}")
+            accuracy = {key: float(metrics[f"test_{key}"]) for key in ("top1", "top5", "mean_class_acc")
+                        if f"test_{key}" in metrics}
             n = len(self.trainer.test_dataloaders.dataset) if self.trainer.test_dataloaders is not None else "?"
-            print(f"Test accuracy on {n} images: " + ", ".join(parts))
+            print(f"Test accuracy on {n} images: {_accuracy_text(accuracy)}")
             provenance = self._provenance()
             print(f"Checkpoint: {provenance['selection']}; validation: {provenance['validation']}"
                   + (" -- chosen on the test set, so this is a maximum over test evaluations (optimistic)"
                      if provenance["validation"] == "test set" and provenance["selection"].startswith("best") else ""))
-            self._record_run(metrics, provenance)
+            self._record_run(accuracy, provenance, "softmax")
+            if self.config["test"].get("svm"):
+                svm = self._svm_accuracy()
+                print(f"SVM accuracy on {n} images (one-vs-all linear SVMs, C = 1, on l2-normalised head features of "
+                      f"the training images and their flips): {_accuracy_text(svm)}")
+                self._record_run(svm, provenance, "svm")
+
+    def _svm_accuracy(self) -> Dict[str, float]:
+        datamodule = self.datamodule
+        if not hasattr(datamodule, "unaugmented_train_dataloader"):
+            raise ValueError("--svm needs the training images without augmentation: a finegrained DataModule "
+                             "(datamodules.*) provides unaugmented_train_dataloader()")
+        loader = datamodule.unaugmented_train_dataloader()
+        return svm_accuracy(self.model, loader.dataset, datamodule.test_dataset, batch_size=loader.batch_size,
+                            num_workers=loader.num_workers)
 
     def _provenance(self) -> Dict[str, str]:
         """Which checkpoint was tested (last epoch, epoch N, best <metric>) and whether validation was held out."""
@@ -126,7 +142,7 @@ class FineGrainedCLI(LightningCLI):
             selection = "last epoch"
         return {"validation": validation, "selection": selection, "epochs": epochs, "checkpoint": checkpoint}
 
-    def _record_run(self, metrics, provenance: Dict[str, Any]) -> None:
+    def _record_run(self, accuracy: Dict[str, float], provenance: Dict[str, Any], classifier: str) -> None:
         cfg = self.config["test"]
         if not cfg.get("runs_csv"):
             return
@@ -136,7 +152,7 @@ class FineGrainedCLI(LightningCLI):
         for key, state in provenance.get("checkpoint", {}).get("callbacks", {}).items():
             if key.startswith("RunArtifacts"):
                 train_wall = state.get("train_wall_s")
-        hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv", "select_on_test")}
+        hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv", "select_on_test", "svm")}
         artifacts = next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
         record = {
             "git_commit": git_commit(),
@@ -147,9 +163,9 @@ class FineGrainedCLI(LightningCLI):
             "backbone": model.hparams.backbone,
             "head_dim": model.head.output_dim,
             "epochs": epochs,
-            "top1": float(metrics["test_top1"]),
-            "top5": float(metrics["test_top5"]) if "test_top5" in metrics else "",
-            "mean_class_acc": float(metrics["test_mean_class_acc"]),
+            "top1": accuracy["top1"],
+            "top5": accuracy.get("top5", ""),
+            "mean_class_acc": accuracy["mean_class_acc"],
             "train_wall_s": "" if train_wall is None else round(float(train_wall), 1),
             "test_wall_s": round(artifacts.test_wall_s, 1) if artifacts else "",
             "device": device_name(self.trainer),
@@ -157,6 +173,7 @@ class FineGrainedCLI(LightningCLI):
             "plots": ";".join(artifacts.plots) if artifacts else "",
             "validation": provenance["validation"],
             "selection": provenance["selection"],
+            "classifier": classifier,
         }
         row = append_run(cfg.runs_csv, record)
         print(f"Recorded run {row['run_id']} in {cfg.runs_csv}")
@@ -167,6 +184,11 @@ class FineGrainedCLI(LightningCLI):
         if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
             kwargs["weights_only"] = True
         return kwargs
+
+
+def _accuracy_text(accuracy: Dict[str, float]) -> str:
+    names = {"top1": "top-1", "top5": "top-5", "mean_class_acc": "mean per-class"}
+    return ", ".join(f"{names[key]} {accuracy[key]:.4f}" for key in names if key in accuracy)
 
 
 def _config_paths(argv: List[str]) -> List[str]:

@@ -24,9 +24,10 @@ from finegrained.results.plots import plot_confusion_matrix, plot_training_curve
 
 RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
               "head_dim", "epochs", "top1", "top5", "mean_class_acc", "train_wall_s", "test_wall_s", "device",
-              "checkpoint", "plots", "validation", "selection"]
+              "checkpoint", "plots", "validation", "selection", "classifier"]
 # validation: "held-out" (chosen apart from the test set) or "test set" (the published protocol).
 # selection: which checkpoint was tested: "last epoch", "epoch N" or "best <metric>".
+# classifier: "softmax" (the network's own) or "svm" (finegrained test --svm: the SVM protocol).
 
 
 def git_commit(cwd: Optional[str] = None) -> str:
@@ -77,7 +78,7 @@ def read_runs(path: str) -> pd.DataFrame:
     if not os.path.isfile(path):
         return pd.DataFrame(columns=RUN_FIELDS)
     runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str})
-    runs = runs.reindex(columns=list(runs.columns) + [f for f in ("validation", "selection") if f not in runs.columns])
+    runs = runs.reindex(columns=list(runs.columns) + [f for f in RUN_FIELDS if f not in runs.columns])
     missing = set(RUN_FIELDS) - set(runs.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)} of a run record")

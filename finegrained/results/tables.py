@@ -48,7 +48,18 @@ def load_reference(path: str = "results/reference.csv") -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}")
     reference["value"] = reference["value"].astype(float)
+    # Optional: the classifier the paper's number was measured with (B-CNN and HIHCA report SVM accuracy),
+    # and a note marked on the row (e.g. a number from another model than the row's).
+    for column, default in (("classifier", "softmax"), ("note", "")):
+        if column not in reference.columns:
+            reference[column] = default
+        reference[column] = reference[column].replace("", default)
     return reference
+
+
+def _classifier(run: pd.Series) -> str:
+    value = run.get("classifier", "softmax")
+    return value if isinstance(value, str) and value else "softmax"
 
 
 def select_runs(runs: pd.DataFrame, how: str = "latest") -> pd.DataFrame:
@@ -57,12 +68,13 @@ def select_runs(runs: pd.DataFrame, how: str = "latest") -> pd.DataFrame:
         return runs
     runs = runs.copy()
     runs["recipe"] = runs["recipe"].fillna("").astype(str)
+    runs["classifier"] = runs.apply(_classifier, axis=1) if len(runs) else runs.get("classifier")
     if how == "latest":
-        return runs.sort_values("timestamp").groupby("recipe", as_index=False).tail(1)
+        return runs.sort_values("timestamp").groupby(["recipe", "classifier"], as_index=False).tail(1)
     if how == "best":
-        return runs.sort_values("top1").groupby("recipe", as_index=False).tail(1)
+        return runs.sort_values("top1").groupby(["recipe", "classifier"], as_index=False).tail(1)
     if how == "all":
-        keys = ["recipe", "dataset", "method", "backbone", "head_dim"]
+        keys = ["recipe", "classifier", "dataset", "method", "backbone", "head_dim"]
         return runs.groupby(keys, as_index=False)[["top1", "top5", "mean_class_acc"]].mean()
     ids = {i.strip() for i in how.split(",") if i.strip()}
     unknown = ids - set(runs["run_id"].astype(str))
@@ -96,16 +108,21 @@ def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Tuple
     column_of = (lambda r: r["dataset"]) if by_dataset else (lambda r: r["metric"])
     columns = list(dict.fromkeys(column_of(r) for _, r in ref.iterrows()))
     paper: Dict[tuple, Dict[str, float]] = {}
+    classifier_of: Dict[tuple, str] = {}
     for _, r in ref.iterrows():
         paper.setdefault((r["method"], r["backbone"], r["dim"]), {})[column_of(r)] = r["value"]
+        classifier_of[(r["method"], r["backbone"], r["dim"])] = r["classifier"]
     ours: Dict[tuple, Dict[str, float]] = {row: {} for row in paper}
     datasets = set(ref["dataset"])
     for _, run in runs.iterrows():
         if run["dataset"] not in datasets:
             continue
-        rows = [row for row in paper if row[0] == run["method"] and row[1] == run["backbone"]]
+        # Like for like: a paper number measured with SVMs is compared with our SVM run, others with softmax.
+        rows = [row for row in paper if row[0] == run["method"] and row[1] == run["backbone"]
+                and classifier_of[row] == _classifier(run)]
         if not rows:  # a run without a paper row (e.g. a GAP baseline) gets a row of its own
-            if table != "finegrained":
+            if table != "finegrained" or _classifier(run) != "softmax" or any(
+                    row[0] == run["method"] and row[1] == run["backbone"] for row in paper):
                 continue
             rows = [(run["method"], run["backbone"], _dim_label(run["head_dim"]))]
         for row in rows:
@@ -138,8 +155,10 @@ def _best(frame: pd.DataFrame, metric_of) -> Dict[str, float]:
     return best
 
 
-def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: str) -> pd.DataFrame:
-    """Display frame: cells ``paper / ours (Δ)`` with the column's best values in bold."""
+def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: str,
+           marks: Optional[Dict[tuple, str]] = None) -> pd.DataFrame:
+    """Display frame: cells ``paper / ours (Δ)`` with the column's best values in bold; ``marks`` maps a row
+    to a marker appended to its method (a footnote)."""
     by_dataset = all(c in DATASET_COLUMNS for c in columns)
     metric_of = (lambda c: "top1_acc") if by_dataset else (lambda c: c)
     best_paper, best_ours = _best(paper, metric_of), _best(ours, metric_of)
@@ -164,7 +183,11 @@ def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: st
     records = []
     for index in paper.index:
         method, backbone, dim = index
-        record = {"Method": name(method, METHOD_NAMES), "Backbone": name(backbone, BACKBONE_NAMES), "Dim": dim or DASH}
+        mark = (marks or {}).get(index, "")
+        if mark and fmt == "tex":
+            mark = f"$^{{{mark}}}$"
+        record = {"Method": name(method, METHOD_NAMES) + mark, "Backbone": name(backbone, BACKBONE_NAMES),
+                  "Dim": dim or DASH}
         for column in columns:
             p, o = paper.loc[index, column], ours.loc[index, column]
             cell = f"{number(p, best_paper.get(column), exact=True)} / {number(o, best_ours.get(column))}"
@@ -183,15 +206,25 @@ def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> L
     for table in dict.fromkeys(reference["table"]):
         paper, ours, columns = comparison(reference, runs, table)
         title = TITLES.get(table, table)
-        sources = "; ".join(dict.fromkeys(reference.loc[reference["table"] == table, "source"]))
-        md = render(paper, ours, columns, table, "md")
+        rows = reference[reference["table"] == table]
+        sources = "; ".join(dict.fromkeys(rows["source"]))
+        notes = list(dict.fromkeys(note for note in rows["note"] if note))
+        marks = {(r["method"], r["backbone"], r["dim"]): "†" * (notes.index(r["note"]) + 1)
+                 for _, r in rows.iterrows() if r["note"]}
+        svm = sorted({METHOD_NAMES.get(r["method"], r["method"]) for _, r in rows.iterrows() if r["classifier"] == "svm"})
+        md = render(paper, ours, columns, table, "md", marks)
         path = os.path.join(out_dir, f"{table}.md")
         with open(path, "w") as f:
             f.write(f"### {title}\n\nCells: paper / ours (ours − paper). Paper: {sources}. "
                     f"Ours: results/runs.csv. {DASH} = no number.\n\n")
             f.write(md.to_markdown(index=False) + "\n")
+            if svm:
+                f.write(f"\nSVM numbers (one-vs-all linear SVMs on l2-normalised features), compared with our "
+                        f"`finegrained test --svm` runs: {', '.join(svm)}.\n")
+            for k, note in enumerate(notes):
+                f.write(f"\n{'†' * (k + 1)} {note}\n")
         written.append(path)
-        tex = render(paper, ours, columns, table, "tex")
+        tex = render(paper, ours, columns, table, "tex", {row: "\\dagger" * len(mark) for row, mark in marks.items()})
         path = os.path.join(out_dir, f"{table}.tex")
         with open(path, "w") as f:
             caption = f"{title}. Cells: paper / ours (difference).".replace("%", r"\%")
