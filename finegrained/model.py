@@ -120,6 +120,8 @@ class FineGrainedClassifier(pl.LightningModule):
             trains on them for ``stage1_epochs`` epochs (SGD, batch ``stage1_batch_size``), then every
             epoch of the fit is stage 2. Both skip stage 1 when resuming.
         stage1_lr, stage1_weight_decay, stage1_batch_size: of the first stage.
+        stage1_lr_steps, stage1_lr_gamma: the first stage's learning rate is ×gamma at each of these epochs
+            (compact bilinear pooling's multistep schedule).
         stage1_init_std, stage1_init_bias: when set, the classifier starts stage 1 from N(0, std²) weights and
             this bias (G²DeNet's code: 0.001 and 0.1).
         init_from: a checkpoint of this class to start from (fine-tuning a trained model on new
@@ -143,7 +145,8 @@ class FineGrainedClassifier(pl.LightningModule):
                  weight_decay_mult: Optional[Dict[str, float]] = None, loss: str = "cross_entropy",
                  clip_activation_grad: Optional[float] = None, backbone_layers: Optional[List[str]] = None,
                  stage1_route: str = "frozen", stage1_weight_decay: float = 0.0, stage1_batch_size: int = 256,
-                 stage1_init_std: Optional[float] = None, stage1_init_bias: float = 0.0):
+                 stage1_init_std: Optional[float] = None, stage1_init_bias: float = 0.0,
+                 stage1_lr_steps: Optional[List[int]] = None, stage1_lr_gamma: float = 0.1):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
@@ -264,8 +267,20 @@ class FineGrainedClassifier(pl.LightningModule):
     # -- what happens once before the first training step --------------------------------------------
     def on_train_start(self) -> None:
         self._data_dependent_init()
-        if self.hparams.stage1_route == "cached" and self.hparams.stage1_epochs:
+        hp = self.hparams
+        if hp.stage1_epochs and hp.stage1_init_std is not None and not self.trainer.ckpt_path:
+            self._initialise_classifier(hp.stage1_init_std, hp.stage1_init_bias)
+        if hp.stage1_route == "cached" and hp.stage1_epochs:
             self._cached_stage1()
+
+    @torch.no_grad()
+    def _initialise_classifier(self, std: float, bias: float) -> None:
+        """The official two-stage code starts its classifier from N(0, std²) weights and a constant bias
+        (compact bilinear pooling: 1e-4 and 0; G²DeNet: 0.001 and 0.1); the same on every process."""
+        linear = [m for m in self.classifier.modules() if isinstance(m, nn.Linear)][-1]
+        generator = torch.Generator().manual_seed(self.hparams.data_init_seed)
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * std)
+        linear.bias.fill_(bias)
 
     def _data_dependent_init(self) -> None:
         if not self.head.has_data_init:
@@ -299,14 +314,10 @@ class FineGrainedClassifier(pl.LightningModule):
             started = time.perf_counter()
             loader = self._unaugmented_training_loader()
             features, labels = self.head_features(loader)
-            if hp.stage1_init_std is not None:
-                linear = [m for m in self.classifier.modules() if isinstance(m, nn.Linear)][-1]
-                with torch.no_grad():
-                    linear.weight.normal_(0.0, hp.stage1_init_std)
-                    linear.bias.fill_(hp.stage1_init_bias)
             loss = train_on_cached_features(self.classifier, features, labels, self.loss_fn, hp.stage1_epochs,
                                             hp.stage1_lr, hp.stage1_weight_decay, hp.stage1_batch_size,
-                                            hp.momentum, hp.data_init_seed, self.device)
+                                            hp.momentum, hp.data_init_seed, self.device, hp.stage1_lr_steps or (),
+                                            hp.stage1_lr_gamma)
             rank_zero_info(f"stage 1 on cached features: {len(labels)} images, {features.shape[1]:,}-d, "
                            f"{hp.stage1_epochs} epochs at lr {hp.stage1_lr:g} (weight decay {hp.stage1_weight_decay:g}, "
                            f"batch {hp.stage1_batch_size}): last loss {loss:.4f} ({time.perf_counter() - started:.0f} s)")

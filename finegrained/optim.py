@@ -101,13 +101,20 @@ def configure_optimizers(parts: Mapping[str, nn.Module], hp: Mapping[str, Any], 
     stage1 = hp["stage1_epochs"] if hp.get("stage1_route", "frozen") == "frozen" else 0
     schedule = build_schedule(opt, hp, (max_epochs or 1) - stage1)
     if stage1:
+        steps, gamma = list(hp.get("stage1_lr_steps") or []), hp.get("stage1_lr_gamma", 0.1)
         factors = [0.0 if g["name"] == "backbone" else hp["stage1_lr"] / g["lr"] for g in groups]
-        first = torch.optim.lr_scheduler.LambdaLR(opt, [lambda epoch, f=f: f for f in factors])
+        first = torch.optim.lr_scheduler.LambdaLR(opt, [lambda epoch, f=f: f * stage1_decay(epoch, steps, gamma)
+                                                        for f in factors])
         constant = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[])  # a schedule that never changes
         schedule = torch.optim.lr_scheduler.SequentialLR(opt, [first, schedule or constant], milestones=[stage1])
     if schedule is None:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
+def stage1_decay(epoch: int, steps, gamma: float) -> float:
+    """The stage-1 learning-rate factor at ``epoch``: ×``gamma`` at each epoch of ``steps`` (CBP's multistep)."""
+    return gamma ** sum(epoch >= step for step in steps)
 
 
 def backbone_frozen(epoch: int, stage1_epochs: int) -> bool:
@@ -147,7 +154,7 @@ def stage_weight_decay(optimizer: torch.optim.Optimizer, stage1: bool, stage1_we
 
 def train_on_cached_features(classifier: nn.Module, features: Tensor, labels: Tensor, loss_fn, epochs: int, lr: float,
                              weight_decay: float, batch_size: int, momentum: float = 0.9, seed: int = 0,
-                             device: Optional[torch.device] = None) -> float:
+                             device: Optional[torch.device] = None, lr_steps=(), lr_gamma: float = 0.1) -> float:
     """Stage 1 on cached features: SGD on the classifier alone, as the official two-stage code trains its
     logistic regression (B-CNN, G²DeNet, HIHCA: lr 1.0, weight decay 0, batch 256, hundreds of epochs).
 
@@ -162,6 +169,7 @@ def train_on_cached_features(classifier: nn.Module, features: Tensor, labels: Te
 
     device = device or next(classifier.parameters()).device
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_steps), gamma=lr_gamma)
     generator = torch.Generator().manual_seed(seed)
     classifier.train()
     last = float("nan")
@@ -175,6 +183,7 @@ def train_on_cached_features(classifier: nn.Module, features: Tensor, labels: Te
             optimizer.step()
             total += float(loss) * len(rows)
         last = total / len(labels)
+        schedule.step()
     return last
 
 
