@@ -5,16 +5,61 @@
   Structured Layers", ICCV 2015; used by MPN-COV (Li, Xie, Wang, Zuo, ICCV 2017), DeepO2P and
   G²DeNet (Wang, Li, Zhang, CVPR 2017).
 
+* :func:`symmetric_eigh` -- the eigendecomposition every head here uses: of a scale-normalised matrix,
+  retried in float64 and then with a tiny ridge, so that it never stops a training run.
+
 Shapes: (B, d, d) symmetric positive semi-definite matrices in and out.
 """
 from __future__ import annotations
+
+import logging
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from finegrained.ops.backward import first_order_only
-from finegrained.ops.covariance import check_square, sym
+from finegrained.ops.covariance import batch_trace, check_square, safe_normaliser, sym
 from finegrained.ops.precision import full_precision
+
+_log = logging.getLogger(__name__)
+_reported = set()
+RIDGE = 1e-6  # relative to the mean eigenvalue, for the last retry
+
+
+def _report_once(what: str, message: str) -> None:
+    if what not in _reported:
+        _reported.add(what)
+        _log.warning(message)
+
+
+def symmetric_eigh(sigma: Tensor) -> Tuple[Tensor, Tensor]:
+    """(λ ascending (B, d), U (B, d, d)) of symmetric (B, d, d) matrices, without failing.
+
+    The solver sees Σ / s with s the mean absolute diagonal entry (1 for a zero matrix), so the result does
+    not depend on the absolute scale: features at 1e-12 or 1e12, or a constant map turned into ~1e-6 values
+    by BatchNorm, give covariances the float32 solver otherwise fails on ("failed to converge"); λ is scaled
+    back. If the solver still fails it is retried in float64, then on Σ/s + 1e-6·I (the ridge subtracted
+    from λ again); each retry is logged once. A training step never stops here.
+    """
+    d = sigma.shape[-1]
+    scale = safe_normaliser(batch_trace(sigma.abs()) / d).view(-1, 1, 1)
+    matrix = sym(sigma) / scale
+    attempts = ((matrix, 0.0, None),
+                (matrix.double(), 0.0, "eigh failed to converge; retrying in float64 (logged once)"),
+                (matrix.double() + RIDGE * torch.eye(d, dtype=torch.float64, device=matrix.device), RIDGE,
+                 f"eigh failed in float64 too; retrying with a ridge of {RIDGE:g} × the mean eigenvalue (logged once)"))
+    for candidate, ridge, message in attempts:
+        if message:
+            _report_once(message, message)
+        try:
+            lam, u = torch.linalg.eigh(candidate)
+        except torch.linalg.LinAlgError:
+            continue
+        return (lam - ridge).to(sigma.dtype) * scale.view(-1, 1), u.to(sigma.dtype)
+    _report_once("diagonal", "eigh failed with a ridge too; using the diagonal (logged once)")
+    return torch.diagonal(sigma, dim1=-2, dim2=-1).clone(), torch.eye(d, dtype=sigma.dtype, device=sigma.device).expand_as(
+        sigma).clone()
 
 
 def _eig_spectrum(sigma: Tensor):
@@ -24,7 +69,7 @@ def _eig_spectrum(sigma: Tensor):
     rounding noise of a rank-deficient matrix; they are set to 0 and marked as not kept.
     Returns (λ clamped (B, d), U (B, d, d), kept mask (B, d), cutoff (B, 1)).
     """
-    lam, u = torch.linalg.eigh(sym(sigma))
+    lam, u = symmetric_eigh(sigma)
     d = sigma.shape[-1]
     lam_max = lam.amax(dim=-1, keepdim=True).clamp_min(0)
     cutoff = (d * torch.finfo(lam.dtype).eps * lam_max).clamp_min(torch.finfo(lam.dtype).tiny)
