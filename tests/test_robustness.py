@@ -81,3 +81,113 @@ def test_a_failed_eigh_is_retried_and_logged_once(monkeypatch, caplog, failures)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("retrying in float64" in m for m in messages) == 1
     assert sum("ridge" in m for m in messages) == failures - 1
+
+
+# ---- 2. a bad input on the command line is one clean line ---------------------------------------------------------
+def _one_line_error(capsys, argv, monkeypatch=None, code=2):
+    from finegrained.cli import entry_point
+
+    assert entry_point(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def _fit(recipe, tmp_path, *extra):
+    return ["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
+            "--runs_csv", "", *extra]
+
+
+def test_the_issues_command_prints_one_line_and_exits_2():
+    import os
+    import subprocess
+
+    from tests.conftest import finegrained_command
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    recipe = os.path.join(root, "recipes/cub/isqrt_resnet50.yaml")
+    command = finegrained_command() + ["fit", "--config", recipe, "--data.init_args.root", "/no/such/dir"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "error: CUB-200-2011 root '/no/such/dir' does not exist" in out.stderr.splitlines()
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_inputs_are_one_line(trained_run, tmp_path, capsys):
+    from tests.replicas import write_aircraft, write_cub
+
+    recipe, ckpt, _ = trained_run
+    cub = write_cub(str(tmp_path / "cub"), n_classes=2, per_class=2)
+    aircraft = write_aircraft(str(tmp_path / "aircraft"), variants=["707-320", "A300B4"], n_images=4)
+    as_cub = ["--data", "datamodules.CUB200DataModule", "--data.init_args.num_workers", "0",
+              "--data.init_args.val_fraction", "0", "--data.init_args.resize_size", "72",
+              "--data.init_args.crop_size", "64"]
+    cases = {
+        "missing root": (_fit(recipe, tmp_path, "--data.init_args.root", str(tmp_path / "nowhere")), "does not exist"),
+        "wrong layout": (_fit(recipe, tmp_path, *as_cub, "--data.init_args.root", aircraft),
+                         "CUB-200-2011 not found under"),
+        "unknown head": (_fit(recipe, tmp_path, "--model.head", "nope"), "unknown head 'nope'; known heads"),
+        "unknown backbone": (_fit(recipe, tmp_path, "--model.backbone", "resnet5"), "unknown backbone 'resnet5'"),
+        "another class count": (["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", "", *as_cub,
+                                 "--data.init_args.root", cub], "trained for 3 classes but the data has 2"),
+    }
+    import os
+
+    broken = write_cub(str(tmp_path / "broken"), n_classes=2, per_class=2)
+    os.remove(os.path.join(broken, "train_test_split.txt"))
+    cases["missing annotation file"] = (_fit(recipe, tmp_path, *as_cub, "--data.init_args.root", broken),
+                                        "train_test_split.txt")
+    for case, (argv, message) in cases.items():
+        line = _one_line_error(capsys, argv)
+        assert message in line, (case, line)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_is_one_line_also_from_a_worker(image_folder, trained_run, tmp_path, capsys, workers):
+    import glob
+
+    recipe, _, _ = trained_run
+    for path in glob.glob(f"{image_folder}/*/*/*"):
+        open(path, "wb").write(b"not an image")
+    line = _one_line_error(capsys, _fit(recipe, tmp_path, "--data.init_args.root", image_folder,
+                                        "--data.init_args.num_workers", str(workers)))
+    assert "not a readable image" in line and image_folder in line
+
+
+def test_a_label_out_of_range_is_one_line(tmp_path, capsys, trained_run):
+    from tests.conftest import PALETTE, write_image
+
+    recipe, _, _ = trained_run
+    for split in ("train", "test"):
+        for k in range(3):
+            write_image(str(tmp_path / "img" / f"{split}{k}.jpg"), PALETTE[k])
+    (tmp_path / "train.csv").write_text("train0.jpg,0\ntrain1.jpg,1\ntrain2.jpg,7\n")
+    (tmp_path / "test.csv").write_text("test0.jpg,0\ntest1.jpg,1\n")
+    line = _one_line_error(capsys, _fit(recipe, tmp_path, "--data", "datamodules.CSVDataModule",
+                                        "--data.init_args.image_root", str(tmp_path / "img"),
+                                        "--data.init_args.train_csv", str(tmp_path / "train.csv"),
+                                        "--data.init_args.test_csv", str(tmp_path / "test.csv"),
+                                        "--data.init_args.class_names", "[a, b]"))
+    assert "train.csv" in line and "7" in line
+
+
+def test_debug_shows_the_traceback_and_programming_errors_keep_theirs(trained_run, tmp_path, monkeypatch):
+    from finegrained import model as model_module
+    from finegrained.cli import entry_point
+
+    recipe, _, _ = trained_run
+    argv = _fit(recipe, tmp_path, "--data.init_args.root", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError):
+        entry_point(argv + ["--debug"])
+    monkeypatch.setenv("FINEGRAINED_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        entry_point(argv)
+    monkeypatch.delenv("FINEGRAINED_DEBUG")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(model_module, "build_head", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        entry_point(_fit(recipe, tmp_path))

@@ -22,8 +22,13 @@ One module per command family: :mod:`~finegrained.cli.train` (LightningCLI), :mo
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Callable, Dict, List, Optional
+
+import yaml
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from finegrained.cli.bench import bench_command, bench_table_command
 from finegrained.cli.data import data_command, datamodule_from_config
@@ -31,7 +36,14 @@ from finegrained.cli.export import export_command, predict_images_command
 from finegrained.cli.results import tables_command
 from finegrained.cli.train import FineGrainedCLI, run_lightning_cli
 
-__all__ = ["main", "FineGrainedCLI", "run_lightning_cli", "datamodule_from_config"]
+from finegrained.backbones import WeightsUnavailableError
+
+__all__ = ["main", "entry_point", "FineGrainedCLI", "run_lightning_cli", "datamodule_from_config"]
+
+# Bad input: a wrong path or layout, an unreadable file or image, a value out of range, a checkpoint or
+# weights that do not fit, a broken recipe. Other exceptions are programming errors and keep their traceback.
+BAD_INPUT = (OSError, ValueError, WeightsUnavailableError, MisconfigurationException, yaml.YAMLError)
+DEBUG_ENVIRONMENT = "FINEGRAINED_DEBUG"
 
 
 TOOLS: Dict[str, Callable[[List[str]], int]] = {
@@ -45,8 +57,32 @@ TOOLS: Dict[str, Callable[[List[str]], int]] = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; exceptions propagate (for use from Python; the command line uses :func:`entry_point`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
-    run_lightning_cli(argv)
+    run_lightning_cli(args)
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line; for an error re-raised from a DataLoader worker, its original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1], count=1)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(error).__name__
+
+
+def entry_point(argv: Optional[List[str]] = None) -> int:
+    """The ``finegrained`` command: :func:`main`, with bad input reported as the single line
+    ``error: <message>`` on stderr and exit status 2. ``--debug`` (or ``FINEGRAINED_DEBUG=1``) shows the traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENVIRONMENT, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        return main(args)
+    except BAD_INPUT as error:
+        if debug:
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2

@@ -1,6 +1,6 @@
 """``python -m finegrained.cli``: the same as the ``finegrained`` command."""
 import sys
 
-from finegrained.cli import main
+from finegrained.cli import entry_point
 
-sys.exit(main())
+sys.exit(entry_point())
