@@ -26,28 +26,132 @@ def test_parity_check_fails_on_a_wrong_path():
         _check("wrong", lambda t: isqrt_cov(t, 5) * 1.001, lambda t: baselines.isqrt_autograd(t, 5), x, 1e-5)
 
 
+ROUTES = ["newton_schulz", "eigh"]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_fused_isqrt_gradcheck_and_equality(n):
+@pytest.mark.parametrize("route", ROUTES)
+def test_fused_isqrt_gradcheck_and_equality(n, route):
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda t: isqrt_cov(t, n), (x,))
-    torch.testing.assert_close(isqrt_cov(x, n), sqrtm_newton_schulz(covariance(x), n), rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda t: isqrt_cov(t, n, backward=route), (x,))
+    torch.testing.assert_close(isqrt_cov(x, n, backward=route), sqrtm_newton_schulz(covariance(x), n),
+                               rtol=1e-12, atol=1e-12)
 
 
-def test_official_isqrt_baseline_is_the_same_function():
-    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda t: baselines.isqrt_official(t, 3), (x,))
-    torch.testing.assert_close(baselines.isqrt_official(x, 5), baselines.isqrt_autograd(x, 5), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("route", ROUTES)
+def test_fused_isqrt_gradient_matches_the_plain_formulas_in_float64(route):
+    """Both backwards give the gradient of the formulas within 1e-9, on full-rank and rank-deficient maps."""
+    g = torch.Generator().manual_seed(1)
+    for channels, positions in ((6, 30), (12, 5)):
+        x = torch.randn(3, channels, positions, generator=g, dtype=torch.float64).relu_().requires_grad_(True)
+        upstream = torch.randn(3, channels, channels, generator=g, dtype=torch.float64)
+        (grad,) = torch.autograd.grad((isqrt_cov(x, 5, backward=route) * upstream).sum(), x)
+        (ref,) = torch.autograd.grad((_plain_isqrt(x, 5) * upstream).sum(), x)
+        assert (grad - ref).abs().max() <= 1e-9 * ref.abs().max()
 
 
-def test_fused_isqrt_saves_less_memory_than_autograd():
+def test_the_backward_is_chosen_per_device_in_one_place():
+    from finegrained.ops.newton_schulz import isqrt_backward_route
+    assert isqrt_backward_route(torch.device("cpu")) == "eigh"
+    assert isqrt_backward_route(torch.device("cuda")) == "newton_schulz"
+    with pytest.raises(ValueError, match="backward must be"):
+        isqrt_cov(torch.randn(1, 3, 4, requires_grad=True), 5, backward="svd")
+
+
+def test_divided_differences_of_the_scalar_iteration():
+    """D_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) for distinct, f'(λ) for equal eigenvalues; f = NS_N."""
+    from finegrained.ops.newton_schulz import newton_schulz_divided_differences
+
+    def scalar(lam, n):
+        y, z = lam, torch.ones_like(lam)
+        for _ in range(n):
+            t = 0.5 * (3 - z * y)
+            y, z = y * t, t * z
+        return y
+
+    lam = torch.tensor([[0.0, 0.05, 0.2, 0.2, 0.55]], dtype=torch.float64)
+    for n in (1, 3, 5):
+        values, d = newton_schulz_divided_differences(lam, n, torch.tensor([2.0], dtype=torch.float64))
+        f = scalar(lam, n)[0]
+        torch.testing.assert_close(values[0], f, rtol=1e-14, atol=1e-14)
+        slope = torch.autograd.functional.jacobian(lambda t: scalar(t, n), lam[0]).diagonal()
+        for i in range(5):
+            for j in range(5):
+                ref = slope[i] if lam[0, i] == lam[0, j] else (f[i] - f[j]) / (lam[0, i] - lam[0, j])
+                torch.testing.assert_close(d[0, i, j], 2 * ref, rtol=1e-12, atol=1e-14)
+
+
+def test_a_failing_eigh_in_backward_falls_back_to_the_newton_schulz_adjoint(monkeypatch, caplog):
+    x = torch.randn(2, 6, 9, dtype=torch.float64).relu_()
+    upstream = torch.randn(2, 6, 6, dtype=torch.float64)
+
+    def gradient(route):
+        xx = x.clone().requires_grad_(True)
+        (isqrt_cov(xx, 5, backward=route) * upstream).sum().backward()
+        return xx.grad
+
+    expected = gradient("newton_schulz")
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    import importlib
+    module = importlib.import_module("finegrained.ops.newton_schulz")  # the name is also the function's
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    monkeypatch.setattr(module, "_fallback_reported", [])
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(gradient("eigh"), expected, rtol=1e-12, atol=1e-12)
+    assert "eigh failed in backward; using the Newton-Schulz adjoint" in caplog.text
+
+
+def _plain_isqrt(x, n):
+    """iSQRT-COV written plainly: mean-centred covariance, N full coupled steps, √tr compensation."""
+    centred = x - x.mean(dim=2, keepdim=True)
+    sigma = centred @ centred.transpose(1, 2) / x.shape[2]
+    trace = torch.einsum("bii->b", sigma).view(-1, 1, 1)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    y, z = sigma / trace, eye
+    for _ in range(n):
+        t = 0.5 * (3 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return y * trace.sqrt()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_official_isqrt_baseline_matches_the_plain_formulas(n):
+    """(b) is the official algorithm (shortened first and last steps, hand-written backward) and still
+    the same function: value and gradient within 1e-9 of the formulas in float64, and gradcheck."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 6, 10, generator=g, dtype=torch.float64).relu_().requires_grad_(True)
+    upstream = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    out, ref = baselines.isqrt_official(x, n), _plain_isqrt(x, n)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), x)
+    assert (out - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert (grad - ref_grad).abs().max() <= 1e-9 * ref_grad.abs().max()
+    assert gradcheck(lambda t: baselines.isqrt_official(t, n), (x,))
+
+
+def test_official_isqrt_baseline_keeps_the_official_iterates():
+    """Y₁ … Y_{N−1}, Z₁ … Z_{N−1}, the per-image M×M centring matrix, X, Σ, A, Y_N and the traces."""
+    b, c, m, n = 2, 6, 10, 5
+    x = torch.randn(b, c, m).requires_grad_(True)
+    matrices = 2 * (n - 1) + 3  # iterates + Σ, A, Y_N
+    expected = 4 * (b * c * m + b * m * m + matrices * b * c * c + b)
+    assert timing.saved_bytes(lambda t: baselines.isqrt_official(t, n), x) == expected
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_fused_isqrt_saves_less_memory_than_autograd(route):
     x = torch.randn(4, 32, 10, 10).relu_().requires_grad_(True)
-    fused = timing.saved_bytes(lambda t: isqrt_cov(t, 5), x)
+    fused = timing.saved_bytes(lambda t: isqrt_cov(t, 5, backward=route), x)
     plain = timing.saved_bytes(lambda t: baselines.isqrt_autograd(t, 5), x)
-    assert 0 < fused < 0.6 * plain
+    assert 0 < fused < 0.5 * plain
 
 
 @pytest.mark.parametrize("channels, positions", [(32, 12), (24, 100)])
-def test_fused_isqrt_float32_is_close_to_float64(channels, positions):
+@pytest.mark.parametrize("route", ROUTES)
+def test_fused_isqrt_float32_is_close_to_float64(channels, positions, route):
     """Rank-deficient (M < C) and full-rank ReLU features: float32 within 1e-5 of a float64 reference."""
     g = torch.Generator().manual_seed(0)
     x64 = torch.randn(4, channels, positions, generator=g, dtype=torch.float64).relu_() * 3
@@ -60,19 +164,21 @@ def test_fused_isqrt_float32_is_close_to_float64(channels, positions):
         return out.double(), grad.double()
 
     ref_out, ref_grad = value_and_grad(lambda t: baselines.isqrt_autograd(t, 5), torch.float64)
-    out, grad = value_and_grad(lambda t: isqrt_cov(t, 5), torch.float32)
+    out, grad = value_and_grad(lambda t: isqrt_cov(t, 5, backward=route), torch.float32)
     assert (out - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
     assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
-def test_fused_isqrt_saves_exactly_its_documented_tensors(n):
-    """X, A, P_1 … P_{N−1}, Y_{N−1} (N + 1 C×C matrices; A alone when N = 1) and the traces."""
+@pytest.mark.parametrize("route", ["newton_schulz", "eigh"])
+def test_fused_isqrt_saves_exactly_its_documented_tensors(n, route):
+    """Newton–Schulz adjoint: X, A, P_1 … P_{N−1}, Y_{N−1} (N + 1 C×C matrices; A alone when N = 1) and
+    the traces; spectral adjoint: X, A and the traces."""
     b, c, m = 3, 8, 20
     x = torch.randn(b, c, m).requires_grad_(True)
-    matrices = n + 1 if n >= 2 else 1
+    matrices = 1 if route == "eigh" or n == 1 else n + 1
     expected = 4 * (b * c * m + matrices * b * c * c + b)
-    assert timing.saved_bytes(lambda t: isqrt_cov(t, n), x) == expected
+    assert timing.saved_bytes(lambda t: isqrt_cov(t, n, backward=route), x) == expected
 
 
 def test_sketch_implementations_agree():

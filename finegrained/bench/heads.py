@@ -1,8 +1,11 @@
 """``finegrained bench heads``: FP+BP of the second-order heads against their baselines.
 
-FP+BP of a batch (B = 8, C = 256, 28×28 and 14×14 maps, float32) for iSQRT-COV (fused
-autograd.Function) against (a) plain autograd through the formulas and (b) the official algorithm
-(explicit M×M centring matrix, every iterate stored, per-sample trace loop); MPN-COV (K-matrix
+FP+BP of a batch (B = 8, C = 256, 28×28 and 14×14 maps, float32, each case in interleaved rounds with
+the other cases of its group) for iSQRT-COV (fused
+autograd.Function, with each of its two backwards: the spectral one that CPUs use and the
+Newton–Schulz one that CUDA uses) against (a) plain autograd through the formulas and (b) the official
+fast-MPN-COV algorithm (explicit M×M centring matrix, shortened first and last steps, Y₁ … Y_{N−1} and
+Z₁ … Z_{N−1} stored, hand-written backward, per-sample trace loop); MPN-COV (K-matrix
 Function) against autograd through ``torch.linalg.eigh``; CBP's hashed Tensor Sketch against the
 dense sketch matrix. Also the memory of the tensors saved for backward and the achieved GFLOP/s as
 a fraction of the batched-matmul rate measured in the same run (the roofline). Optimised paths are
@@ -48,25 +51,31 @@ class Case:
     ratios: Tuple[Tuple[str, str], ...] = ()  # (column, baseline key): median time / the baseline's
     memory_ratios: Tuple[Tuple[str, str], ...] = ()  # (column, baseline key): saved memory / the baseline's
     roofline: bool = False  # achieved GFLOP/s against the batched-matmul rate of the same run
+    # Cases are interleaved with their own group only: CBP's dense sketch allocates ~800 MB per call,
+    # and whichever case followed it in a round would pay for the freed memory being faulted back in.
+    group: str = "matrix"
 
 
 _ISQRT_RATIOS = (("vs_(a)", "isqrt_autograd"), ("vs_(b)", "isqrt_official"))
 _ISQRT_MEMORY = (("mem_vs_(a)", "isqrt_autograd"),)
 CASES: Dict[str, Case] = {
-    "isqrt_fused": Case("isqrt (fused Function)", _ISQRT_RATIOS, _ISQRT_MEMORY, roofline=True),
+    "isqrt_fused_eigh": Case("isqrt fused, eigh backward", _ISQRT_RATIOS, _ISQRT_MEMORY),
+    "isqrt_fused_ns": Case("isqrt fused, Newton-Schulz backward", _ISQRT_RATIOS, _ISQRT_MEMORY, roofline=True),
     "isqrt_autograd": Case("isqrt (a) plain autograd", _ISQRT_RATIOS, _ISQRT_MEMORY),
     "isqrt_official": Case("isqrt (b) official algorithm", _ISQRT_RATIOS, _ISQRT_MEMORY),
     "mpncov_kmatrix": Case("mpncov (K-matrix Function)", (("vs_eigh", "mpncov_eigh"),)),
     "mpncov_eigh": Case("mpncov autograd through eigh", (("vs_eigh", "mpncov_eigh"),)),
-    "cbp_gram": Case("cbp ts (Gram + scatter)", (("vs_dense", "cbp_dense"),)),
-    "cbp_hashed": Case("cbp ts (hashed sketch + FFT)", (("vs_dense", "cbp_dense"),)),
-    "cbp_dense": Case("cbp ts (dense sketch matrix)", (("vs_dense", "cbp_dense"),)),
+    "cbp_gram": Case("cbp ts (Gram + scatter)", (("vs_dense", "cbp_dense"),), group="sketch"),
+    "cbp_hashed": Case("cbp ts (hashed sketch + FFT)", (("vs_dense", "cbp_dense"),), group="sketch"),
+    "cbp_dense": Case("cbp ts (dense sketch matrix)", (("vs_dense", "cbp_dense"),), group="sketch"),
 }
 
 # (label, optimised case, baseline case, compare in float64 only). Eigenvector gradients are
 # conditioned by eigenvalue gaps, so the eigh pair is compared in float64 for float32 too.
-PARITY_PAIRS = (("isqrt vs (a) autograd", "isqrt_fused", "isqrt_autograd", False),
-                ("isqrt vs (b) official", "isqrt_fused", "isqrt_official", False),
+PARITY_PAIRS = (("isqrt eigh bwd vs (a) autograd", "isqrt_fused_eigh", "isqrt_autograd", False),
+                ("isqrt NS bwd vs (a) autograd", "isqrt_fused_ns", "isqrt_autograd", False),
+                ("isqrt vs (b) official", "isqrt_fused_ns", "isqrt_official", False),
+                ("(b) official vs (a) autograd", "isqrt_official", "isqrt_autograd", False),
                 ("mpncov vs eigh autograd", "mpncov_kmatrix", "mpncov_eigh", True),
                 ("cbp Gram scatter vs dense", "cbp_gram", "cbp_dense", False),
                 ("kp/cbp hashed FFT vs dense", "cbp_hashed", "cbp_dense", False))
@@ -76,7 +85,8 @@ def case_functions(channels: int, sketch_dim: int, device, dtype) -> Dict[str, C
     """The function of every case of :data:`CASES`, features (B, C, H, W) in."""
     sketch = _Sketch(channels, sketch_dim, device, dtype)
     return {
-        "isqrt_fused": lambda t: isqrt_cov(t, 5),
+        "isqrt_fused_eigh": lambda t: isqrt_cov(t, 5, backward="eigh"),
+        "isqrt_fused_ns": lambda t: isqrt_cov(t, 5, backward="newton_schulz"),
         "isqrt_autograd": lambda t: isqrt_autograd(t, 5),
         "isqrt_official": lambda t: isqrt_official(t, 5),
         "mpncov_kmatrix": lambda t: eig_power(covariance(t), 0.5),
@@ -119,7 +129,8 @@ def _bmm_peak_case(b: int, d: int, device, dtype) -> Callable[[], None]:
 
 
 def _isqrt_flops(b: int, c: int, m: int, n: int) -> float:
-    """Matmul flops of the fused iSQRT FP+BP: covariance (fwd, bwd) + Newton–Schulz (fwd 3N−3, bwd 6N−5)."""
+    """Matmul flops of the fused iSQRT FP+BP with the Newton–Schulz backward: covariance (fwd, bwd) +
+    Newton–Schulz (fwd 3N−3, bwd 6N−5). (The eigh backward has no matmul count to compare with.)"""
     cov = 2 * b * c * c * m
     matmuls = (3 * n - 3) + (6 * n - 5)
     return 2 * cov + matmuls * 2 * b * c ** 3
@@ -145,9 +156,12 @@ def bench_heads(device: torch.device, repeats: int = 9, batch: int = 8, channels
 
         # x is float32; the heads' matrix functions stay in float32 under autocast too
         functions = case_functions(channels, 8192, device, torch.float32)
-        timed = {key: fpbp(fn) for key, fn in functions.items()}
-        timed["bmm peak"] = _bmm_peak_case(batch, channels, device, torch.float32)
-        timings = interleaved_medians(timed, device, repeats)
+        timings = {}
+        for group in dict.fromkeys(case.group for case in CASES.values()):
+            timed = {key: fpbp(functions[key]) for key, case in CASES.items() if case.group == group}
+            if group == "matrix":
+                timed["bmm peak"] = _bmm_peak_case(batch, channels, device, torch.float32)
+            timings.update(interleaved_medians(timed, device, repeats))
         peak = _PEAK_BMMS * 2 * batch * channels ** 3 / timings["bmm peak"] / 1e9
         saved = {key: saved_bytes(fn, x.detach().requires_grad_(True)) / 2 ** 20 for key, fn in functions.items()}
         for key, case in CASES.items():
