@@ -1,6 +1,7 @@
 """Base for datasets described by annotation files: locating the root, reading lists, assembling splits.
 
-Every such DataModule accepts ``root`` as the dataset folder itself or the folder holding it,
+Every such DataModule accepts ``root`` at any folder level a download creates: the dataset folder, the
+folder holding it, the wrapper folders of its archives, or a folder inside it (:func:`find_dataset_dir`),
 optional bounding-box crops, and a validation policy: by default the test set serves as
 validation, as in all published fine-grained code (and the log says so); ``val_fraction > 0``
 holds out a stratified part of the training set instead, so no model is selected on test.
@@ -20,15 +21,28 @@ log = logging.getLogger(__name__)
 Split = Tuple[List[Tuple[str, int]], Optional[List[Tuple[float, float, float, float]]]]
 
 
+ANCESTOR_LEVELS = 2  # how far above ``root`` the dataset folder may be (root = images/, devkit/, car_data/car_data/)
+
+
 def find_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str],
                      dataset: str) -> Tuple[Optional[str], List[str]]:
-    """``(first root/<candidate> holding every marker or None, folders searched)``; a missing root is an error."""
-    root = os.path.expanduser(os.fspath(root))
+    """``(the dataset folder or None, folders searched)`` for ``root`` at any level a download creates.
+
+    Tried in order: ``root/<candidate>`` for every candidate (the folder itself, and the wrapper folders
+    archives and tools create above it), then root's parent and grandparent (root given as a folder
+    inside the dataset: ``images/``, ``devkit/``, the inner ``car_data/car_data/``). The dataset folder is
+    the first that holds every marker. A missing root is an error.
+    """
+    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset} root {root!r} does not exist")
+    folders = [os.path.normpath(os.path.join(root, candidate)) for candidate in candidates]
+    above = root
+    for _ in range(ANCESTOR_LEVELS):
+        above = os.path.dirname(above)
+        folders.append(above)
     searched = []
-    for candidate in candidates:
-        folder = os.path.normpath(os.path.join(root, candidate))
+    for folder in dict.fromkeys(folders):
         if all(os.path.exists(os.path.join(folder, m)) for m in markers):
             return folder, searched
         searched.append(folder)
@@ -36,7 +50,7 @@ def find_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str
 
 
 def resolve_dataset_dir(root: str, markers: Sequence[str], candidates: Sequence[str], dataset: str) -> str:
-    """The first ``root/<candidate>`` that holds every marker file; a clear error otherwise."""
+    """The dataset folder for ``root`` (see :func:`find_dataset_dir`); a clear error otherwise."""
     folder, searched = find_dataset_dir(root, markers, candidates, dataset)
     if folder is None:
         raise FileNotFoundError(f"{dataset} not found under {root!r}: expected {', '.join(markers)} in one of "

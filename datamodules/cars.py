@@ -8,9 +8,13 @@ from mirrors in several layouts; ``layout="auto"`` detects which:
   ``devkit/cars_train_annos.mat`` and ``cars_test_annos_withlabels.mat`` (top level or ``devkit/``).
 * ``kaggle_nested``: images in ``cars_train/cars_train/`` and ``cars_test/cars_test/``; the devkit may sit
   in ``car_devkit/devkit/`` and the test labels may be ``cars_test_annos_withlabels (1).mat``.
-* ``kaggle_folders``: ``car_data/car_data/{train,test}/<class name>/*.jpg`` plus ``names.csv`` (official
-  order) and optional ``anno_{train,test}.csv`` (``fname,x1,y1,x2,y2,class``) for boxes. Folder names
+* ``kaggle_folders``: the archive unpacks to ``car_data/`` holding ``names.csv`` (official order),
+  optional ``anno_{train,test}.csv`` (``fname,x1,y1,x2,y2,class``) for boxes, and
+  ``car_data/{train,test}/<class name>/*.jpg`` (the CSVs may also sit one level up). Folder names
   replace ``/`` by ``-`` (``Ram C-V Cargo Van Minivan 2012``); they are mapped back to official indices.
+
+``root`` may be any folder level of these downloads: the folder holding the dataset, torchvision's
+``stanford_cars/``, the outer or inner ``car_data/``, ``cars_train/`` of the nested copy, ``devkit/``.
 
 Annotations (``.mat``, read with scipy): ``class_names`` in ``cars_meta.mat`` (official order, not
 alphabetical); ``annotations`` with fields ``bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, fname``,
@@ -31,6 +35,7 @@ from datamodules.io import IMAGE_EXTENSIONS
 
 LAYOUTS = ("original", "kaggle_nested", "kaggle_folders")
 _DEVKIT_DIRS = ["devkit", "car_devkit/devkit", "."]
+_CSV_DIRS = [".", "..", "car_data"]  # names.csv and anno_*.csv, relative to the outer car_data/
 _TEST_LABEL_FILES = ["cars_test_annos_withlabels.mat", "cars_test_annos_withlabels (1).mat"]
 
 
@@ -76,8 +81,11 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         self.save_hyperparameters()
         self.requested_layout = layout
 
-    _MARKERS = {"kaggle_folders": ["car_data/car_data/train"], "kaggle_nested": ["cars_train/cars_train"],
-                "original": ["cars_train"]}
+    # The dataset folder of each layout holds these; kaggle_folders' is the outer car_data/.
+    _MARKERS = {"kaggle_folders": ["car_data/train", "car_data/test"],
+                "kaggle_nested": ["cars_train/cars_train", "cars_test/cars_test"],
+                "original": ["cars_train", "cars_test"]}
+    _CANDIDATES = [".", "stanford_cars", "car_data"]
 
     @cached_property
     def _located(self) -> Tuple[str, str]:
@@ -86,7 +94,7 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         errors = []
         for layout in order:
             markers = self._MARKERS[layout]
-            folder, searched = find_dataset_dir(self.root, markers, [".", "stanford_cars"], self.dataset_name)
+            folder, searched = find_dataset_dir(self.root, markers, self._CANDIDATES, self.dataset_name)
             if folder is not None:
                 return folder, layout
             errors.append(f"{layout}: expected {', '.join(markers)} in one of " + "; ".join(searched))
@@ -103,7 +111,7 @@ class StanfordCarsDataModule(AnnotatedDataModule):
     @cached_property
     def class_names(self) -> List[str]:
         if self.layout == "kaggle_folders":
-            path = _find(self.dataset_dir, ["names.csv"], [".", "car_data", "car_data/car_data"], "names.csv")
+            path = _find(self.dataset_dir, ["names.csv"], _CSV_DIRS, "names.csv")
             with open(path, encoding="utf-8") as f:
                 return [line.strip() for line in f.read().splitlines() if line.strip()]
         from scipy.io import loadmat
@@ -125,7 +133,7 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         return samples, boxes
 
     def _folder_split(self, split: str) -> Tuple[List, Optional[List]]:
-        split_dir = os.path.join(self.dataset_dir, "car_data", "car_data", split)
+        split_dir = os.path.join(self.dataset_dir, "car_data", split)
         index = {name.replace("/", "-"): i for i, name in enumerate(self.class_names)}
         samples = []
         for folder in sorted(os.listdir(split_dir)):
@@ -137,8 +145,7 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         samples.sort(key=lambda s: os.path.basename(s[0]))  # annotation order: 00001.jpg, 00002.jpg, ...
         if not self.bbox_crop:
             return samples, None
-        anno = _find(self.dataset_dir, [f"anno_{split}.csv"], [".", "car_data", "car_data/car_data"],
-                     f"box file anno_{split}.csv")
+        anno = _find(self.dataset_dir, [f"anno_{split}.csv"], _CSV_DIRS, f"box file anno_{split}.csv")
         with open(anno, newline="", encoding="utf-8") as f:
             table = {r[0]: tuple(float(v) for v in r[1:5]) for r in csv.reader(f) if r}
         boxes = []

@@ -109,21 +109,27 @@ def _save_annos(path, annotations, with_class=True):
     savemat(path, {"annotations": arr})
 
 
-def write_cars(root, layout="original", classes=CAR_CLASSES, n_train=10, n_test=8, placeholder=False):
-    """Stanford Cars in one of the three layouts; returns (folder, train annotations, test annotations)."""
+def write_cars(root, layout="original", classes=CAR_CLASSES, n_train=10, n_test=8, placeholder=False,
+               csv_above=False):
+    """Stanford Cars in one of the three layouts; returns (folder, train annotations, test annotations).
+
+    kaggle_folders is the unpacked Kaggle archive: ``car_data/`` with names.csv, anno_*.csv and
+    ``car_data/{train,test}``; ``csv_above`` puts the CSVs one level higher instead (another copy's form).
+    """
     from scipy.io import savemat
 
     train, test = _car_annotations(n_train, len(classes), 0), _car_annotations(n_test, len(classes), 1)
     if layout == "kaggle_folders":
-        base = root
+        base = os.path.join(root, "car_data")
+        csv_dir = root if csv_above else base
         for split, annos in (("train", train), ("test", test)):
             for fname, *_, cls in annos:
                 folder = classes[cls - 1].replace("/", "-")
-                _image(os.path.join(base, "car_data", "car_data", split, folder, fname), (40, 30),
+                _image(os.path.join(base, "car_data", split, folder, fname), (40, 30),
                        hash((split, fname)) % 1000, placeholder)
-            with open(os.path.join(base, f"anno_{split}.csv"), "w") as f:
+            with open(os.path.join(csv_dir, f"anno_{split}.csv"), "w") as f:
                 f.write("\n".join(",".join(map(str, a)) for a in annos) + "\n")
-        with open(os.path.join(base, "names.csv"), "w") as f:
+        with open(os.path.join(csv_dir, "names.csv"), "w") as f:
             f.write("\n".join(classes) + "\n")
         return base, train, test
     base = os.path.join(root, "stanford_cars")
