@@ -415,6 +415,11 @@ class FineGrainedClassifier(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
+    def on_test_epoch_end(self) -> None:
+        # The images actually evaluated, summed over ranks (a padding sampler would count one twice):
+        # what `finegrained test` reports, rather than the dataset's length.
+        self.tested_images = int(self.test_confusion.compute().sum())
+
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self.predict_logits(images).softmax(dim=1)

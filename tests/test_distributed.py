@@ -25,10 +25,19 @@ def test_two_process_ddp_test_metrics_equal_one_process(trained_run, tmp_path):
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
     os.remove(sorted(glob.glob(os.path.join(data, "test", "class_2", "*")))[0])
     extra = ["--data.init_args.root", data]
+    matrices = os.path.join(os.path.dirname(recipe), "**", "confusion_matrix.csv")
+    before = set(glob.glob(matrices, recursive=True))
     single = _test_run(recipe, ckpt, str(tmp_path / "one.csv"), extra + ["--trainer.devices", "1"])
     double = _test_run(recipe, ckpt, str(tmp_path / "two.csv"),
                        extra + ["--trainer.devices", "2", "--trainer.strategy", "ddp"])
-    assert "Test accuracy on 17 images" in single
+    # The confusion matrices (synced over ranks) count every test image exactly once.
+    written = sorted(set(glob.glob(matrices, recursive=True)) - before)
+    assert len(written) == 2
+    for path in written:
+        counts = [[int(v) for v in row[1:]] for row in list(csv.reader(open(path)))[1:]]
+        assert sum(map(sum, counts)) == 17, path
+        assert [sum(row) for row in counts] == [6, 6, 5], path  # per true class: class_2 lost one image
+    assert "Test accuracy on 17 images" in single  # printed from the confusion matrix, not len(dataset)
     line = lambda text: [l for l in text.splitlines() if l.startswith("Test accuracy on")]  # noqa: E731
     assert line(single) and line(single) == line(double)
     one, two = (list(csv.DictReader(open(tmp_path / f))) for f in ("one.csv", "two.csv"))

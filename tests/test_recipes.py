@@ -22,18 +22,55 @@ def test_one_recipe_per_row_and_dataset():
     assert names == {f"{d}/{r}.yaml" for d in DATASETS for r in ROWS}
 
 
+DATAMODULES = {"cub": "datamodules.CUB200DataModule", "aircraft": "datamodules.FGVCAircraftDataModule",
+               "cars": "datamodules.StanfordCarsDataModule"}
+# row method -> (head, backbone family): the seed's "MPN-COV" VGG row is iSQRT-COV on VGG-16 with BN.
+HEAD_OF_ROW = {"mpncov": "isqrt"}
+BACKBONE_OF_ROW = {("mpncov", "vgg16"): "vgg16_bn"}
+IN_CHANNELS = {"vgg16": 512, "vgg16_bn": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+def _reference_rows():
+    import pandas as pd
+    table = pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv"))
+    return table[table["metric"] == "top1_acc"]
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_states_the_published_protocol(recipe):
+    """The recipe's dataset, head, backbone, representation size and paper number are those of its table row."""
+    from finegrained.heads import build_head
+
     merged = load_recipe(recipe)
     model, trainer, data = merged["model"], merged["trainer"], merged["data"]
     for key in ("backbone", "backbone_weights", "last_stride", "head", "head_kwargs", "optimizer", "lr", "lr_mult",
                 "weight_decay", "scheduler", "test_flip"):
         assert key in model, f"{recipe}: model.{key} is not stated"
-    assert trainer["max_epochs"] > 0 and "batch_size" in data["init_args"]
-    assert data["class_path"].startswith("datamodules.")
+    assert trainer["max_epochs"] > 0 and data["init_args"]["batch_size"] > 0
+    dataset = recipe.split(os.sep)[-2]
+    method, backbone = os.path.basename(recipe)[:-len(".yaml")].rsplit("_", 1)
+    assert data["class_path"] == DATAMODULES[dataset]
+    assert model["head"] == HEAD_OF_ROW.get(method, method)
+    assert model["backbone"] == BACKBONE_OF_ROW.get((method, backbone), backbone)
     with open(recipe) as f:
         header = [line for line in f if line.startswith("#")]
-    assert any("Paper top-1" in line for line in header) and any("Protocol" in line for line in header)
+    assert any("Protocol" in line for line in header)
+    paper = [line for line in header if line.startswith("# Paper top-1:")]
+    assert len(paper) == 1, f"{recipe}: one 'Paper top-1' line expected"
+    rows = _reference_rows()
+    rows = rows[(rows["method"] == method) & (rows["backbone"] == backbone) & (rows["dataset"] == dataset)]
+    if rows.empty:  # a baseline the seed does not report
+        assert paper[0].startswith("# Paper top-1: none"), f"{recipe}: no reference row, yet {paper[0]!r}"
+        return
+    stated = float(paper[0].split(":")[1].split()[0])
+    assert stated in set(rows["value"]), f"{recipe}: header says {stated}, results/reference.csv {sorted(rows['value'])}"
+    size = rows["dim"].dropna()
+    size = size[size.str.endswith("K")]  # the dim column also names model variants ("[D,D]")
+    if len(size):  # the seed's "32K", "263K": the representation, rounded as the seed rounds (K = 1,000 or 1,024)
+        head = build_head(model["head"], IN_CHANNELS[model["backbone"]], num_classes=200, **model["head_kwargs"])
+        dim = model["head_kwargs"]["reduction"] ** 2 if head.produces_logits else head.output_dim  # LRBP: r×r map
+        thousands = float(size.iloc[0].rstrip("K"))
+        assert min(abs(dim / 1000 - thousands), abs(dim / 1024 - thousands)) < 1, f"{recipe}: {dim} vs {size.iloc[0]}"
 
 
 def test_recipe_bases_merge_recursively(tmp_path):

@@ -98,7 +98,7 @@ class FineGrainedCLI(LightningCLI):
         if "test_top1" in metrics and self.trainer.is_global_zero:
             accuracy = {key: float(metrics[f"test_{key}"]) for key in ("top1", "top5", "mean_class_acc")
                         if f"test_{key}" in metrics}
-            n = len(self.trainer.test_dataloaders.dataset) if self.trainer.test_dataloaders is not None else "?"
+            n = getattr(self.model, "tested_images", "?")
             print(f"Test accuracy on {n} images: {_accuracy_text(accuracy)}")
             provenance = self._provenance()
             print(f"Checkpoint: {provenance['selection']}; validation: {provenance['validation']}"
