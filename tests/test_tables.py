@@ -9,7 +9,7 @@ import pytest
 from datamodules import fashion_mnist
 from finegrained.cli import main
 from finegrained.results.runs import RUN_FIELDS, append_run, read_runs
-from finegrained.results.tables import load_reference, select_runs
+from finegrained.results.tables import load_reference, select_runs, write_tables
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv")
 
@@ -166,3 +166,40 @@ def test_bench_table_on_real_images_uses_its_cache(tmp_path, capsys):
     again = bench_table(["gap"], **args)
     assert "features: cached" in capsys.readouterr().out
     assert again["top1"].iloc[0] == table["top1"].iloc[0]
+
+
+def test_committed_tables_are_exactly_what_the_code_writes(tmp_path):
+    """`finegrained tables` on a fresh clone must leave results/tables/ unchanged."""
+    root = os.path.join(os.path.dirname(__file__), "..", "results")
+    out = tmp_path / "tables"
+    assert main(["tables", "--reference", os.path.join(root, "reference.csv"),
+                 "--runs-csv", os.path.join(root, "runs.csv"), "--out", str(out)]) == 0
+    written = sorted(os.listdir(out))
+    assert written, "no tables written"
+    for name in written:
+        committed = os.path.join(root, "tables", name)
+        assert os.path.isfile(committed), f"{name} is generated but not committed"
+        assert open(committed, encoding="utf-8").read() == (out / name).read_text(encoding="utf-8"), name
+    generated_by_bench_table = {"bench_fashion_mnist.md"}
+    committed_tables = {n for n in os.listdir(os.path.join(root, "tables")) if n.endswith((".md", ".tex"))}
+    assert committed_tables - set(written) <= generated_by_bench_table
+
+
+def test_a_column_prints_the_decimals_the_paper_prints(tmp_path):
+    reference = tmp_path / "reference.csv"
+    header = "table,method,backbone,dim,dataset,metric,value,source,classifier,note\n"
+    rows = ["t,gap,resnet50,,imagenet,top1_err,24.7,paper A,,", "t,sort,resnet50,,imagenet,top1_err,23.82,paper A,,",
+            "t,gap,resnet50,,imagenet,time_ms,21.3,paper A,,", "t,eig,resnet50,,imagenet,time_ms,1.80,paper A,,",
+            "t,gap,resnet50,,imagenet,memory,0.505,paper A,,", "t,sort,resnet50,,imagenet,memory,1.1,paper A,,"]
+    reference.write_text(header + "\n".join(rows) + "\n")
+    runs_csv = str(tmp_path / "runs.csv")
+    append_run(runs_csv, {"run_id": "r1", "timestamp": "2026-01-01T00:00:00", "recipe": "x", "dataset": "imagenet",
+                          "method": "sort", "backbone": "resnet50", "head_dim": 2048, "top1": 0.7612345,
+                          "top5": 0.93})
+    write_tables(load_reference(str(reference)), select_runs(read_runs(runs_csv)), str(tmp_path / "t"))
+    table = cells(tmp_path / "t" / "t.md")
+    gap, sort = table[("GAP", "ResNet-50", "—")], table[("SORT", "ResNet-50", "—")]
+    assert gap["Top-1 err."] == "24.70 / —"  # 24.7 beside 23.82: two decimals in the column
+    assert sort["Top-1 err."] == "**23.82** / **23.88** (+0.06)"  # ours and Δ in the column's decimals
+    assert gap["FP+BP (ms)"] == "21.30 / —"  # "1.80" in the CSV keeps its printed zero
+    assert gap["Memory"] == "**0.505** / —" and sort["Memory"] == "1.100 / —"

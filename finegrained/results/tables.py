@@ -3,7 +3,9 @@
 Layout follows the seed: one row per (method, backbone, dim), one column per dataset (Birds,
 Aircraft, Cars) for the fine-grained tables, or per metric (top-1 / top-5 error, time) for the
 others. A cell reads ``paper / ours (Δ)``; the best paper value and the best of ours in a column
-are bold; a number that does not exist is ``—``, never invented. Our numbers come only from run
+are bold; a number that does not exist is ``—``, never invented. A column prints every number with
+the most decimals the paper prints in it (read from the CSV text, so ``24.70`` and ``0.505`` keep
+their digits and ``24.7`` beside ``23.82`` reads ``24.70``). Our numbers come only from run
 records (:mod:`finegrained.results.runs`), selected by ``runs``: ``latest`` (default) or ``best`` run per
 recipe, ``all`` (mean over runs), or a comma-separated list of run ids.
 """
@@ -42,11 +44,14 @@ TITLES = {"finegrained": "Fine-grained top-1 accuracy (%)", "fgvc_comparison": "
 
 
 def load_reference(path: str = "results/reference.csv") -> pd.DataFrame:
-    reference = pd.read_csv(path, dtype={"dim": str, "backbone": str, "dataset": str}, keep_default_na=False)
+    reference = pd.read_csv(path, dtype={"dim": str, "backbone": str, "dataset": str, "value": str},
+                            keep_default_na=False)
     required = {"method", "backbone", "dim", "dataset", "metric", "value", "source", "table"}
     missing = required - set(reference.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+    # The decimals come from the text as the paper printed it: a float has forgotten that 24.70 had two.
+    reference["decimals"] = reference["value"].map(_printed_decimals)
     reference["value"] = reference["value"].astype(float)
     # Optional: the classifier the paper's number was measured with (B-CNN and HIHCA report SVM accuracy),
     # and a note marked on the row (e.g. a number from another model than the row's).
@@ -141,9 +146,18 @@ def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Tuple
     return frame(paper), frame(ours), columns
 
 
-def _decimals(value: float) -> int:
-    text = repr(float(value))
-    return len(text.split(".")[1].rstrip("0")) if "." in text and "e" not in text else 0
+def _printed_decimals(text: str) -> int:
+    text = str(text).strip()
+    return len(text.split(".", 1)[1]) if "." in text and "e" not in text.lower() else 0
+
+
+def column_decimals(reference: pd.DataFrame, table: str) -> Dict[str, int]:
+    """Decimals each column of ``table`` prints: the most the paper prints in it (at least one, so that
+    our numbers and differences stay readable beside whole-number papers)."""
+    ref = reference[reference["table"] == table]
+    key = "dataset" if set(ref["metric"]) == {"top1_acc"} else "metric"
+    decimals = ref["decimals"] if "decimals" in ref else ref["value"].map(lambda v: _printed_decimals(repr(v)))
+    return {column: max(1, int(decimals[ref[key] == column].max())) for column in dict.fromkeys(ref[key])}
 
 
 def _best(frame: pd.DataFrame, metric_of) -> Dict[str, float]:
@@ -156,19 +170,18 @@ def _best(frame: pd.DataFrame, metric_of) -> Dict[str, float]:
 
 
 def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: str,
-           marks: Optional[Dict[tuple, str]] = None) -> pd.DataFrame:
+           marks: Optional[Dict[tuple, str]] = None, decimals: Optional[Dict[str, int]] = None) -> pd.DataFrame:
     """Display frame: cells ``paper / ours (Δ)`` with the column's best values in bold; ``marks`` maps a row
-    to a marker appended to its method (a footnote)."""
+    to a marker appended to its method (a footnote); ``decimals`` gives each column's decimals
+    (:func:`column_decimals`; default 1 for dataset columns, 2 for the others)."""
     by_dataset = all(c in DATASET_COLUMNS for c in columns)
     metric_of = (lambda c: "top1_acc") if by_dataset else (lambda c: c)
     best_paper, best_ours = _best(paper, metric_of), _best(ours, metric_of)
-    decimals = 2 if not by_dataset else 1
+    places_of = {column: (decimals or {}).get(column, 1 if by_dataset else 2) for column in columns}
 
-    def number(value, best, exact=False):
+    def number(value, best, places):
         if np.isnan(value):
             return DASH
-        # Paper numbers keep every digit they were published with (0.505 stays 0.505).
-        places = max(decimals if not exact else 1, _decimals(value) if exact else decimals)
         text = f"{value:.{places}f}"
         if best is not None and np.isclose(value, best):
             text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"
@@ -190,9 +203,10 @@ def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: st
                   "Dim": dim or DASH}
         for column in columns:
             p, o = paper.loc[index, column], ours.loc[index, column]
-            cell = f"{number(p, best_paper.get(column), exact=True)} / {number(o, best_ours.get(column))}"
+            places = places_of[column]
+            cell = f"{number(p, best_paper.get(column), places)} / {number(o, best_ours.get(column), places)}"
             if not np.isnan(p) and not np.isnan(o):
-                cell += f" ({o - p:+.{decimals}f})"
+                cell += f" ({o - p:+.{places}f})"
             header = DATASET_COLUMNS.get(column) or METRIC_COLUMNS.get(column, column)
             record[header] = cell
         records.append(record)
@@ -212,7 +226,8 @@ def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> L
         marks = {(r["method"], r["backbone"], r["dim"]): "†" * (notes.index(r["note"]) + 1)
                  for _, r in rows.iterrows() if r["note"]}
         svm = sorted({METHOD_NAMES.get(r["method"], r["method"]) for _, r in rows.iterrows() if r["classifier"] == "svm"})
-        md = render(paper, ours, columns, table, "md", marks)
+        decimals = column_decimals(reference, table)
+        md = render(paper, ours, columns, table, "md", marks, decimals)
         path = os.path.join(out_dir, f"{table}.md")
         with open(path, "w") as f:
             f.write(f"### {title}\n\nCells: paper / ours (ours − paper). Paper: {sources}. "
@@ -224,7 +239,8 @@ def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> L
             for k, note in enumerate(notes):
                 f.write(f"\n{'†' * (k + 1)} {note}\n")
         written.append(path)
-        tex = render(paper, ours, columns, table, "tex", {row: "\\dagger" * len(mark) for row, mark in marks.items()})
+        tex = render(paper, ours, columns, table, "tex", {row: "\\dagger" * len(mark) for row, mark in marks.items()},
+                     decimals)
         path = os.path.join(out_dir, f"{table}.tex")
         with open(path, "w") as f:
             caption = f"{title}. Cells: paper / ours (difference).".replace("%", r"\%")
