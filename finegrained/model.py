@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -86,8 +86,11 @@ WEIGHTS_IN_CHECKPOINT = {"backbone_weights": None, "init_from": None}
 class FineGrainedClassifier(pl.LightningModule):
     """Args:
         num_classes: number of classes (linked from the DataModule by the CLI).
-        backbone: a name from :func:`finegrained.backbones.available_backbones`.
-        backbone_weights: ``None``, ``"imagenet"`` or a path to a state dict: of the full backbone network, or
+        backbone: a name from :func:`finegrained.backbones.available_backbones`, ``"timm/<model name>"`` for any
+            timm model (ConvNeXt, ViT, Swin, EVA, ...), or (Python API) an ``nn.Module`` mapping images to
+            (B, C, h, w) with an integer ``out_channels``.
+        backbone_weights: ``None``, ``"imagenet"`` or a path to a state dict (timm backbones: also a timm
+            pretrained tag, and ``.safetensors`` files): of the full backbone network, or
             one of the authors' ImageNet-trained second-order models (:mod:`finegrained.pretrained`, e.g.
             fast-MPN-COV's ``mpncovresnet50-15991845.pth``), whose trunk goes into the backbone and whose
             1×1 reduction and BatchNorm go into the head; what was mapped is logged.
@@ -131,9 +134,13 @@ class FineGrainedClassifier(pl.LightningModule):
             LRBP's PCA) gets it before the first training step, from the backbone features (evaluation
             mode) of this many training images drawn with this seed; computed on rank 0 and broadcast to
             every process; not when resuming from a checkpoint or starting from ``init_from``.
+        channels_last: keep the backbone's convolution weights and every batch of images in channels-last
+            memory format (faster convolutions with bf16/fp16 on recent GPUs; a transformer's patch
+            embedding is its only convolution, so there it changes little). Values are unchanged.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", backbone_weights: Optional[str] = "imagenet",
+    def __init__(self, num_classes: int, backbone: Union[str, nn.Module] = "resnet50",
+                 backbone_weights: Optional[str] = "imagenet",
                  last_stride: int = 2, head: str = "isqrt", head_kwargs: Optional[Dict[str, Any]] = None,
                  class_names: Optional[List[str]] = None, preprocessing: Optional[Dict[str, Any]] = None,
                  optimizer: str = "sgd", lr: float = 1.2e-3, momentum: float = 0.9,
@@ -146,24 +153,39 @@ class FineGrainedClassifier(pl.LightningModule):
                  clip_activation_grad: Optional[float] = None, backbone_layers: Optional[List[str]] = None,
                  stage1_route: str = "frozen", stage1_weight_decay: float = 0.0, stage1_batch_size: int = 256,
                  stage1_init_std: Optional[float] = None, stage1_init_bias: float = 0.0,
-                 stage1_lr_steps: Optional[List[int]] = None, stage1_lr_gamma: float = 0.1):
+                 stage1_lr_steps: Optional[List[int]] = None, stage1_lr_gamma: float = 0.1,
+                 channels_last: bool = False):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names were given")
         check_settings(optimizer, scheduler, lr_mult, stage1_epochs, weight_decay_mult, stage1_route)
         self.loss_fn = loss_function(loss, label_smoothing)
-        self.save_hyperparameters()
-        authors = self._authors_checkpoint(backbone_weights)
+        if isinstance(backbone, nn.Module):
+            # A module is not a hyperparameter (checkpoints stay loadable with weights_only=True): record its
+            # class; load_from_checkpoint(path, backbone=<the same module class, built again>) restores it.
+            self.save_hyperparameters(ignore=["backbone"])
+            self.hparams.backbone = f"module:{type(backbone).__name__}"
+            self.hparams.backbone_weights = backbone_weights = None  # the module comes with its own weights
+        else:
+            self.save_hyperparameters()
+        authors = None if isinstance(backbone, nn.Module) or backbone.startswith("timm/") else (
+            self._authors_checkpoint(backbone_weights))
         self.backbone = build_backbone(backbone, weights=authors.trunk if authors else backbone_weights,
                                        last_stride=last_stride, layers=backbone_layers)
-        self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes, **(head_kwargs or {}))
+        self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes,
+                               class_token_dim=self.backbone.class_token_dim, **(head_kwargs or {}))
+        # The class token reaches the heads that use it (SoT) and no other.
+        self.backbone.return_class_token = self.head.uses_class_token and self.backbone.class_token_dim > 0
         if authors:
             self._load_authors_head(authors, backbone_weights)
         if self.head.produces_logits:
             self.classifier = nn.Identity()
         else:
-            self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(),
-                                            nn.Linear(self.head.output_dim, num_classes))
+            linear = nn.Linear(self.head.output_dim, num_classes)
+            if self.head.classifier_init_std is not None:
+                nn.init.trunc_normal_(linear.weight, std=self.head.classifier_init_std)
+                nn.init.zeros_(linear.bias)
+            self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(), linear)
         self.lr_mult = {**DEFAULT_LR_MULT, **(lr_mult or {})}
         self.val_metrics = _metrics(num_classes, "val_")
         self.test_metrics = _metrics(num_classes, "test_")
@@ -172,6 +194,14 @@ class FineGrainedClassifier(pl.LightningModule):
             self.dropped_from_init = self.load_matching_weights(init_from)
         if clip_activation_grad:
             clip_activation_gradients(self, clip_activation_grad)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    def _in_memory_format(self, images: Tensor) -> Tensor:
+        # Here rather than in on_after_batch_transfer, which Lightning warns about beside a DataModule.
+        if self.hparams.get("channels_last") and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     @staticmethod
     def _authors_checkpoint(backbone_weights) -> Optional[SplitCheckpoint]:
@@ -379,6 +409,7 @@ class FineGrainedClassifier(pl.LightningModule):
     # -- steps ----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         images, labels = batch
+        images = self._in_memory_format(images)
         if self.backbone_frozen:
             with torch.no_grad():
                 features = self.backbone(images)
@@ -398,6 +429,7 @@ class FineGrainedClassifier(pl.LightningModule):
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
         images, labels = batch
+        images = self._in_memory_format(images)
         logits = self.predict_logits(images).float()
         loss = F.cross_entropy(logits, labels)
         metrics.update(logits, labels)
@@ -421,7 +453,7 @@ class FineGrainedClassifier(pl.LightningModule):
         self.tested_images = int(self.test_confusion.compute().sum())
 
     def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = self._in_memory_format(batch[0] if isinstance(batch, (list, tuple)) else batch)
         return self.predict_logits(images).softmax(dim=1)
 
     # -- optimisation (finegrained.optim) ------------------------------------------------

@@ -16,7 +16,8 @@ EXPECTED_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet
 
 
 def test_all_names_available():
-    assert set(available_backbones()) == set(EXPECTED_CHANNELS)
+    assert set(available_backbones(timm=False)) == set(EXPECTED_CHANNELS)
+    assert {n for n in available_backbones() if not n.startswith("timm:")} == set(EXPECTED_CHANNELS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CHANNELS))

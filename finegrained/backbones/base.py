@@ -19,13 +19,28 @@ class Backbone(nn.Module):
             maps when the backbone returns several layers (:class:`LayerOutputs`).
         out_channels: C, or one C per returned layer.
         name: the builder name, e.g. ``"resnet50"``.
+        class_token_dim: D of the class token the backbone can return with its map (ViT-like timm models);
+            0 when it has none.
+        return_class_token: while set, the backbone returns ``(map, class_token)`` with (B, D); set by the
+            model for heads that use the class token (SoT), so every other head sees the map alone.
     """
+
+    class_token_dim: int = 0
 
     def __init__(self, features: nn.Module, out_channels: Union[int, List[int]], name: str):
         super().__init__()
         self.features = features
         self.out_channels = out_channels
         self.name = name
+
+    @property
+    def return_class_token(self) -> bool:
+        return False
+
+    @return_class_token.setter
+    def return_class_token(self, value: bool) -> None:
+        if value:
+            raise ValueError(f"{self.name} has no class token")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
