@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.autograd import gradgradcheck
 
-from finegrained.ops import eig_log, eig_power, isqrt_cov, sqrtm_newton_schulz_lyapunov
+from finegrained.ops import eig_log, eig_power, isqrt_cov, sqrtm_newton_schulz_lyapunov, sqrtm_pade
 
 
 # ---- 8. double backward is never silently wrong ----------------------------------------------------------
@@ -17,6 +17,7 @@ def _spd(b=2, d=4):
     ("eig_power", lambda s: eig_power(s, 0.5), _spd),
     ("eig_log", lambda s: eig_log(s, 1e-3), _spd),
     ("lyapunov", lambda s: sqrtm_newton_schulz_lyapunov(s, 5, 5), _spd),
+    ("mpa_lya", lambda s: sqrtm_pade(s, "mpa"), _spd),
 ])
 def test_double_backward_is_refused_not_wrong(name, fn, make):
     with pytest.raises(RuntimeError, match="differentiate twice"):

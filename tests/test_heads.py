@@ -10,8 +10,8 @@ from finegrained.ops import covariance
 torch.manual_seed(0)
 
 
-ALL_HEADS = ["bcnn", "cbp", "g2de", "gap", "gmsop", "hihca", "improved_bcnn", "isqrt", "kp", "lrbp", "mpncov",
-             "netfv", "netvlad", "o2p", "srsop"]
+ALL_HEADS = ["bcnn", "cbp", "dropcov", "g2de", "gap", "gmsop", "hihca", "improved_bcnn", "isice", "isqrt", "kp",
+             "lrbp", "mpa", "mpncov", "netfv", "netvlad", "o2p", "sot", "srsop"]
 
 # Small settings that keep each head's matrix function on the input it is given (no reduction).
 SMALL = {
@@ -20,6 +20,8 @@ SMALL = {
     "netfv": {"clusters": 4}, "lrbp": {"reduction": 6, "num_classes": 3}, "hihca": {"filters": 32},
     "srsop": {"mid_channels": 8, "out_channels": 6}, "gmsop": {"components": 4, "top_k": 2, "mid_channels": 8,
                                                               "out_channels": 6},
+    "sot": {"heads": 2, "rank": 3, "dropout": 0.0}, "dropcov": {"reduction": None}, "isice": {"reduction": None},
+    "mpa": {"reduction": None},
 }
 
 
@@ -56,6 +58,7 @@ def test_every_head_builds_with_defaults(name, channels):
     ("cbp", 512, 8192), ("kp", 512, 12801), ("kp", 2048, 14337), ("netvlad", 512, 32768),
     ("g2de", 512, 263169), ("hihca", 512, 8192), ("srsop", 2048, 8256), ("gmsop", 512, 8256),
     ("o2p", 512, 131328), ("netfv", 512, 65536),
+    ("sot", 384, 3456), ("dropcov", 2048, 32896), ("isice", 2048, 32896), ("mpa", 2048, 32896),
 ])
 def test_output_sizes_of_the_seed_tables(name, channels, expected_dim):
     assert build_head(name, channels).output_dim == expected_dim
@@ -141,6 +144,10 @@ def test_gradcheck_heads_float64(name):
     x = (torch.rand(2, 6, 3, 3, dtype=torch.float64) + 0.1).requires_grad_(True)
     if name == "improved_bcnn":  # the Lyapunov backward is exact once both iterations converge
         head = build_head(name, 6, iterations=40, backward_iterations=40).double()
+    if name == "mpa":
+        # The Lyapunov backward is the exact square root's derivative; the [5/5] Padé forward matches the exact
+        # root closely only where Σ/‖Σ‖_F has no tiny eigenvalues: 64 positions of 6 uniform channels.
+        x = torch.rand(1, 6, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).requires_grad_(True)
     assert gradcheck(head, (x,))
 
 

@@ -65,17 +65,21 @@ def head_display_name(name: str) -> str:
     return _DISPLAY_NAMES[name]
 
 
-def build_head(name: str, in_channels: int, num_classes: Optional[int] = None, **kwargs) -> PoolingHead:
+def build_head(name: str, in_channels: int, num_classes: Optional[int] = None, class_token_dim: int = 0,
+               **kwargs) -> PoolingHead:
     """Build the pooling head ``name`` for feature maps with ``in_channels`` channels.
 
     ``num_classes`` is passed only to heads that compute class scores themselves
-    (``produces_logits``, e.g. ``lrbp``); the others ignore it.
+    (``produces_logits``, e.g. ``lrbp``), ``class_token_dim`` (the backbone's class token size, 0 for none)
+    only to heads that use the class token (``uses_class_token``, SoT); the others ignore them.
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones), or a logit-producing
             head without ``num_classes``.
     """
     cls = _head_class(name)
+    if cls.uses_class_token:
+        kwargs["class_token_dim"] = class_token_dim
     if cls.produces_logits:
         if num_classes is None:
             raise ValueError(f"head {name!r} computes class scores itself and needs num_classes")
@@ -102,4 +106,5 @@ def onnx_substitutes(module: nn.Module) -> Iterator[List[str]]:
 
 # Importing the modules registers the heads.
 from finegrained.heads import (  # noqa: E402,F401
-    bcnn, cbp, g2de, gap, gmsop, hihca, improved_bcnn, isqrt, kp, lrbp, mpncov, netfv, netvlad, o2p, srsop)
+    bcnn, cbp, dropcov, g2de, gap, gmsop, hihca, improved_bcnn, isice, isqrt, kp, lrbp, mpa, mpncov, netfv, netvlad,
+    o2p, sot, srsop)

@@ -18,6 +18,12 @@ member                      meaning
                             exports as it is
 ``parameter_lr_mult``       class attribute: learning-rate multipliers of parameter-name prefixes,
                             relative to the head's rate (HIHCA's layer scales: ×10)
+``classifier_init_std``     class attribute: the linear classifier after the head starts from a
+                            truncated normal with this std and zero bias (SoT: 0.02); ``None``
+                            keeps PyTorch's default
+``uses_class_token``        class attribute: the head takes ``class_token_dim`` and, from a
+                            backbone with a class token (ViT), receives ``(map, class_token)``
+                            instead of the map alone (SoT's fusion)
 ==========================  ====================================================================
 
 Heads register under a name with :func:`finegrained.heads.register_head`; that registry also holds
@@ -48,6 +54,8 @@ class PoolingHead(nn.Module):
     """Base class of every head: (B, C, H, W) -> (B, ``output_dim``)."""
 
     produces_logits: ClassVar[bool] = False
+    uses_class_token: ClassVar[bool] = False
+    classifier_init_std: ClassVar[Optional[float]] = None
     parameter_lr_mult: ClassVar[Dict[str, float]] = {}
 
     def __init__(self) -> None:

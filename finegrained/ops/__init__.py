@@ -7,7 +7,11 @@ module                      what it holds
 ``ops.covariance``          ``covariance``, ``gram``, ``triu_vec``, ``signed_sqrt``, ``sym``
 ``ops.newton_schulz``       ``newton_schulz`` (the one iteration), ``sqrtm_newton_schulz`` (iSQRT-COV),
                             the fused ``isqrt_cov``,
-                            ``sqrtm_newton_schulz_lyapunov`` and ``lyapunov_newton_schulz`` (improved B-CNN)
+                            ``sqrtm_newton_schulz_lyapunov`` and ``lyapunov_newton_schulz`` (improved B-CNN),
+                            ``inv_newton_schulz`` (iSICE)
+``ops.pade``                ``sqrtm_pade``: MPA-Lya / MTP-Lya (Padé or Taylor forward, Lyapunov backward)
+``ops.sice``                ``sparse_inverse_covariance`` (iSICE's projected gradient)
+``ops.svpn``                ``sv_power_normalise`` (SoT's singular-value power normalisation)
 ``ops.eig``                 ``eig_power``, ``eig_log``: eigendecomposition with the K-matrix backward
 ``ops.substitutes``         ``powm_newton_schulz``, ``logm_newton_schulz``: eigendecomposition-free
                             substitutes for ONNX
@@ -20,14 +24,18 @@ C (or d) for channels and M = H*W for positions.
 """
 from finegrained.ops.covariance import covariance, gram, signed_sqrt, sym, triu_indices_flat, triu_vec
 from finegrained.ops.eig import eig_log, eig_power
-from finegrained.ops.newton_schulz import (isqrt_cov, lyapunov_newton_schulz, newton_schulz, sqrtm_newton_schulz,
-                                           sqrtm_newton_schulz_lyapunov)
+from finegrained.ops.newton_schulz import (inv_newton_schulz, isqrt_cov, lyapunov_newton_schulz, newton_schulz,
+                                           sqrtm_newton_schulz, sqrtm_newton_schulz_lyapunov)
+from finegrained.ops.pade import sqrtm_pade
+from finegrained.ops.sice import sparse_inverse_covariance
+from finegrained.ops.svpn import sv_power_normalise
 from finegrained.ops.precision import at_least_float32, float32_matrices, full_precision
 from finegrained.ops.sketch import (CountSketches, count_sketch, count_sketch_matrix, random_maclaurin, tensor_sketch,
                                     tensor_sketch_gram, tensor_sketch_hashed)
 from finegrained.ops.substitutes import logm_newton_schulz, powm_newton_schulz
 
 __all__ = ["covariance", "gram", "signed_sqrt", "sym", "triu_indices_flat", "triu_vec", "eig_log", "eig_power",
+           "inv_newton_schulz", "sqrtm_pade", "sparse_inverse_covariance", "sv_power_normalise",
            "isqrt_cov", "lyapunov_newton_schulz", "newton_schulz", "sqrtm_newton_schulz", "sqrtm_newton_schulz_lyapunov",
            "at_least_float32", "float32_matrices", "full_precision", "CountSketches", "count_sketch",
            "count_sketch_matrix", "random_maclaurin", "tensor_sketch", "tensor_sketch_gram", "tensor_sketch_hashed",

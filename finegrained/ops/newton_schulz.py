@@ -7,12 +7,14 @@
   with a lean backward (:class:`_ISqrtCov`).
 * :func:`sqrtm_newton_schulz_lyapunov` -- improved B-CNN's square root (Lin & Maji, BMVC 2017):
   Frobenius pre-normalisation, Newton–Schulz forward, coupled-Lyapunov backward
-  (:func:`lyapunov_newton_schulz`).
+  (:func:`lyapunov_newton_schulz`, also the backward of the Padé square root in :mod:`finegrained.ops.pade`).
+* :func:`inv_newton_schulz` -- iSICE's inverse, the square of the Newton–Schulz inverse square root.
 
 Shapes: (B, d, d) matrices; :func:`isqrt_cov` takes (B, C, H, W) or (B, C, M) features.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -23,8 +25,9 @@ from finegrained.ops.covariance import batch_trace, check_square, covariance, po
 from finegrained.ops.precision import full_precision
 
 
-def newton_schulz(a: Tensor, iterations: int) -> Tensor:
-    """Y_N of the coupled Newton–Schulz iteration for A^{1/2}; every square root here uses it.
+def newton_schulz(a: Tensor, iterations: int, inverse: bool = False) -> Tensor:
+    """Y_N (→ A^{1/2}) or, with ``inverse``, Z_N (→ A^{-1/2}) of the coupled Newton–Schulz iteration;
+    every square root and inverse square root here uses it.
 
     Y₀ = A, Z₀ = I, and for k = 1..N with T_k = ½(3I − Z_{k−1} Y_{k−1}):
     Y_k = Y_{k−1} T_k,  Z_k = T_k Z_{k−1}  (Higham, "Functions of Matrices", 2008; iSQRT-COV).
@@ -37,20 +40,41 @@ def newton_schulz(a: Tensor, iterations: int) -> Tensor:
         a: (B, d, d) symmetric positive semi-definite matrices, normalised.
         iterations: N ≥ 1.
     Returns:
-        (B, d, d) approximation of A^{1/2}.
+        (B, d, d) approximation of A^{1/2} (of A^{-1/2} with ``inverse``).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     eye3 = 3.0 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     t = 0.5 * (eye3 - a)
-    y = a @ t
     if iterations == 1:
-        return y
-    z = t
+        return t if inverse else a @ t
+    y, z = a @ t, t
     for _ in range(iterations - 2):
         t = 0.5 * (eye3 - z @ y)
         y, z = y @ t, t @ z
-    return y @ (0.5 * (eye3 - z @ y))
+    t = 0.5 * (eye3 - z @ y)
+    return t @ z if inverse else y @ t
+
+
+@full_precision
+def inv_newton_schulz(sigma: Tensor, iterations: int = 7) -> Tensor:
+    """Σ⁻¹ as the square of iSQRT-COV's inverse square root, as iSICE computes it (``nsInv``):
+    Z_N(Σ/tr Σ)² / tr Σ, differentiated by autograd through the iterations.
+
+    Rahman, Koniusz, Harandi et al., "Learning Partial Correlation based Deep Visual Representation for
+    Image Classification" (iSICE), CVPR 2023. Exact for N → ∞ when Σ is SPD; with few iterations it
+    under-weights the smallest eigenvalues, as the published method does.
+
+    Args:
+        sigma: (B, d, d) symmetric positive definite.
+        iterations: N (7 in iSICE).
+    Returns:
+        (B, d, d) approximation of Σ⁻¹.
+    """
+    check_square(sigma)
+    trace = safe_normaliser(batch_trace(sigma)).view(-1, 1, 1)
+    z = newton_schulz(sigma / trace, iterations, inverse=True)
+    return z @ z / trace
 
 
 @full_precision
@@ -76,8 +100,9 @@ def sqrtm_newton_schulz(sigma: Tensor, iterations: int = 5) -> Tensor:
     return newton_schulz(sigma / trace, iterations) * trace.sqrt()
 
 
-def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
-    """Solve Z X + X Z = G by the coupled Newton–Schulz sign iteration (Lin & Maji, BMVC 2017).
+def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5, normalise: bool = True) -> Tensor:
+    """Solve Z X + X Z = G by the coupled Newton–Schulz sign iteration (Lin & Maji, BMVC 2017; the
+    backward of MPA-Lya, Song, Sebe & Wang, ICLR 2022).
 
     With a = Z/‖Z‖_F and q = G/‖Z‖_F, repeat q ← ½[q(3I − a²) − aᵀ(aᵀq − qa)], a ← ½a(3I − a²);
     then X ≈ ½q. This is the sign iteration of [[Z, G], [0, −Z]], whose sign is [[I, 2X], [0, −I]].
@@ -85,11 +110,13 @@ def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
     Args:
         z: (B, d, d) symmetric positive semi-definite (a matrix square root).
         g: (B, d, d) right-hand side (the gradient with respect to the square root).
+        normalise: divide by ‖Z‖_F first; ``False`` when Z's eigenvalues already lie in [0, 1] (MPA-Lya starts
+            from the root of the Frobenius-normalised matrix as it is).
     Returns:
         (B, d, d) X.
     """
     eye3 = 3.0 * torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
-    a, norm = unit_frobenius(z)
+    a, norm = unit_frobenius(z) if normalise else (z, 1.0)
     q = g / norm
     for _ in range(iterations):
         a2 = a @ a
@@ -99,19 +126,29 @@ def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5) -> Tensor:
     return 0.5 * q
 
 
-class _NewtonSchulzLyapunov(torch.autograd.Function):
+class _LyapunovBackwardRoot(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, iterations, backward_iterations):
-        y = newton_schulz(a, iterations)
-        ctx.save_for_backward(y)
-        ctx.backward_iterations = backward_iterations
-        return y
+    def forward(ctx, a, root_fn, backward_iterations, normalise):
+        root = root_fn(a)
+        ctx.save_for_backward(root)
+        ctx.backward_iterations, ctx.normalise = backward_iterations, normalise
+        return root
 
     @staticmethod
-    @first_order_only("sqrtm_newton_schulz_lyapunov")
+    @first_order_only("a square root with the Lyapunov backward (improved B-CNN, MPA-Lya)")
     def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return lyapunov_newton_schulz(y, grad, ctx.backward_iterations), None, None
+        (root,) = ctx.saved_tensors
+        return lyapunov_newton_schulz(root, grad, ctx.backward_iterations, ctx.normalise), None, None, None
+
+
+def root_with_lyapunov_backward(a: Tensor, root_fn, backward_iterations: int, normalise: bool = True) -> Tensor:
+    """``root_fn(a)`` (an approximate A^{1/2}, (B, d, d)) whose backward is not the unrolled approximation but
+    the exact square root's derivative: the Lyapunov equation solved by :func:`lyapunov_newton_schulz`
+    (improved B-CNN with a Newton–Schulz forward, MPA-Lya / MTP-Lya with a Padé or Taylor one). Outside autograd
+    (inference, export) it is ``root_fn(a)`` itself."""
+    if torch.is_grad_enabled() and a.requires_grad:
+        return _LyapunovBackwardRoot.apply(a, root_fn, backward_iterations, normalise)
+    return root_fn(a)
 
 
 @full_precision
@@ -131,10 +168,7 @@ def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_it
     """
     check_square(sigma)
     a, norm = unit_frobenius(sigma)
-    if torch.is_grad_enabled() and a.requires_grad:
-        root = _NewtonSchulzLyapunov.apply(a, iterations, backward_iterations)
-    else:  # inference and export: the same forward without the autograd.Function
-        root = newton_schulz(a, iterations)
+    root = root_with_lyapunov_backward(a, functools.partial(newton_schulz, iterations=iterations), backward_iterations)
     return root * norm.sqrt()
 
 
