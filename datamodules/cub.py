@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import List, Union
+from typing import List, Sequence, Union
 
 from datamodules.annotated import AnnotatedDataModule, read_fields, read_id_map, resolve_dataset_dir
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class CUB200DataModule(AnnotatedDataModule):
@@ -24,10 +25,11 @@ class CUB200DataModule(AnnotatedDataModule):
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
                  crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 train_crop: str = "center", skip_corrupt: bool = False):
+                 train_crop: str = "center", skip_corrupt: bool = False,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         train_crop=train_crop, skip_corrupt=skip_corrupt)
+                         train_crop=train_crop, skip_corrupt=skip_corrupt, mean=mean, std=std)
         self.save_hyperparameters()
 
     @cached_property

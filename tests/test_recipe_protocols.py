@@ -24,6 +24,9 @@ BC, CB1, CB2 = "BC run_experiments_bcnn_train.m", "CB ft_last_layer.solver/.prot
 MO, HI, LR = "MO script_run_exp.m, imdb_g2denet_train_dag.m", "HI hihca_main.m, getInitFCParams.m", \
     "LR main101_demo_posnegCoMatrixDecomp_bisvm.m"
 
+IS = "IS iSICE README, train_iSICE_model.sh, main.py (methods-after-seed.md)"
+CHOSEN = "chosen here (recipes/_base/protocol/timm_finetune.yaml)"
+
 # protocol -> {setting: (value, source)}. Settings are dotted paths into the merged recipe; "batch" is the
 # effective batch of the main stage (batch_size × accumulate_grad_batches), "input/<dataset>" the (resize, crop).
 PROTOCOLS = {
@@ -90,13 +93,31 @@ PROTOCOLS = {
         "model.weight_decay": (5e-4, LR), "batch": (16, LR), "data.init_args.train_crop": ("center", LR),
         "model.stage1_epochs": (0, LR),
     },
+    "isice": {
+        "model.optimizer": ("adamw", IS), "model.lr": (1.2e-4, IS), "model.lr_mult.classifier": (5.0, IS),
+        "model.scheduler": ("step", IS), "model.lr_steps": ([15, 30], IS), "model.lr_gamma": (0.1, IS),
+        "trainer.max_epochs": (100, IS), "batch": (65, IS), "model.test_flip": (True, IS),
+        "model.head_kwargs.sparsity": (0.01, IS), "model.head_kwargs.step_size": (1.0, IS),
+        "model.head_kwargs.steps": (5, IS), "model.head_kwargs.inverse_iterations": (7, IS),
+        "model.head_kwargs.reduction": (256, IS),
+    },
+    "timm_finetune": {
+        "model.optimizer": ("adamw", CHOSEN), "model.lr": (1e-4, CHOSEN), "model.lr_mult.head": (10.0, CHOSEN),
+        "model.lr_mult.classifier": (10.0, CHOSEN), "model.weight_decay": (0.05, CHOSEN),
+        "model.scheduler": ("cosine", CHOSEN), "trainer.max_epochs": (50, CHOSEN), "batch": (16, CHOSEN),
+        "model.label_smoothing": (0.1, CHOSEN), "trainer.precision": ("bf16-mixed", CHOSEN),
+        "model.backbone_weights": ("imagenet", CHOSEN), "model.last_stride": (2, CHOSEN),
+    },
 }
 
 ROWS = {"bcnn_vgg16": "bcnn_matconvnet", "improved_bcnn_vgg16": "bcnn_matconvnet", "netvlad_vgg16": "bcnn_matconvnet",
         "netfv_vgg16": "bcnn_matconvnet", "cbp_vgg16": "cbp_caffe", "cbp_resnet50": "cbp_caffe", "kp_vgg16": "cbp_caffe",
         "kp_resnet50": "cbp_caffe", "g2de_vgg16": "g2de", "hihca_vgg16": "hihca", "lrbp_vgg16": "lrbp",
         "isqrt_resnet50": "isqrt_resnet", "isqrt_resnet101": "isqrt_resnet", "mpncov_vgg16": "isqrt_vgg",
-        "gap_resnet50": "isqrt_resnet", "gap_resnet101": "isqrt_resnet", "gap_vgg16": "isqrt_vgg"}
+        "gap_resnet50": "isqrt_resnet", "gap_resnet101": "isqrt_resnet", "gap_vgg16": "isqrt_vgg",
+        "isice_resnet50": "isice", "isice_vgg16": "isice", "mpa_resnet50": "isqrt_resnet",
+        **{f"{head}_{backbone}": "timm_finetune" for head in ("gap", "isqrt", "sot", "dropcov")
+           for backbone in ("convnext-t", "vit-s16")}}
 BACKBONES = {"mpncov_vgg16": "vgg16_bn"}
 
 

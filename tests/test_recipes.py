@@ -14,7 +14,10 @@ RECIPES = [os.path.relpath(p) for p in RECIPES if "_base" not in p]
 DATASETS = ("cub", "aircraft", "cars")
 ROWS = ["isqrt_resnet50", "cbp_resnet50", "kp_resnet50", "gap_resnet50", "mpncov_vgg16", "netvlad_vgg16",
         "cbp_vgg16", "kp_vgg16", "lrbp_vgg16", "improved_bcnn_vgg16", "g2de_vgg16", "hihca_vgg16", "netfv_vgg16",
-        "bcnn_vgg16", "gap_vgg16", "isqrt_resnet101", "gap_resnet101"]
+        "bcnn_vgg16", "gap_vgg16", "isqrt_resnet101", "gap_resnet101",
+        # After the seed: iSICE (its paper's rows), MPA-Lya, and the timm backbones with four heads.
+        "isice_resnet50", "isice_vgg16", "mpa_resnet50"] + [
+        f"{head}_{backbone}" for head in ("gap", "isqrt", "sot", "dropcov") for backbone in ("convnext-t", "vit-s16")]
 
 
 def test_one_recipe_per_row_and_dataset():
@@ -26,7 +29,9 @@ DATAMODULES = {"cub": "datamodules.CUB200DataModule", "aircraft": "datamodules.F
                "cars": "datamodules.StanfordCarsDataModule"}
 # row method -> (head, backbone family): the seed's "MPN-COV" VGG row is iSQRT-COV on VGG-16 with BN.
 HEAD_OF_ROW = {"mpncov": "isqrt"}
-BACKBONE_OF_ROW = {("mpncov", "vgg16"): "vgg16_bn"}
+BACKBONE_OF_ROW = {("mpncov", "vgg16"): "vgg16_bn", ("isice", "vgg16"): "vgg16_bn",
+                   **{(head, "convnext-t"): "timm/convnext_tiny" for head in ("gap", "isqrt", "sot", "dropcov")},
+                   **{(head, "vit-s16"): "timm/vit_small_patch16_224" for head in ("gap", "isqrt", "sot", "dropcov")}}
 IN_CHANNELS = {"vgg16": 512, "vgg16_bn": 512, "resnet50": 2048, "resnet101": 2048}
 
 

@@ -20,8 +20,9 @@ import pandas as pd
 from finegrained.heads import available_heads, head_display_name
 
 DASH = "—"
-DATASET_COLUMNS = {"cub": "Birds", "aircraft": "Aircraft", "cars": "Cars"}
-METRIC_COLUMNS = {"top1_acc": "Top-1 acc.", "top1_err": "Top-1 err.", "top5_err": "Top-5 err.",
+DATASET_COLUMNS = {"cub": "Birds", "aircraft": "Aircraft", "cars": "Cars", "mit": "MIT Indoor",
+                   "imagenet": "ImageNet-1K", "imagenet_a": "ImageNet-A"}
+METRIC_COLUMNS = {"top1_acc": "Top-1 acc.", "top5_acc": "Top-5 acc.", "top1_err": "Top-1 err.", "top5_err": "Top-5 err.",
                   "time_ms": "FP+BP (ms)", "time_ms_bp": "BP (ms)", "memory": "Memory"}
 LOWER_IS_BETTER = {"top1_err", "top5_err", "time_ms", "time_ms_bp", "memory"}
 # Rows of the reference tables that are not heads of this library (other papers' methods, ablations,
@@ -30,17 +31,29 @@ REFERENCE_METHOD_NAMES = {
     "sop": "SOP", "gm_gap": "GM-GAP", "fbn": "FBN", "sort": "SORT", "isqrt_frobenius": "iSQRT-COV (Frob.)",
     "isqrt_n3": "iSQRT-COV (N=3)", "isqrt_bn_compensation": "iSQRT-COV (BN compensation)",
     "improved_bcnn_svd": "Improved B-CNN (SVD)", "eig": "EIG", "svd": "SVD",
+    "cls_token": "Class token (baseline)", "isice_precision": "Precision matrix (iSICE Alg. 1)",
+    "mtp": "MTP-Lya", "ns_iteration": "NS iteration", "svd_pade": "SVD-Padé",
 }
 METHOD_NAMES = {**{name: head_display_name(name) for name in available_heads()}, **REFERENCE_METHOD_NAMES}
 BACKBONE_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
                   "resnet152": "ResNet-152", "vgg16": "VGG-16", "alexnet": "AlexNet", "wrn36_2": "WRN-36-2",
-                  "efficientnet_lite0": "EfficientNet-Lite0"}
+                  "efficientnet_lite0": "EfficientNet-Lite0", "resnet34": "ResNet-34", "deit_t": "DeiT-T",
+                  "deit_s": "DeiT-S", "deit_b": "DeiT-B", "swin_t": "Swin-T", "swin_b": "Swin-B",
+                  "t2t_vit_14": "T2T-ViT-14", "sot_tiny": "SoT-Tiny", "sot_small": "SoT-Small", "sot_base": "SoT-Base",
+                  "so_vit_7": "So-ViT-7", "so_vit_10": "So-ViT-10", "so_vit_14": "So-ViT-14",
+                  "matrix_48": "64 × 48×48", "timm/convnext_tiny": "ConvNeXt-T",
+                  "timm/vit_small_patch16_224": "ViT-S/16"}
 TITLES = {"finegrained": "Fine-grained top-1 accuracy (%)", "fgvc_comparison": "FGVC comparison, top-1 accuracy (%)",
           "imagenet_resnet": "ImageNet, ResNets (error %)", "imagenet_alexnet": "ImageNet, AlexNet meta-layers (error %)",
           "isqrt_post_compensation": "iSQRT-COV post-compensation, ResNet-50 on ImageNet (error %)",
           "meta_layer_timing": "Single meta-layer cost, AlexNet on ImageNet",
           "eig_svd_timing": "EIG / SVD of a 256×256 covariance (ms)", "gmsop_imagenet": "GM-SOP on ImageNet-1K (error %)",
-          "places365": "Places365 (error %)", "imagenet64": "ImageNet-1K at 64×64 (error %)"}
+          "places365": "Places365 (error %)", "imagenet64": "ImageNet-1K at 64×64 (error %)",
+          "sot_imagenet": "SoT on ImageNet-1K and ImageNet-A, top-1 accuracy (%)",
+          "dropcov_imagenet": "DropCov on ImageNet-1K, top-1 accuracy (%)",
+          "isice_fgvc": "iSICE, fine-grained and scene top-1 accuracy (%)",
+          "mpa_sovit_imagenet": "Matrix square roots in So-ViT on ImageNet-1K, accuracy (%)",
+          "mpa_timing": "Matrix square root FP+BP, 64 matrices of 48×48 (ms)"}
 
 
 def load_reference(path: str = "results/reference.csv") -> pd.DataFrame:
@@ -93,8 +106,8 @@ def _our_value(run: pd.Series, metric: str) -> float:
         return 100 * float(run["top1"])
     if metric == "top1_err":
         return 100 - 100 * float(run["top1"])
-    if metric == "top5_err" and pd.notna(run.get("top5")) and run.get("top5") != "":
-        return 100 - 100 * float(run["top5"])
+    if metric in ("top5_err", "top5_acc") and pd.notna(run.get("top5")) and run.get("top5") != "":
+        return 100 - 100 * float(run["top5"]) if metric == "top5_err" else 100 * float(run["top5"])
     return float("nan")
 
 
