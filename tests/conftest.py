@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets written in the exact on-disk formats, and a tiny trained model."""
 import os
+import zlib
 import sys
 
 import numpy as np
@@ -34,7 +35,7 @@ def make_image_folder(root, n_classes=3, per_class=6, splits=("train", "test"), 
             for i in range(per_class):
                 ext = ".png" if i % 2 else ".jpg"
                 write_image(os.path.join(root, split, f"class_{c}", f"{split}_{i:03d}{ext}"),
-                            PALETTE[c % len(PALETTE)], size=size, seed=hash((split, c, i)) % 2**32)
+                            PALETTE[c % len(PALETTE)], size=size, seed=zlib.crc32(f"{split}/{c}/{i}".encode()))
     return str(root)
 
 

@@ -208,7 +208,9 @@ def test_bench_loader_and_step_run_and_write_csv(tmp_path, capsys):
     # speed-up = this pipeline's rate over the baseline's, both measured in the same interleaved rounds
     assert loader["speedup"].tolist() == pytest.approx((rates / rates[0]).tolist(), rel=1e-9)
     assert {"platform", "torch", "timestamp"} <= set(loader.columns)
-    assert main(["bench", "step", "--backbone", "resnet18", "--size", "64", "--batch", "2", "--repeats", "1",
-                 "--device", "cpu", "--out", out]) == 0
+    assert main(["bench", "step", "--backbone", "resnet18,timm/vit_small_patch16_224", "--head", "isqrt,sot",
+                 "--size", "64", "--batch", "2", "--repeats", "1", "--device", "cpu", "--out", out]) == 0
     step = pd.read_csv(os.path.join(out, "step_cpu.csv"))
-    assert list(step["head"]) == ["gap", "isqrt"] and step["overhead_vs_gap"].notna().all()
+    assert list(step["head"]) == ["gap", "isqrt", "sot"] * 2 and step["overhead_vs_gap"].notna().all()
+    assert list(step["backbone"]) == ["resnet18"] * 3 + ["timm/vit_small_patch16_224"] * 3
+    assert (step.loc[step["head"] == "gap", "overhead_vs_gap"] == 1).all()

@@ -1,9 +1,9 @@
 """``finegrained bench heads``: FP+BP of the second-order heads against their baselines.
 
 FP+BP of a batch (B = 8, C = 256, 28×28 and 14×14 maps, float32, each case in interleaved rounds with
-the other cases of its group) for iSQRT-COV (fused
-autograd.Function, with each of its two backwards: the spectral one that CPUs use and the
-Newton–Schulz one that CUDA uses) against (a) plain autograd through the formulas and (b) the official
+the other cases of its group) for iSQRT-COV (fused autograd.Function, with each of its two backwards:
+the spectral one that CPUs use and the Newton–Schulz one that CUDA uses; MPA-Lya and MTP-Lya timed
+beside it) against (a) plain autograd through the formulas and (b) the official
 fast-MPN-COV algorithm (explicit M×M centring matrix, shortened first and last steps, Y₁ … Y_{N−1} and
 Z₁ … Z_{N−1} stored, hand-written backward, per-sample trace loop); MPN-COV (K-matrix
 Function) against autograd through ``torch.linalg.eigh``; CBP's hashed Tensor Sketch against the
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from finegrained.bench.baselines import _Sketch, isqrt_autograd, isqrt_official, mpncov_eigh_autograd
 from finegrained.bench.timing import interleaved_medians, saved_bytes
-from finegrained.ops import covariance, eig_power, isqrt_cov
+from finegrained.ops import covariance, eig_power, isqrt_cov, sqrtm_pade
 
 
 def _check(name: str, fast: Callable, reference: Callable, x: Tensor, tol: float) -> float:
@@ -63,6 +63,9 @@ CASES: Dict[str, Case] = {
     "isqrt_fused_ns": Case("isqrt fused, Newton-Schulz backward", _ISQRT_RATIOS, _ISQRT_MEMORY, roofline=True),
     "isqrt_autograd": Case("isqrt (a) plain autograd", _ISQRT_RATIOS, _ISQRT_MEMORY),
     "isqrt_official": Case("isqrt (b) official algorithm", _ISQRT_RATIOS, _ISQRT_MEMORY),
+    # Beside iSQRT: Σ^½ by MPA-Lya / MTP-Lya (Song et al., ICLR 2022), covariance included as in the fused case.
+    "mpa_lya": Case("mpa-lya (Padé fwd, Lyapunov bwd)", (("vs_isqrt", "isqrt_fused_ns"),)),
+    "mtp_lya": Case("mtp-lya (Taylor fwd, Lyapunov bwd)", (("vs_isqrt", "isqrt_fused_ns"),)),
     "mpncov_kmatrix": Case("mpncov (K-matrix Function)", (("vs_eigh", "mpncov_eigh"),)),
     "mpncov_eigh": Case("mpncov autograd through eigh", (("vs_eigh", "mpncov_eigh"),)),
     "cbp_gram": Case("cbp ts (Gram + scatter)", (("vs_dense", "cbp_dense"),), group="sketch"),
@@ -89,6 +92,8 @@ def case_functions(channels: int, sketch_dim: int, device, dtype) -> Dict[str, C
         "isqrt_fused_ns": lambda t: isqrt_cov(t, 5, backward="newton_schulz"),
         "isqrt_autograd": lambda t: isqrt_autograd(t, 5),
         "isqrt_official": lambda t: isqrt_official(t, 5),
+        "mpa_lya": lambda t: sqrtm_pade(covariance(t), "mpa"),
+        "mtp_lya": lambda t: sqrtm_pade(covariance(t), "mtp"),
         "mpncov_kmatrix": lambda t: eig_power(covariance(t), 0.5),
         "mpncov_eigh": mpncov_eigh_autograd,
         "cbp_gram": sketch.gram,

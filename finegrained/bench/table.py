@@ -49,6 +49,8 @@ BENCH_HEAD_KWARGS: Dict[str, dict] = {
     "lrbp": {"reduction": 32, "rank": 8}, "hihca": {"filters": 2048}, "kp": {"sketch_dim": 2048},
     "srsop": {"mid_channels": 64, "out_channels": 32},
     "gmsop": {"components": 16, "top_k": 8, "mid_channels": 64, "out_channels": 32},
+    # The 64 PCA channels are already reduced: the covariance heads work on them directly, as isqrt does.
+    "dropcov": {"reduction": None}, "isice": {"reduction": None}, "mpa": {"reduction": None}, "sot": {},
 }
 
 

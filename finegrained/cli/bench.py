@@ -35,7 +35,7 @@ def bench_table_command(argv: List[str]) -> int:
 def bench_command(argv: List[str]) -> int:
     from finegrained.bench.heads import bench_heads, check_parity, time_ratio
     from finegrained.bench.loader import bench_loader
-    from finegrained.bench.step import bench_step
+    from finegrained.bench.step import DEFAULT_BACKBONES, DEFAULT_HEADS, bench_step
     from finegrained.bench.timing import format_rows, write_csv
     from finegrained.ops.newton_schulz import isqrt_backward_route
 
@@ -51,8 +51,9 @@ def bench_command(argv: List[str]) -> int:
     loader.add_argument("--images", type=int, default=24)
     loader.add_argument("--folder", default=None, help="where the sample JPEGs are written (default: a cache folder)")
     step = sub.add_parser("step", help="training-step images/s of backbone + head against backbone + GAP")
-    step.add_argument("--backbone", default="resnet50")
-    step.add_argument("--head", default="isqrt")
+    step.add_argument("--backbone", default=",".join(DEFAULT_BACKBONES),
+                      help="comma-separated backbones (names of finegrained.backbones, timm/<model>)")
+    step.add_argument("--head", default=",".join(DEFAULT_HEADS), help="comma-separated heads, each timed beside GAP")
     step.add_argument("--size", type=int, default=448)
     step.add_argument("--batch", type=int, default=2)
     for p in (heads, loader, step):
@@ -95,8 +96,10 @@ def bench_command(argv: List[str]) -> int:
             folder = args.folder or os.path.join(os.path.expanduser("~"), ".cache", "finegrained", "bench_jpegs")
             rows = bench_loader(folder, args.images, args.repeats)
         else:
-            rows = bench_step(device, args.backbone, args.head, args.size, args.batch, args.repeats,
-                                    autocast=gpu)
+            rows = []
+            for backbone in [b.strip() for b in args.backbone.split(",") if b.strip()]:
+                rows += bench_step(device, backbone, [h.strip() for h in args.head.split(",") if h.strip()],
+                                   args.size, args.batch, args.repeats, autocast=gpu)
         print(f"\n## bench {args.command} on {device} ({torch.get_num_threads()} CPU threads)\n")
         print(format_rows(rows))
         print(f"wrote {write_csv(rows, args.command, device, args.out)}")
