@@ -31,6 +31,7 @@ demo: setup
 	$(FG) data samples --config recipes/demo.yaml --split test --n 8 --out $(DEMO)/samples
 	$(FG) predict-images --model $(DEMO)/demo.onnx $(DEMO)/samples --csv $(DEMO)/predictions.csv
 	$(FG) bench-table --out $(DEMO)/bench_fashion_mnist
+	$(FG) report --ckpt $(DEMO)/checkpoints/best.ckpt --config recipes/demo.yaml --out $(DEMO)/report
 	@echo
 	@echo "Demo outputs:"
 	@echo "  checkpoints      $(DEMO)/checkpoints/{best,last}.ckpt"
@@ -39,6 +40,8 @@ demo: setup
 	@echo "  sample images    $(DEMO)/samples/"
 	@echo "  predictions      $(DEMO)/predictions.csv"
 	@echo "  head table       $(DEMO)/bench_fashion_mnist.md (printed above)"
+	@echo "  TensorBoard      .venv/bin/tensorboard --logdir runs/"
+	@echo "  report           $(DEMO)/report/index.html (open it in a browser)"
 
 test: setup
 	$(PY) -m pytest -q

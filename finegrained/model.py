@@ -226,7 +226,8 @@ class FineGrainedClassifier(pl.LightningModule):
             rank_zero_info(f"backbone_weights {source}: the authors trained layer4 with stride 1 (last_stride: 1)")
 
     def load_matching_weights(self, checkpoint_path: str) -> List[str]:
-        """Copy the tensors of ``checkpoint_path`` whose names and shapes match; returns the dropped names."""
+        """Copy the tensors of ``checkpoint_path`` whose names and shapes match; returns the dropped names (logged
+        once, by the first process)."""
         state = _read_checkpoint(checkpoint_path)["state_dict"]
         own = self.state_dict()
         kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -235,8 +236,8 @@ class FineGrainedClassifier(pl.LightningModule):
         for name in dropped:
             shape = tuple(state[name].shape)
             where = f"here {tuple(own[name].shape)}" if name in own else "not in this model"
-            print(f"init_from {checkpoint_path}: dropped {name} {shape} ({where})")
-        print(f"init_from {checkpoint_path}: loaded {len(kept)} tensors, dropped {len(dropped)}")
+            rank_zero_info(f"init_from {checkpoint_path}: dropped {name} {shape} ({where})")
+        rank_zero_info(f"init_from {checkpoint_path}: loaded {len(kept)} tensors, dropped {len(dropped)}")
         return dropped
 
     @classmethod

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# Installs the offline assets the demo and the tests use.
-#  - Fashion-MNIST (real labelled images) from Debian's `dataset-fashion-mnist`.
-#  - EfficientNet-Lite0 ImageNet weights come with the pip packages in setup.cfg.
+# Installs the offline assets the demo and the tests use, from Debian packages when run as root:
+#  - dataset-fashion-mnist: real labelled images for the demo and tests;
+#  - chromium: a headless browser that renders `finegrained report` pages in the tests.
+# EfficientNet-Lite0 ImageNet weights come with the pip packages in setup.cfg. Without root (or apt-get) it
+# says what is missing; the tests that need it are skipped with that reason.
 set -u
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ -f "$FMNIST" ]; then
+missing=()
+[ -f "$FMNIST" ] || missing+=(dataset-fashion-mnist)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  echo "Installing Debian package dataset-fashion-mnist (real Fashion-MNIST images for the demo and tests)..."
-  if (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
-      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); then
+  echo "Installing Debian packages: ${missing[*]} (offline assets for the demo and the tests)..."
+  if (apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 \
+          && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null)); then
     exit 0
   fi
-  echo "WARNING: apt-get could not install dataset-fashion-mnist." >&2
+  echo "WARNING: apt-get could not install ${missing[*]}." >&2
 else
-  echo "NOTE: $FMNIST is missing and this user cannot apt-get install it." >&2
+  echo "NOTE: ${missing[*]} missing and this user cannot apt-get install them." >&2
 fi
 cat >&2 <<MSG
-Fashion-MNIST is not installed from Debian. Either run (as root)
-    apt-get install dataset-fashion-mnist
-or let torchvision download it on first use (needs internet).
-Tests that need it are skipped with this reason; the demo will try the download.
+Not installed from Debian: ${missing[*]}. Either run (as root)
+    apt-get install ${missing[*]}
+or do without: Fashion-MNIST is downloaded by torchvision on first use (needs internet), and the tests that need
+the files or the browser are skipped with this reason.
 MSG
 exit 0

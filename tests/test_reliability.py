@@ -149,25 +149,28 @@ def test_15_unknown_head_or_backbone_lists_the_known_names(trained_run):
 
 
 # ---- init_from, safe loading ---------------------------------------------------------------------------
-def test_init_from_drops_a_classifier_of_another_size(trained_run, capsys):
+def test_init_from_drops_a_classifier_of_another_size(trained_run, caplog):
     _, ckpt, _ = trained_run
     source = load_classifier(ckpt)
+    caplog.set_level(logging.INFO)
     model = FineGrainedClassifier(num_classes=5, backbone="resnet18", backbone_weights=None, last_stride=1,
                                   head="isqrt", head_kwargs={"reduction": 16}, init_from=ckpt)
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "dropped classifier.1.weight (3, 136)" in printed and "dropped classifier.1.bias (3,)" in printed
+    assert printed.count("dropped classifier.1.weight") == 1  # through logging, once
     assert model.dropped_from_init == ["classifier.1.bias", "classifier.1.weight"]
     torch.testing.assert_close(model.backbone.state_dict()["features.conv1.weight"],
                                source.backbone.state_dict()["features.conv1.weight"])
     torch.testing.assert_close(model.head.state_dict()["reduce.0.weight"], source.head.state_dict()["reduce.0.weight"])
 
 
-def test_init_from_through_the_cli(trained_run, tmp_path, capsys):
+def test_init_from_through_the_cli(trained_run, tmp_path, caplog):
     recipe, ckpt, _ = trained_run
     other = make_image_folder(tmp_path / "four", n_classes=4, per_class=3)
+    caplog.set_level(logging.INFO)
     assert main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.init_from", ckpt,
                  "--data.init_args.root", other, "--trainer.default_root_dir", str(tmp_path)]) == 0
-    assert "dropped classifier.1.weight" in capsys.readouterr().out
+    assert caplog.text.count("dropped classifier.1.weight") == 1
 
 
 def test_no_torch_load_without_weights_only():

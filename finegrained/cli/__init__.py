@@ -13,11 +13,12 @@ Tools around trained models and data::
     finegrained predict-images --model FILE IMG_OR_DIR... [--topk 5] [--csv OUT.csv]
     finegrained data samples --config RECIPE --split test --n 8 --out DIR
     finegrained tables [--runs latest|best|all|ID,...] [--plots]
+    finegrained report --ckpt CKPT [--config RECIPE] [--split test] --out DIR
     finegrained bench-table [--heads all] [--epochs 10]
     finegrained bench heads|loader|step [--quick]
 
 One module per command family: :mod:`~finegrained.cli.train` (LightningCLI), :mod:`~finegrained.cli.export`
-(export, predict-images), :mod:`~finegrained.cli.data`, :mod:`~finegrained.cli.results` (tables) and
+(export, predict-images), :mod:`~finegrained.cli.data`, :mod:`~finegrained.cli.results` (tables, report) and
 :mod:`~finegrained.cli.bench` (bench, bench-table).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from finegrained.cli.bench import bench_command, bench_table_command
 from finegrained.cli.data import data_command, datamodule_from_config
 from finegrained.cli.export import export_command, predict_images_command
-from finegrained.cli.results import tables_command
+from finegrained.cli.results import report_command, tables_command
 from finegrained.cli.train import FineGrainedCLI, run_lightning_cli
 
 from finegrained.backbones import WeightsUnavailableError
@@ -49,6 +50,7 @@ DEBUG_ENVIRONMENT = "FINEGRAINED_DEBUG"
 TOOLS: Dict[str, Callable[[List[str]], int]] = {
     "bench": bench_command,
     "tables": tables_command,
+    "report": report_command,
     "bench-table": bench_table_command,
     "export": export_command,
     "predict-images": predict_images_command,

@@ -1,7 +1,9 @@
-"""``finegrained tables``: the papers' numbers beside ours, regenerated from the run records."""
+"""``finegrained tables`` (the papers' numbers beside ours, from the run records) and ``finegrained report``
+(a static HTML page of what a trained classifier learned)."""
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from typing import List
 
@@ -30,4 +32,44 @@ def tables_command(argv: List[str]) -> int:
     if args.plots:
         path = plot_accuracy_vs_dim(accuracy_vs_dim_points(reference, runs), os.path.join(args.out, "accuracy_vs_dim.png"))
         print(f"wrote {path}")
+    return 0
+
+
+def _recipe_beside(checkpoint: str) -> str:
+    """The config.yaml LightningCLI saved for the run of ``checkpoint`` (newest), or ''."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml"),
+                  os.path.join(run, "config.yaml")] + sorted(
+        glob.glob(os.path.join(run, "lightning_logs", "version_*", "config.yaml")), key=os.path.getmtime, reverse=True)
+    return next((path for path in candidates if os.path.isfile(path)), "")
+
+
+def report_command(argv: List[str]) -> int:
+    from finegrained.cli.data import datamodule_from_config
+    from finegrained.results.report import write_report
+
+    parser = argparse.ArgumentParser(
+        prog="finegrained report",
+        description="A static HTML page of a trained classifier: per-class accuracy, most-confused pairs with "
+                    "images, Grad-CAM overlays, training curves and exports (opens from disk, no server).")
+    parser.add_argument("--ckpt", required=True, help="the checkpoint (best.ckpt or last.ckpt)")
+    parser.add_argument("--config", default=None,
+                        help="recipe whose data: section to evaluate (default: the config.yaml saved with the run)")
+    parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument("--out", required=True, help="folder for index.html and its images")
+    parser.add_argument("--pairs", type=int, default=10, help="most-confused pairs shown")
+    parser.add_argument("--images-per-pair", type=int, default=3, help="example images of each class of a pair")
+    parser.add_argument("--cam-images", type=int, default=8, help="Grad-CAM overlays (half correct, half wrong)")
+    parser.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.ckpt):
+        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+    config = args.config or _recipe_beside(args.ckpt)
+    if not config:
+        raise ValueError(f"no --config given and no config.yaml saved beside {args.ckpt}: pass the recipe whose "
+                         f"data to evaluate (--config RECIPE)")
+    path = write_report(args.ckpt, datamodule_from_config(config), args.out, split=args.split, recipe=config,
+                        pairs=args.pairs, images_per_pair=args.images_per_pair, cam_images=args.cam_images,
+                        seed=args.seed)
+    print(f"report: {path}")
     return 0

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from pytorch_lightning import LightningDataModule
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -22,6 +22,15 @@ from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import AtomicCheckpointIO, RandomState
 from finegrained.results.runs import RunArtifacts, append_run, device_name, git_commit
 from finegrained.svm import svm_accuracy
+
+
+def default_loggers(root: str) -> list:
+    """TensorBoard and CSV in the same version folder (``root/lightning_logs/version_N``): ``tensorboard --logdir``
+    reads the first, the run artifacts and spreadsheets the second (Lightning's own default is only one of them)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    tensorboard = TensorBoardLogger(root, name="lightning_logs")
+    return [tensorboard, CSVLogger(root, name="lightning_logs", version=tensorboard.version)]
 
 
 class FineGrainedCLI(LightningCLI):
@@ -62,6 +71,13 @@ class FineGrainedCLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if self.subcommand == "fit":
             self._honest_checkpoint_choice()
+        logger = trainer_config.get("logger")
+        if logger is None or logger is True:
+            kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or os.getcwd())
+        if logger is not False and self.subcommand == "fit":
+            # One learning-rate curve per parameter group (backbone, head, classifier), per epoch.
+            kwargs["callbacks"] = list(trainer_config.get("callbacks") or []) + [
+                LearningRateMonitor(logging_interval="epoch")]
         return super().instantiate_trainer(**kwargs)
 
     def _honest_checkpoint_choice(self) -> None:

@@ -23,9 +23,12 @@ def _pyplot():
 
 
 def plot_training_curves(history: pd.DataFrame, path: str) -> str:
-    """``history``: one row per epoch with columns such as train_loss_epoch, val_loss, train_top1, val_top1."""
+    """``history``: one row per epoch with columns such as train_loss_epoch, val_loss, train_top1, val_top1, and
+    ``lr-<group>`` (the learning rate of each parameter group, drawn in a third panel when present)."""
     plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    lr_columns = [c for c in history.columns if c.startswith("lr-") and history[c].notna().any()]
+    fig, axes = plt.subplots(1, 3 if lr_columns else 2, figsize=(15 if lr_columns else 10, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
     epochs = history["epoch"] + 1
     for column, label in (("train_loss_epoch", "train"), ("val_loss", "validation")):
         if column in history and history[column].notna().any():
@@ -36,7 +39,11 @@ def plot_training_curves(history: pd.DataFrame, path: str) -> str:
             ax_acc.plot(epochs, history[column], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    if lr_columns:
+        for column in lr_columns:
+            axes[2].plot(epochs, history[column], marker="o", label=column[len("lr-"):])
+        axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning rate per parameter group", yscale="log")
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

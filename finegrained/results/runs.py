@@ -108,6 +108,9 @@ class RunArtifacts(pl.Callback):
             return
         row = {"epoch": trainer.current_epoch}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        for optimizer in trainer.optimizers:  # the learning rate of every parameter group, for the curves
+            for k, group in enumerate(optimizer.param_groups):
+                row[f"lr-{group.get('name', k)}"] = float(group["lr"])
         self.history.append(row)
 
     @staticmethod

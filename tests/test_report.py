@@ -1,0 +1,184 @@
+"""`finegrained report`: the page's numbers, images, escaping, Grad-CAM maps, and a real browser rendering it."""
+import html
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from finegrained.cli import main
+from finegrained.model import FineGrainedClassifier
+from tests.conftest import PALETTE, write_image
+
+EVIL = "<img src=x onerror=alert(1)>"
+CLASSES = sorted(["a<b & c", EVIL, "plain"])  # ImageFolder's class order
+
+
+@pytest.fixture(scope="module")
+def evil_run(tmp_path_factory):
+    """A classifier on a folder whose class names are markup, its recipe, and one export beside it."""
+    from finegrained.cli.data import datamodule_from_config
+    from finegrained.export import export_classifier
+
+    tmp = tmp_path_factory.mktemp("report")
+    for split in ("train", "test"):
+        for c, name in enumerate(CLASSES):
+            for i in range(4):
+                write_image(str(tmp / "data" / split / name / f"{i}.png"), PALETTE[c], size=48, seed=10 * c + i)
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(f"""
+data:
+  class_path: datamodules.ImageFolderDataModule
+  init_args:
+    root: {tmp / "data"}
+    val_fraction: 0.25
+    batch_size: 4
+    num_workers: 0
+    resize_size: 72
+    crop_size: 64
+""")
+    datamodule = datamodule_from_config(str(recipe))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert datamodule.class_names == CLASSES
+    torch.manual_seed(0)
+    model = FineGrainedClassifier(3, backbone="resnet18", backbone_weights=None, last_stride=1, head="isqrt",
+                                  head_kwargs={"reduction": 8}, class_names=CLASSES,
+                                  preprocessing=datamodule.preprocessing)
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
+    ckpt = str(tmp / "run" / "checkpoints" / "best.ckpt")
+    history = [{"epoch": e, "train_loss_epoch": 1.0 / (e + 1), "val_top1": 0.3 + 0.1 * e, "lr-SGD/backbone": 0.01,
+                "lr-SGD/classifier": 0.05} for e in range(3)]
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "epoch": 2,
+                "callbacks": {"RunArtifacts": {"history": history, "train_wall_s": 1.0}}}, ckpt)
+    export_classifier(ckpt, "torchscript", str(tmp / "run" / "model.pt"))
+    return str(recipe), ckpt, tmp
+
+
+@pytest.fixture(scope="module")
+def report(evil_run):
+    recipe, ckpt, tmp = evil_run
+    out = tmp / "report"
+    assert main(["report", "--ckpt", ckpt, "--config", recipe, "--out", str(out), "--cam-images", "4"]) == 0
+    return out, (out / "index.html").read_text(encoding="utf-8")
+
+
+def _expected_confusion(evil_run):
+    from finegrained.cli.data import datamodule_from_config
+    from finegrained.model import load_classifier
+
+    recipe, ckpt, _ = evil_run
+    model = load_classifier(ckpt)
+    datamodule = datamodule_from_config(recipe)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    counts = np.zeros((3, 3), dtype=int)
+    with torch.no_grad():
+        for images, labels in datamodule.test_dataloader():
+            for true, predicted in zip(labels.tolist(), model.predict_logits(images).argmax(1).tolist()):
+                counts[true, predicted] += 1
+    return counts
+
+
+def test_every_image_of_the_page_exists_and_nothing_is_remote(report):
+    out, page = report
+    sources = re.findall(r'<img[^>]* src="([^"]+)"', page)
+    assert len(sources) >= 3 + 4  # plots, pair examples, Grad-CAM overlays
+    for source in sources:
+        assert not re.match(r"^[a-z]+://|^//", source), source
+        assert os.path.isfile(out / html.unescape(source)), source
+    assert not re.search(r'(href|src)="(https?:)?//', page)
+
+
+def test_class_names_are_shown_as_text_and_run_nothing(report):
+    _, page = report
+    for name in CLASSES:
+        assert html.escape(name, quote=False) in page, name
+    assert EVIL not in page and "onerror=alert(1)>" not in page.replace("&gt;", "")
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_per_class_numbers_are_the_confusion_matrix(report, evil_run):
+    out, page = report
+    expected = _expected_confusion(evil_run)
+    written = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3), dtype=int)
+    np.testing.assert_array_equal(written, expected)
+    rows = re.findall(r'<td class="class-name">(.*?)</td><td class="num">(\d+)</td><td class="num">(\d+)</td>', page)
+    assert len(rows) == 3
+    for name, images, correct in rows:
+        k = CLASSES.index(html.unescape(name))
+        assert (int(images), int(correct)) == (expected[k].sum(), expected[k, k])
+    top1 = float(re.search(r'id="top1">([0-9.]+)<', page).group(1))
+    assert top1 == pytest.approx(np.trace(expected) / expected.sum(), abs=1e-4)
+
+
+def test_page_shows_curves_exports_and_the_run(report, evil_run):
+    out, page = report
+    assert os.path.isfile(out / "images" / "training_curves.png")
+    assert "model.pt.json" in page and "yes" in page  # the export made from this checkpoint
+    assert "resnet18" in page and "isqrt" in page and "best" in page
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "timm/vit_small_patch16_224", "timm/swin_tiny_patch4_window7_224"])
+def test_grad_cam_maps_have_the_image_size_and_are_not_constant(backbone):
+    from finegrained.results.report import grad_cam_maps
+
+    torch.manual_seed(0)
+    head = "sot" if backbone.startswith("timm/") else "isqrt"
+    model = FineGrainedClassifier(3, backbone=backbone, backbone_weights=None, head=head,
+                                  head_kwargs={"reduction": 8} if head == "isqrt" else {"heads": 2, "rank": 4})
+    side = 224 if "swin" in backbone else 64  # Swin's windows need 7×7 patches at the last stage
+    images = torch.randn(2, 3, side, side)
+    maps = grad_cam_maps(model, images, [0, 1], torch.device("cpu"))
+    assert maps.shape == (2, side, side)
+    assert np.isfinite(maps).all() and all(m.std() > 1e-3 for m in maps)
+
+
+def test_missing_config_is_one_clear_error(evil_run, tmp_path):
+    _, ckpt, _ = evil_run
+    with pytest.raises(ValueError, match="--config"):
+        main(["report", "--ckpt", ckpt, "--out", str(tmp_path / "r")])
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not _chromium(), reason="Debian's chromium is not installed (make setup installs it when run as "
+                                            "root: apt-get install chromium)")
+def test_the_page_renders_in_a_headless_browser(report, tmp_path):
+    from PIL import Image
+
+    out, _ = report
+    shot = tmp_path / "page.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,1600", (out / "index.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and images, not a blank page
+
+
+def test_fit_logs_to_tensorboard_and_csv_with_a_learning_rate_per_group(trained_run):
+    import glob
+
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, ckpt, _ = trained_run
+    folders = glob.glob(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "lightning_logs", "version_*"))
+    assert len(folders) == 1, folders  # both loggers in one version folder
+    events = glob.glob(os.path.join(folders[0], "events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(folders[0]).Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    groups = {"lr-SGD/backbone", "lr-SGD/head", "lr-SGD/classifier"}
+    assert groups <= tags and {"val_top1", "train_loss_epoch"} <= tags
+    metrics = pd.read_csv(os.path.join(folders[0], "metrics.csv"))
+    assert groups <= set(metrics.columns) and "val_top1" in metrics.columns
+    history = torch.load(ckpt, weights_only=True)["callbacks"]
+    kept = next(state["history"] for key, state in history.items() if "RunArtifacts" in key)
+    assert groups <= set(kept[-1])  # the report's curves come from the checkpoint
