@@ -25,12 +25,13 @@ from finegrained.svm import svm_accuracy
 
 
 def default_loggers(root: str) -> list:
-    """TensorBoard and CSV in the same version folder (``root/lightning_logs/version_N``): ``tensorboard --logdir``
-    reads the first, the run artifacts and spreadsheets the second (Lightning's own default is only one of them)."""
+    """CSV and TensorBoard in the same version folder (``root/lightning_logs/version_N``): the run artifacts and
+    spreadsheets read the first, ``tensorboard --logdir`` the second (Lightning's own default is only one of them)."""
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    tensorboard = TensorBoardLogger(root, name="lightning_logs")
-    return [tensorboard, CSVLogger(root, name="lightning_logs", version=tensorboard.version)]
+    # CSV first: it creates the folder (it warns when the folder already holds files) and is trainer.log_dir.
+    csv = CSVLogger(root, name="lightning_logs")
+    return [csv, TensorBoardLogger(root, name="lightning_logs", version=csv.version)]
 
 
 class FineGrainedCLI(LightningCLI):
