@@ -86,6 +86,34 @@ def read_id_map(path: str, n_fields: int, what: str) -> dict:
     return table
 
 
+def image_list_splits(dataset_dir: str, labels: dict, bbox_crop: bool) -> Tuple[Split, Split]:
+    """(train, test) of the CUB / NABirds file set: ``images.txt`` (id, path under ``images/``),
+    ``train_test_split.txt`` (id, 1 = train / 0 = test) and, with ``bbox_crop``, ``bounding_boxes.txt`` (id, x, y,
+    width, height); ``labels`` maps every image id to its label. Missing entries are errors naming the file."""
+    d = dataset_dir
+    paths = read_id_map(os.path.join(d, "images.txt"), 2, "'<image_id> <path under images/>'")
+    is_train = read_id_map(os.path.join(d, "train_test_split.txt"), 2, "'<image_id> <1|0>'")
+    boxes = (read_id_map(os.path.join(d, "bounding_boxes.txt"), 5, "'<image_id> <x> <y> <width> <height>'")
+             if bbox_crop else {})
+    splits = {"1": ([], []), "0": ([], [])}
+    for image_id, (relpath,) in paths.items():
+        for table, name in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+            if image_id not in table:
+                raise ValueError(f"{os.path.join(d, name)}: no entry for image id {image_id} of images.txt")
+        flag = is_train[image_id][0]
+        if flag not in splits:
+            raise ValueError(f"{os.path.join(d, 'train_test_split.txt')}: image {image_id} has {flag!r}, "
+                             f"expected 1 (train) or 0 (test)")
+        samples, split_boxes = splits[flag]
+        samples.append((os.path.join(d, "images", relpath), labels[image_id]))
+        if bbox_crop:
+            if image_id not in boxes:
+                raise ValueError(f"{os.path.join(d, 'bounding_boxes.txt')}: no box for image id {image_id}")
+            x, y, w, h = map(float, boxes[image_id])
+            split_boxes.append((x, y, x + w, y + h))
+    return tuple((samples, split_boxes if bbox_crop else None) for samples, split_boxes in (splits["1"], splits["0"]))
+
+
 class AnnotatedDataModule(FineGrainedDataModule):
     """Args:
         root: the dataset folder or the folder holding it.

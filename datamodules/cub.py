@@ -15,7 +15,8 @@ import os
 from functools import cached_property
 from typing import List, Sequence, Union
 
-from datamodules.annotated import AnnotatedDataModule, read_fields, read_id_map, resolve_dataset_dir
+from datamodules.annotated import (AnnotatedDataModule, image_list_splits, read_fields, read_id_map,
+                                   resolve_dataset_dir)
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -57,29 +58,12 @@ class CUB200DataModule(AnnotatedDataModule):
     def read_splits(self):
         d = self.dataset_dir
         label_of_class = {cid: i for i, (cid, _) in enumerate(self._classes)}
-        paths = read_id_map(os.path.join(d, "images.txt"), 2, "'<image_id> <relative path>'")
-        labels = read_id_map(os.path.join(d, "image_class_labels.txt"), 2, "'<image_id> <class_id>'")
-        is_train = read_id_map(os.path.join(d, "train_test_split.txt"), 2, "'<image_id> <1|0>'")
-        boxes = (read_id_map(os.path.join(d, "bounding_boxes.txt"), 5, "'<image_id> <x> <y> <width> <height>'")
-                 if self.bbox_crop else {})
-        splits = {"1": ([], []), "0": ([], [])}
-        for image_id, (relpath,) in paths.items():
-            for table, name in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
-                if image_id not in table:
-                    raise ValueError(f"{os.path.join(d, name)}: no entry for image id {image_id} of images.txt")
-            (class_id,), (flag,) = labels[image_id], is_train[image_id]
+        path = os.path.join(d, "image_class_labels.txt")
+        labels = {}
+        for image_id, (class_id,) in read_id_map(path, 2, "'<image_id> <class_id>'").items():
             if class_id not in label_of_class:
-                raise ValueError(f"{os.path.join(d, 'image_class_labels.txt')}: image {image_id} has class id "
-                                 f"{class_id}, not in classes.txt (1..{len(label_of_class)})")
-            if flag not in splits:
-                raise ValueError(f"{os.path.join(d, 'train_test_split.txt')}: image {image_id} has {flag!r}, "
-                                 f"expected 1 (train) or 0 (test)")
-            samples, split_boxes = splits[flag]
-            samples.append((os.path.join(d, "images", relpath), label_of_class[class_id]))
-            if self.bbox_crop:
-                if image_id not in boxes:
-                    raise ValueError(f"{os.path.join(d, 'bounding_boxes.txt')}: no box for image id {image_id}")
-                x, y, w, h = map(float, boxes[image_id])
-                split_boxes.append((x, y, x + w, y + h))
-        as_split = lambda s: (s[0], s[1] if self.bbox_crop else None)  # noqa: E731
-        return as_split(splits["1"]), None, as_split(splits["0"])
+                raise ValueError(f"{path}: image {image_id} has class id {class_id}, not in classes.txt "
+                                 f"(1..{len(label_of_class)})")
+            labels[image_id] = label_of_class[class_id]
+        train, test = image_list_splits(d, labels, self.bbox_crop)
+        return train, None, test

@@ -149,3 +149,179 @@ def write_cars(root, layout="original", classes=CAR_CLASSES, n_train=10, n_test=
             folder = os.path.join(base, split, split) if nested else os.path.join(base, split)
             _image(os.path.join(folder, fname), (40, 30), hash((split, fname)) % 1000, placeholder)
     return base, train, test
+
+
+# ---- the sets of issue 18, in their official layouts (datasets-more.md) --------------------------------------
+NABIRDS_LEAVES = [817, 37, 1000, 295]  # not contiguous, not sorted: labels follow ascending ids
+
+
+def write_nabirds(root, per_class=4, placeholder=False):
+    """nabirds/ with dashed UUID image ids, hex file names under 4-digit class folders, a taxonomy in classes.txt
+    (inner nodes without images), integer boxes; returns the dataset folder."""
+    base = os.path.join(root, "nabirds")
+    os.makedirs(base, exist_ok=True)
+    classes = ["0 Birds", "1 Owls", "2 Perching birds"] + [f"{c} Bird species {c}" for c in NABIRDS_LEAVES]
+    images, labels, split, boxes = [], [], [], []
+    n = 0
+    for c in NABIRDS_LEAVES:
+        for i in range(per_class):
+            n += 1
+            hex_id = f"{n:08x}{c:04x}{'ab' * 10}"[:32]
+            image_id = f"{hex_id[:8]}-{hex_id[8:12]}-{hex_id[12:16]}-{hex_id[16:20]}-{hex_id[20:]}"
+            rel = f"{c:04d}/{hex_id}.jpg"
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {c}")
+            split.append(f"{image_id} {1 if i % 2 == 0 else 0}")
+            boxes.append(f"{image_id} {2 + i} 3 20 {12 + i}")
+            _image(os.path.join(base, "images", rel), (40 + i, 30), n, placeholder)
+    for name, lines in [("classes.txt", classes), ("images.txt", images), ("image_class_labels.txt", labels),
+                        ("train_test_split.txt", split), ("bounding_boxes.txt", boxes),
+                        ("hierarchy.txt", ["1 0", "2 0"] + [f"{c} {1 + k % 2}" for k, c in enumerate(NABIRDS_LEAVES)])]:
+        with open(os.path.join(base, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return base
+
+
+DOG_BREEDS = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02086240-Shih-Tzu"]
+
+
+def _mat_list(entries):
+    """A MATLAB cell column as scipy writes it for the Stanford Dogs lists: (N, 1) object array of 1-element arrays."""
+    cells = np.empty((len(entries), 1), dtype=object)
+    for k, entry in enumerate(entries):
+        cells[k, 0] = np.array([entry])
+    return cells
+
+
+def write_dogs(root, breeds=DOG_BREEDS, per_class=4, placeholder=False, two_dogs=True):
+    """Images/, Annotation/ (VOC XML without extension; the first image of each breed has two dogs) and
+    {file,train,test}_list.mat at the top level, as the three tars unpack; returns that folder."""
+    import scipy.io
+
+    base = os.path.join(root, "stanford_dogs")
+    lists = {"train": [], "test": []}
+    for label, breed in enumerate(breeds, start=1):
+        wnid = breed.split("-")[0]
+        for i in range(per_class):
+            name = f"{breed}/{wnid}_{100 + i}"
+            _image(os.path.join(base, "Images", name + ".jpg"), (50, 40), 7 * label + i, placeholder)
+            objects = [(3, 4, 20 + i, 30)] + ([(25, 2, 45, 20)] if two_dogs and i == 0 else [])
+            xml = "".join(f"<object><name>{breed.split('-', 1)[1]}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
+                          f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>" for a, b, c, d in objects)
+            os.makedirs(os.path.join(base, "Annotation", breed), exist_ok=True)
+            with open(os.path.join(base, "Annotation", name), "w") as f:
+                f.write(f"<annotation><folder>{wnid[1:]}</folder><filename>{wnid}_{100 + i}</filename>"
+                        f"<size><width>50</width><height>40</height><depth>3</depth></size>{xml}</annotation>")
+            lists["train" if i % 2 == 0 else "test"].append((name, label))
+    for split, rows in list(lists.items()) + [("file", lists["train"] + lists["test"])]:
+        scipy.io.savemat(os.path.join(base, f"{split}_list.mat"), {
+            "file_list": _mat_list([n + ".jpg" for n, _ in rows]), "annotation_list": _mat_list([n for n, _ in rows]),
+            "labels": np.array([[label] for _, label in rows], dtype=np.uint8)})
+    return base
+
+
+def write_flowers(root, n_images=24, n_classes=102, placeholder=False):
+    """flowers-102/{jpg/, imagelabels.mat, setid.mat} as torchvision expects; labels 1..n_classes; returns it."""
+    import scipy.io
+
+    base = os.path.join(root, "flowers-102")
+    labels = np.array([[1 + (k * 7) % n_classes for k in range(n_images)]], dtype=np.uint8)
+    for k in range(n_images):
+        _image(os.path.join(base, "jpg", f"image_{k + 1:05d}.jpg"), (40, 36), k, placeholder)
+    ids = np.arange(1, n_images + 1)
+    scipy.io.savemat(os.path.join(base, "imagelabels.mat"), {"labels": labels})
+    scipy.io.savemat(os.path.join(base, "setid.mat"), {"trnid": ids[ids % 3 == 1][None], "valid": ids[ids % 3 == 2][None],
+                                                       "tstid": ids[ids % 3 == 0][None]})
+    return base
+
+
+PET_BREEDS = [("Abyssinian", 1), ("american_bulldog", 2), ("Bengal", 1), ("yorkshire_terrier", 2)]
+
+
+def write_pets(root, per_class=4, placeholder=False):
+    """oxford-iiit-pet/{images, annotations/{list.txt (6 '#' lines), trainval.txt, test.txt}} and a stray
+    file in images/; class ids in case-insensitive alphabetical order; returns the dataset folder."""
+    base = os.path.join(root, "oxford-iiit-pet")
+    rows = {"trainval": [], "test": []}
+    breed_ids = {1: 0, 2: 0}
+    for class_id, (breed, species) in enumerate(sorted(PET_BREEDS, key=lambda b: b[0].lower()), start=1):
+        breed_ids[species] += 1
+        for i in range(per_class):
+            image_id = f"{breed}_{100 + i}"
+            _image(os.path.join(base, "images", image_id + ".jpg"), (44, 40), 11 * class_id + i, placeholder)
+            rows["trainval" if i % 2 == 0 else "test"].append(f"{image_id} {class_id} {species} {breed_ids[species]}")
+    os.makedirs(os.path.join(base, "annotations"), exist_ok=True)
+    header = ["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog",
+              "#BREED ID: 1-25:Cat 1:12:Dog", "#All images with 1st letter as captial are cat images",
+              "#images with small first letter are dog images"]
+    for name, lines in (("trainval.txt", rows["trainval"]), ("test.txt", rows["test"]),
+                        ("list.txt", header + rows["trainval"] + rows["test"])):
+        with open(os.path.join(base, "annotations", name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    open(os.path.join(base, "images", "stray.mat"), "wb").close()  # the archive's rogue files
+    return base
+
+
+FOOD_CLASSES = ["apple_pie", "cheesecake", "cheese_plate", "waffles"]  # the official order: not sorted
+
+
+def write_food101(root, per_class=4, placeholder=False):
+    """food-101/{images/<class>/<id>.jpg, meta/{classes.txt, train.txt, test.txt, train.json, test.json}}."""
+    import json
+
+    base = os.path.join(root, "food-101")
+    split = {"train": {}, "test": {}}
+    for c, name in enumerate(FOOD_CLASSES):
+        for i in range(per_class):
+            image_id = f"{name}/{1000 * (c + 1) + i}"
+            _image(os.path.join(base, "images", image_id + ".jpg"), (40, 40), 13 * c + i, placeholder)
+            split["train" if i % 2 == 0 else "test"].setdefault(name, []).append(image_id)
+    os.makedirs(os.path.join(base, "meta"), exist_ok=True)
+    with open(os.path.join(base, "meta", "classes.txt"), "w") as f:
+        f.write("\n".join(FOOD_CLASSES) + "\n")
+    for name, table in split.items():
+        with open(os.path.join(base, "meta", f"{name}.txt"), "w") as f:
+            f.write("\n".join(i for ids in table.values() for i in ids) + "\n")
+        with open(os.path.join(base, "meta", f"{name}.json"), "w") as f:
+            json.dump(table, f)
+    return base
+
+
+INAT_FOLDERS = {"2017": "train_val_images/{super}/{name}", "2018": "train_val2018/{super}/{id}",
+                "2021": "{split}/{id:05d}_Animalia_Chordata_Aves_Order_Family_Genus_{name}",
+                "2021_mini": "{split}/{id:05d}_Animalia_Chordata_Aves_Order_Family_Genus_{name}"}
+
+
+def write_inaturalist(root, version="2021_mini", per_class=3, placeholder=False):
+    """The JSON files and image folders of one iNaturalist version; category ids in an order that is not the
+    folder order (names sort the other way round); returns the dataset folder."""
+    import json
+
+    from datamodules.inaturalist import FILES
+
+    base = os.path.join(root, f"inat{version}")
+    categories = [{"id": k, "name": name, "supercategory": "Aves"} for k, name in enumerate(["zebra finch", "robin",
+                                                                                          "mallard"])]
+    content = {}
+    image_id = 0
+    for split_file, split in zip(FILES[version], ("train", "val", "test")):
+        folder_split = {"2021_mini": {"train": "train_mini"}}.get(version, {}).get(split, split)
+        images, annotations = [], []
+        for category in categories:
+            for i in range(per_class if split != "test" else 1):
+                image_id += 1
+                if split == "test":
+                    rel = f"{'public_test' if version.startswith('2021') else 'test' + version}/{image_id:08x}.jpg"
+                else:
+                    rel = INAT_FOLDERS[version].format(super="Aves", name=category["name"].replace(" ", "_"),
+                                                       id=category["id"], split=folder_split) + f"/{image_id:08x}.jpg"
+                _image(os.path.join(base, rel), (36, 32), image_id, placeholder)
+                images.append({"id": image_id, "file_name": rel, "width": 36, "height": 32})
+                annotations.append({"id": image_id, "image_id": image_id, "category_id": category["id"]})
+        content[split_file] = {"info": {}, "images": images, "categories": categories, "licenses": []}
+        if split != "test":
+            content[split_file]["annotations"] = annotations
+    for name, data in content.items():
+        with open(os.path.join(base, name), "w") as f:
+            json.dump(data, f)
+    return base

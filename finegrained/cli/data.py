@@ -39,6 +39,7 @@ def data_command(argv: List[str]) -> int:
     verify.add_argument("--root", required=True, help="dataset folder (or the folder holding it); image root for csv")
     verify.add_argument("--annotation-level", default="variant", help="aircraft: variant, family or manufacturer")
     verify.add_argument("--layout", default="auto", help="cars: auto, original, kaggle_nested or kaggle_folders")
+    verify.add_argument("--version", default="2021_mini", help="inaturalist: 2017, 2018, 2021 or 2021_mini")
     verify.add_argument("--train-csv")
     verify.add_argument("--val-csv")
     verify.add_argument("--test-csv")
@@ -55,6 +56,8 @@ def data_command(argv: List[str]) -> int:
 
 
 DATASETS = {"cub": "CUB200DataModule", "aircraft": "FGVCAircraftDataModule", "cars": "StanfordCarsDataModule",
+            "nabirds": "NABirdsDataModule", "dogs": "StanfordDogsDataModule", "flowers102": "Flowers102DataModule",
+            "pets": "OxfordIIITPetDataModule", "food101": "Food101DataModule", "inaturalist": "INaturalistDataModule",
             "csv": "CSVDataModule", "folder": "ImageFolderDataModule"}
 
 
@@ -72,6 +75,8 @@ def _verify(args) -> int:
         datamodule = cls(args.root, annotation_level=args.annotation_level, **common)
     elif args.dataset == "cars":
         datamodule = cls(args.root, layout=args.layout, **common)
+    elif args.dataset == "inaturalist":
+        datamodule = cls(args.root, version=args.version, **common)
     else:
         datamodule = cls(args.root, **common)
     return 1 if verify_datamodule(datamodule) else 0

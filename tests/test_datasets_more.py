@@ -1,0 +1,193 @@
+"""NABirds, Stanford Dogs, Flowers-102, Oxford-IIIT Pet, Food-101 and iNaturalist on replicas in their official
+formats (datasets-more.md): labels and class order as the official files define them, root at every level,
+bounding boxes, errors that name the file, and agreement with torchvision where it reads the set."""
+import io
+import os
+from unittest import mock
+
+import pytest
+
+from datamodules import (Flowers102DataModule, Food101DataModule, INaturalistDataModule, NABirdsDataModule,
+                         OxfordIIITPetDataModule, StanfordDogsDataModule)
+from datamodules.inaturalist import UNLABELLED
+from datamodules.verify import verify_datamodule
+from tests.replicas import (DOG_BREEDS, FOOD_CLASSES, NABIRDS_LEAVES, write_dogs, write_flowers, write_food101,
+                            write_inaturalist, write_nabirds, write_pets)
+
+SMALL = dict(batch_size=2, num_workers=0, resize_size=40, crop_size=32)
+
+
+def _setup(dm):
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _relative(samples, base):
+    return [(os.path.relpath(path, base), label) for path, label in samples]
+
+
+# ---- NABirds --------------------------------------------------------------------------------------------------
+def test_nabirds_labels_are_the_leaf_ids_in_ascending_order(tmp_path):
+    base = write_nabirds(str(tmp_path))
+    dm = _setup(NABirdsDataModule(str(tmp_path), **SMALL))
+    assert dm.leaf_ids == sorted(NABIRDS_LEAVES) == [37, 295, 817, 1000]
+    assert dm.class_names == [f"Bird species {c}" for c in sorted(NABIRDS_LEAVES)]  # inner taxonomy nodes left out
+    for path, label in dm.train_dataset.samples + dm.test_dataset.samples:
+        assert os.path.isfile(path) and int(os.path.basename(os.path.dirname(path))) == dm.leaf_ids[label]
+    assert len(dm.train_dataset) == len(dm.test_dataset) == 8 and dm.val_dataset is dm.test_dataset
+    assert os.path.dirname(dm.dataset_dir) == os.path.dirname(base)
+
+
+@pytest.mark.parametrize("level", ["parent", "dataset", "images"])
+def test_nabirds_root_at_every_level_and_boxes(tmp_path, level):
+    base = write_nabirds(str(tmp_path))
+    root = {"parent": str(tmp_path), "dataset": base, "images": os.path.join(base, "images")}[level]
+    dm = _setup(NABirdsDataModule(root, bbox_crop=True, **SMALL))
+    assert dm.dataset_dir == base
+    assert dm.train_dataset.boxes[0] == (2.0, 3.0, 22.0, 15.0)  # x, y, w, h -> left, upper, right, lower
+    assert dm.train_dataset.load_image(0).size == (20, 12)
+
+
+def test_nabirds_missing_file_and_bad_line_name_the_file(tmp_path):
+    base = write_nabirds(str(tmp_path))
+    with open(os.path.join(base, "image_class_labels.txt"), "a") as f:
+        f.write("lonely\n")
+    with pytest.raises(ValueError, match=r"image_class_labels.txt, line 17"):
+        _setup(NABirdsDataModule(base, **SMALL))
+    os.remove(os.path.join(base, "train_test_split.txt"))
+    with pytest.raises(FileNotFoundError, match="train_test_split.txt"):
+        _setup(NABirdsDataModule(base, **SMALL))
+
+
+# ---- Stanford Dogs ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ["parent", "dataset", "Images"])
+def test_dogs_labels_names_and_the_union_of_dog_boxes(tmp_path, level):
+    base = write_dogs(str(tmp_path))
+    root = {"parent": str(tmp_path), "dataset": base, "Images": os.path.join(base, "Images")}[level]
+    dm = _setup(StanfordDogsDataModule(root, bbox_crop=True, **SMALL))
+    assert dm.class_names == DOG_BREEDS  # labels - 1, folder names in label order
+    assert _relative(dm.train_dataset.samples, base)[:2] == [
+        ("Images/n02085620-Chihuahua/n02085620_100.jpg", 0), ("Images/n02085620-Chihuahua/n02085620_102.jpg", 0)]
+    assert len(dm.train_dataset) == len(dm.test_dataset) == 6
+    assert dm.train_dataset.boxes[0] == (3.0, 2.0, 45.0, 30.0)  # two dogs: the box covering both
+    assert dm.train_dataset.boxes[1] == (3.0, 4.0, 22.0, 30.0)
+
+
+def test_dogs_errors_name_the_file(tmp_path):
+    base = write_dogs(str(tmp_path))
+    with open(os.path.join(base, "Annotation", DOG_BREEDS[0], "n02085620_100"), "w") as f:
+        f.write("<annotation><object><bndbox><xmin>1</xmin></bndbox></object></annotation>")
+    with pytest.raises(ValueError, match="n02085620_100: object 1 has no numeric"):
+        _setup(StanfordDogsDataModule(base, bbox_crop=True, **SMALL))
+    open(os.path.join(base, "test_list.mat"), "wb").close()
+    with pytest.raises(ValueError, match="test_list.mat: cannot read as a MATLAB file"):
+        _setup(StanfordDogsDataModule(base, **SMALL))
+
+
+# ---- Flowers-102 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ["parent", "dataset", "jpg"])
+def test_flowers_agree_with_torchvision(tmp_path, level):
+    from torchvision.datasets import Flowers102
+
+    base = write_flowers(str(tmp_path))
+    root = {"parent": str(tmp_path), "dataset": base, "jpg": os.path.join(base, "jpg")}[level]
+    dm = _setup(Flowers102DataModule(root, **SMALL))
+    assert dm.class_names[0] == "pink primrose" and len(dm.class_names) == 102
+    with mock.patch.object(Flowers102, "_check_integrity", return_value=True):  # it checks the real files' MD5
+        for split, dataset in (("train", dm.train_dataset), ("val", dm.val_dataset), ("test", dm.test_dataset)):
+            reference = Flowers102(str(tmp_path), split=split)
+            assert [os.path.abspath(p) for p in reference._image_files] == [p for p, _ in dataset.samples]
+            assert reference._labels == dataset.targets  # imagelabels - 1
+    assert dm.val_dataset is not dm.test_dataset and len(dm.val_dataset) == 8  # the official validation split
+
+
+# ---- Oxford-IIIT Pet ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ["parent", "dataset", "annotations"])
+def test_pets_agree_with_torchvision_but_keep_the_file_names(tmp_path, level):
+    from torchvision.datasets import OxfordIIITPet
+
+    base = write_pets(str(tmp_path))
+    root = {"parent": str(tmp_path), "dataset": base, "annotations": os.path.join(base, "annotations")}[level]
+    dm = _setup(OxfordIIITPetDataModule(root, **SMALL))
+    assert dm.class_names == ["Abyssinian", "american_bulldog", "Bengal", "yorkshire_terrier"]  # class id order
+    for split, dataset in (("trainval", dm.train_dataset), ("test", dm.test_dataset)):
+        reference = OxfordIIITPet(str(tmp_path), split=split)
+        assert [os.path.abspath(p) for p in reference._images] == [p for p, _ in dataset.samples]
+        assert reference._labels == dataset.targets  # class id - 1
+        # torchvision title-cases the names: the only difference
+        assert reference.classes == [" ".join(w.title() for w in n.split("_")) for n in dm.class_names]
+    assert not any(p.endswith(".mat") for p, _ in dm.train_dataset.samples)  # list files, not a glob
+
+
+def test_pets_bad_class_id_names_file_and_line(tmp_path):
+    base = write_pets(str(tmp_path))
+    with open(os.path.join(base, "annotations", "test.txt"), "a") as f:
+        f.write("Bengal_999 38 1 3\n")
+    with pytest.raises(ValueError, match=r"test.txt, line 9: class id '38'"):
+        _setup(OxfordIIITPetDataModule(base, **SMALL))
+
+
+# ---- Food-101 -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ["parent", "dataset", "meta"])
+def test_food101_follows_classes_txt_where_torchvision_sorts(tmp_path, level):
+    from torchvision.datasets import Food101
+
+    base = write_food101(str(tmp_path))
+    root = {"parent": str(tmp_path), "dataset": base, "meta": os.path.join(base, "meta")}[level]
+    dm = _setup(Food101DataModule(root, **SMALL))
+    assert dm.class_names == FOOD_CLASSES  # cheesecake before cheese_plate, as meta/classes.txt
+    for split, dataset in (("train", dm.train_dataset), ("test", dm.test_dataset)):
+        reference = Food101(str(tmp_path), split=split)
+        assert sorted(os.path.abspath(p) for p in reference._image_files) == sorted(p for p, _ in dataset.samples)
+        ours = {p: dm.class_names[label] for p, label in dataset.samples}
+        theirs = {os.path.abspath(p): reference.classes[label] for p, label in zip(reference._image_files,
+                                                                                   reference._labels)}
+        assert ours == theirs  # the same class for every image; only the label numbers of two classes differ
+    assert Food101(str(tmp_path)).classes == sorted(FOOD_CLASSES) != FOOD_CLASSES
+
+
+# ---- iNaturalist ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["2017", "2018", "2021", "2021_mini"])
+def test_inaturalist_labels_are_category_ids_and_val_is_official(tmp_path, version):
+    base = write_inaturalist(str(tmp_path), version)
+    dm = _setup(INaturalistDataModule(str(tmp_path), version=version, **SMALL))
+    assert dm.dataset_dir == base
+    assert dm.class_names == ["zebra finch", "robin", "mallard"]  # category_id order, not the folders' order
+    for path, label in dm.train_dataset.samples + dm.val_dataset.samples:
+        assert os.path.isfile(path)
+        folder = os.path.basename(os.path.dirname(path))
+        assert folder.endswith(dm.class_names[label].replace(" ", "_")) or folder == str(label)
+    assert len(dm.train_dataset) == len(dm.val_dataset) == 9
+    assert dm.test_dataset is dm.val_dataset  # the test JSON has no labels: results are reported on val
+    predict = dm.predict_dataloader().dataset
+    assert len(predict) == 3 and set(predict.targets) == {UNLABELLED}
+
+
+def test_inaturalist_unknown_version_and_bad_category(tmp_path):
+    with pytest.raises(ValueError, match="version must be one of"):
+        INaturalistDataModule(str(tmp_path), version="2019")
+    base = write_inaturalist(str(tmp_path), "2021_mini")
+    import json
+
+    path = os.path.join(base, "val.json")
+    content = json.load(open(path))
+    content["annotations"][0]["category_id"] = 42
+    json.dump(content, open(path, "w"))
+    with pytest.raises(ValueError, match=r"val.json: annotation 1 has category_id 42"):
+        _setup(INaturalistDataModule(base, version="2021_mini", **SMALL))
+
+
+def test_finegrained_data_verify_reads_the_new_sets(tmp_path):
+    write_dogs(str(tmp_path / "dogs"))
+    out = io.StringIO()
+    problems = verify_datamodule(StanfordDogsDataModule(str(tmp_path / "dogs"), **SMALL), out=out)
+    assert problems == [] and "3 classes" in out.getvalue()
+
+
+def test_data_verify_command_knows_the_new_sets(tmp_path, capsys):
+    from finegrained.cli import main
+
+    write_inaturalist(str(tmp_path), "2018")
+    assert main(["data", "verify", "--dataset", "inaturalist", "--version", "2018", "--root", str(tmp_path)]) == 0
+    assert "3 classes" in capsys.readouterr().out
