@@ -6,6 +6,8 @@
 * :class:`NABirdsDataModule`, :class:`StanfordDogsDataModule`, :class:`Flowers102DataModule`,
   :class:`OxfordIIITPetDataModule`, :class:`Food101DataModule`, :class:`INaturalistDataModule` -- more
   fine-grained sets in their official layouts.
+* :class:`HuggingFaceDataModule` -- Hugging Face ``datasets`` (``save_to_disk`` folders, parquet, the Hub).
+* :class:`ShardDataModule` -- WebDataset shards written by ``finegrained data shard`` (several machines).
 * :class:`CSVDataModule` -- ``path,label`` lists.
 * :class:`ImageFolderDataModule` -- your own ``root/{train,val,test}/<class>/<image>`` folders.
 * :class:`FashionMNISTDataModule` -- the embedded default (real images that install offline).
@@ -22,12 +24,14 @@ from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.flowers import Flowers102DataModule
 from datamodules.folder import ImageFolderDataModule
 from datamodules.food101 import Food101DataModule
+from datamodules.huggingface import HuggingFaceDataModule
 from datamodules.inaturalist import INaturalistDataModule
 from datamodules.io import ImageLoadError, load_rgb
 from datamodules.nabirds import NABirdsDataModule
 from datamodules.pets import OxfordIIITPetDataModule
+from datamodules.shards import ShardDataModule
 
 __all__ = ["FineGrainedDataModule", "CUB200DataModule", "FGVCAircraftDataModule", "StanfordCarsDataModule",
            "NABirdsDataModule", "StanfordDogsDataModule", "Flowers102DataModule", "OxfordIIITPetDataModule",
-           "Food101DataModule", "INaturalistDataModule",
+           "Food101DataModule", "INaturalistDataModule", "HuggingFaceDataModule", "ShardDataModule",
            "CSVDataModule", "ImageFolderDataModule", "FashionMNISTDataModule", "ImageLoadError", "load_rgb"]

@@ -22,3 +22,17 @@ class SaveHeadPerRank(pl.Callback):
         os.makedirs(self.folder, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in pl_module.head.state_dict().items()}
         torch.save(state, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+class SaveReadIndicesPerRank(pl.Callback):
+    """Writes ``<folder>/epoch<E>_rank<R>.pt``: the sample indices the rank's training loader read in each epoch
+    (ShardDataModule's sampler; Lightning sets its epoch)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        os.makedirs(self.folder, exist_ok=True)
+        sampler = trainer.train_dataloader.sampler
+        torch.save([i for batch in sampler for i in batch],
+                   os.path.join(self.folder, f"epoch{trainer.current_epoch}_rank{trainer.global_rank}.pt"))

@@ -207,6 +207,7 @@ def test_bench_loader_and_step_run_and_write_csv(tmp_path, capsys):
     assert rates.gt(0).all() and loader["pipeline"][0].endswith("(baseline)")
     # speed-up = this pipeline's rate over the baseline's, both measured in the same interleaved rounds
     assert loader["speedup"].tolist() == pytest.approx((rates / rates[0]).tolist(), rel=1e-9)
+    assert len(loader) == 3 and loader["pipeline"][2].startswith("WebDataset shards")
     assert {"platform", "torch", "timestamp"} <= set(loader.columns)
     assert main(["bench", "step", "--backbone", "resnet18,timm/vit_small_patch16_224", "--head", "isqrt,sot",
                  "--size", "64", "--batch", "2", "--repeats", "1", "--device", "cpu", "--out", out]) == 0

@@ -6,6 +6,7 @@ import os
 from unittest import mock
 
 import pytest
+import torch
 
 from datamodules import (Flowers102DataModule, Food101DataModule, INaturalistDataModule, NABirdsDataModule,
                          OxfordIIITPetDataModule, StanfordDogsDataModule)
@@ -191,3 +192,148 @@ def test_data_verify_command_knows_the_new_sets(tmp_path, capsys):
     write_inaturalist(str(tmp_path), "2018")
     assert main(["data", "verify", "--dataset", "inaturalist", "--version", "2018", "--root", str(tmp_path)]) == 0
     assert "3 classes" in capsys.readouterr().out
+
+
+# ---- Hugging Face datasets ------------------------------------------------------------------------------------------
+def _hf_replica(tmp_path):
+    """A DatasetDict built from the CUB replica's images (Image feature, ClassLabel names), saved both ways."""
+    import datasets
+
+    from datamodules import CUB200DataModule
+    from tests.replicas import write_cub
+
+    write_cub(str(tmp_path / "cub"), n_classes=3, per_class=4)
+    cub = _setup(CUB200DataModule(str(tmp_path / "cub"), **SMALL))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=cub.class_names)})
+    splits = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({"image": [p for p, _ in d.samples], "label": d.targets}, features=features)
+        for name, d in (("train", cub.train_dataset), ("test", cub.test_dataset))})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    os.makedirs(tmp_path / "parquet" / "data")
+    for name, split in splits.items():
+        split.to_parquet(str(tmp_path / "parquet" / "data" / f"{name}-00000-of-00001.parquet"))
+    return cub
+
+
+@pytest.mark.parametrize("form", ["saved", "parquet"])
+def test_huggingface_datasets_read_like_the_folders_they_came_from(tmp_path, form):
+    import numpy as np
+
+    from datamodules import HuggingFaceDataModule
+
+    cub = _hf_replica(tmp_path)
+    dm = _setup(HuggingFaceDataModule(str(tmp_path / form), **SMALL))
+    assert dm.class_names == cub.class_names  # from the ClassLabel feature
+    assert dm.train_dataset.targets == cub.train_dataset.targets and dm.val_dataset is dm.test_dataset
+    for ours, theirs in ((dm.train_dataset, cub.train_dataset), (dm.test_dataset, cub.test_dataset)):
+        for k in (0, len(theirs) - 1):
+            assert np.array_equal(np.asarray(ours.load_image(k)), np.asarray(theirs.load_image(k)))
+    image, label = dm.test_dataset[0]
+    assert tuple(image.shape) == (3, 32, 32) and label == cub.test_dataset.targets[0]
+    held = _setup(HuggingFaceDataModule(str(tmp_path / form), val_fraction=0.34, **SMALL))
+    assert len(held.train_dataset) + len(held.val_dataset) == len(cub.train_dataset)
+    assert set(held.train_dataset.indices).isdisjoint(held.val_dataset.indices)
+
+
+def test_huggingface_errors_name_what_is_missing(tmp_path):
+    from datamodules import HuggingFaceDataModule
+
+    _hf_replica(tmp_path)
+    with pytest.raises(ValueError, match="no column 'img'"):
+        _setup(HuggingFaceDataModule(str(tmp_path / "saved"), image_column="img", **SMALL))
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        _setup(HuggingFaceDataModule(str(tmp_path / "saved"), val_split="validation", **SMALL))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a datasets.save_to_disk folder"):
+        _setup(HuggingFaceDataModule(str(tmp_path / "empty"), **SMALL))
+
+
+# ---- WebDataset shards for several machines --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from finegrained.cli import main
+
+    tmp = tmp_path_factory.mktemp("shards")
+    write_food101(str(tmp / "food"), per_class=5)  # 12 train / 8 test images, 4 classes
+    out = tmp / "shards"
+    assert main(["data", "shard", "--dataset", "food101", "--root", str(tmp / "food"), "--out", str(out),
+                 "--size", "32", "--shard-size", "5"]) == 0
+    return tmp / "food", out
+
+
+def test_shards_are_webdataset_tars_holding_every_image_and_label(shards):
+    import tarfile
+
+    import numpy as np
+
+    from datamodules import ShardDataModule
+    from datamodules.shards import shard_counts
+
+    food, out = shards
+    assert shard_counts(str(out)) == {"train": 12, "test": 8}
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tar"))[:3] == ["test-000000.tar", "test-000001.tar",
+                                                                            "train-000000.tar"]
+    with tarfile.open(out / "train-000000.tar") as tar:
+        assert tar.getnames()[:2] == ["000000000.cls", "000000000.jpg"] or \
+            sorted(tar.getnames()[:2]) == ["000000000.cls", "000000000.jpg"]
+    original = _setup(Food101DataModule(str(food), **SMALL))
+    dm = _setup(ShardDataModule(str(out), **SMALL))
+    assert dm.class_names == FOOD_CLASSES and dm.val_dataset is dm.test_dataset
+    assert dm.train_dataset.targets == original.train_dataset.targets
+    from PIL import Image
+
+    stored = np.asarray(dm.train_dataset.load_image(3))  # shorter side --size 32, JPEG quality 90
+    source = np.asarray(original.train_dataset.load_image(3).resize((32, 32), Image.BICUBIC))
+    assert stored.shape == source.shape and np.abs(stored.astype(int) - source).mean() < 12
+    images, labels = next(iter(dm.train_dataloader()))
+    assert tuple(images.shape) == (2, 3, 32, 32) and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_every_process_reads_its_part_exactly_once_per_epoch(shards, world):
+    from datamodules.shards import ExactShardSampler, read_order
+
+    _, out = shards
+    orders = {}
+    for epoch in (0, 1):
+        parts = [read_order(str(out), world, rank, epoch, batch_size=2) for rank in range(world)]
+        union = [i for part in parts for i in part]
+        assert sorted(union) == list(range(12))  # every sample once, none twice
+        orders[epoch] = parts
+        from datamodules import ShardDataModule
+
+        dm = _setup(ShardDataModule(str(out), batch_size=2, num_workers=0))
+        steps = {len(ExactShardSampler(dm.train_dataset, 2, world, rank)) for rank in range(world)}
+        assert len(steps) == 1  # the same number of steps on every process
+    assert orders[0] != orders[1]  # shuffled per epoch
+    assert orders[0] == [read_order(str(out), world, rank, 0, batch_size=2) for rank in range(world)]  # replayable
+
+
+def test_two_gloo_processes_read_the_dataset_once_in_a_lightning_fit(shards, tmp_path):
+    import subprocess
+    import sys
+
+    import torch as _torch
+
+    from tests.conftest import finegrained_command
+
+    _, out = shards
+    recipe = tmp_path / "shards.yaml"
+    recipe.write_text(f"""
+seed_everything: 0
+trainer: {{accelerator: cpu, devices: 2, strategy: ddp, max_epochs: 2, enable_progress_bar: false,
+          enable_model_summary: false, default_root_dir: {tmp_path / "run"}, limit_val_batches: 0,
+          callbacks: [{{class_path: tests.ddp_helpers.SaveReadIndicesPerRank, init_args: {{folder: {tmp_path / "read"}}}}}]}}
+checkpoint: {{dirpath: {tmp_path / "ck"}}}
+model: {{backbone: resnet18, backbone_weights: null, head: gap, lr: 0.01}}
+data:
+  class_path: datamodules.ShardDataModule
+  init_args: {{root: {out}, batch_size: 2, num_workers: 0, resize_size: 36, crop_size: 32}}
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path)}
+    result = subprocess.run(finegrained_command() + ["fit", "--config", str(recipe)], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr[-2000:]
+    for epoch in (0, 1):
+        parts = [_torch.load(tmp_path / "read" / f"epoch{epoch}_rank{r}.pt") for r in (0, 1)]
+        assert sorted(parts[0] + parts[1]) == list(range(12)) and len(parts[0]) == len(parts[1]) == 6

@@ -1,7 +1,9 @@
 """``finegrained bench loader``: images/s per core to decode and transform 1600×1067 JPEGs to 448 crops.
 
 The project's pipeline (JPEG draft decoding, one-pass tensor conversion) against plain PIL +
-torchvision, timed in interleaved rounds on one core.
+torchvision, timed in interleaved rounds on one core; and the same images read from WebDataset shards
+(``finegrained data shard``: stored resized to the shorter side ``resize``, JPEG quality 90), through
+:class:`datamodules.shards.ShardDataset` and the same transform.
 """
 from __future__ import annotations
 
@@ -49,7 +51,14 @@ def bench_loader(folder: str, n: int = 24, repeats: int = 5, resize: int = 448, 
     from datamodules.io import decode_rgb
     from datamodules.transforms import train_transform
 
+    from datamodules.shards import ShardDataset, index_split, write_split
+
     paths = _sample_jpegs(folder, n)
+    shard_dir = os.path.join(folder, f"shards_{n}_{resize}")
+    if not os.path.isdir(shard_dir):
+        os.makedirs(shard_dir)
+        write_split(((Image.open(p), 0) for p in paths), shard_dir, "train", size=resize, shard_size=max(1, n // 2))
+    shards = ShardDataset(shard_dir, index_split(shard_dir, "train"), ["photo"])
     ours = train_transform(resize, crop)
     plain = transforms.Compose([
         transforms.Resize(resize), transforms.RandomCrop(crop), transforms.RandomHorizontalFlip(),
@@ -66,10 +75,18 @@ def bench_loader(folder: str, n: int = 24, repeats: int = 5, resize: int = 448, 
                 with Image.open(p) as im:
                     plain(im.convert("RGB"))
 
-        timings = interleaved_medians({"ours": project, "plain": baseline}, torch.device("cpu"), repeats, warmup=1)
-        t_ours, t_plain = timings["ours"], timings["plain"]
+        def sharded():
+            for k in range(len(shards)):
+                ours(shards.load_image(k))
+
+        timings = interleaved_medians({"ours": project, "plain": baseline, "shards": sharded}, torch.device("cpu"),
+                                      repeats, warmup=1)
+        t_ours, t_plain, t_shards = timings["ours"], timings["plain"], timings["shards"]
     finally:
         torch.set_num_threads(threads)
     return [{"pipeline": "PIL + torchvision (baseline)", "images_per_s_per_core": n / t_plain, "speedup": 1.0},
             {"pipeline": "finegrained (JPEG draft decode)", "images_per_s_per_core": n / t_ours,
-             "speedup": t_plain / t_ours}]
+             "speedup": t_plain / t_ours},
+            {"pipeline": f"WebDataset shards (stored at {resize} px)", "images_per_s_per_core": n / t_shards,
+             "speedup": t_plain / t_shards}]
+

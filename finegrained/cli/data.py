@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import List
 
 from pytorch_lightning import LightningDataModule
@@ -43,9 +44,32 @@ def data_command(argv: List[str]) -> int:
     verify.add_argument("--train-csv")
     verify.add_argument("--val-csv")
     verify.add_argument("--test-csv")
+    shard = sub.add_parser("shard", help="write a dataset as WebDataset tar shards (resized JPEG + label) for "
+                                         "ShardDataModule")
+    shard.add_argument("--config", help="recipe whose data: section to shard (or --dataset and --root)")
+    shard.add_argument("--dataset", choices=sorted(DATASETS))
+    shard.add_argument("--root")
+    shard.add_argument("--version", default="2021_mini", help="inaturalist: 2017, 2018, 2021 or 2021_mini")
+    shard.add_argument("--out", required=True)
+    shard.add_argument("--size", type=int, default=512, help="shorter side of the stored images")
+    shard.add_argument("--shard-size", type=int, default=1000, help="samples per tar file")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "shard":
+        from datamodules.shards import shard_counts, write_shards
+
+        if args.config:
+            datamodule = datamodule_from_config(args.config)
+        elif args.dataset and args.root:
+            datamodule = _datamodule(args)
+        else:
+            raise ValueError("finegrained data shard needs --config RECIPE, or --dataset NAME and --root DIR")
+        datamodule.prepare_data()
+        path = write_shards(datamodule, args.out, size=args.size, shard_size=args.shard_size)
+        counts = ", ".join(f"{split} {n}" for split, n in shard_counts(args.out).items())
+        print(f"wrote {path} ({counts} images); read them with datamodules.ShardDataModule(root={args.out!r})")
+        return 0
     datamodule = datamodule_from_config(args.config)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -62,21 +86,28 @@ DATASETS = {"cub": "CUB200DataModule", "aircraft": "FGVCAircraftDataModule", "ca
 
 
 def _verify(args) -> int:
-    import datamodules
     from datamodules.verify import verify_datamodule
+
+    return 1 if verify_datamodule(_datamodule(args)) else 0
+
+
+def _datamodule(args):
+    """The DataModule ``--dataset`` names, at ``--root``, with the dataset-specific options."""
+    import datamodules
 
     cls = getattr(datamodules, DATASETS[args.dataset])
     common = {"num_workers": 0}
+    option = functools.partial(getattr, args)
     if args.dataset == "csv":
-        if not (args.train_csv and args.test_csv):
+        if not (option("train_csv", None) and option("test_csv", None)):
             raise SystemExit("finegrained data verify --dataset csv needs --train-csv and --test-csv")
         datamodule = cls(args.root, args.train_csv, args.test_csv, val_csv=args.val_csv, **common)
     elif args.dataset == "aircraft":
-        datamodule = cls(args.root, annotation_level=args.annotation_level, **common)
+        datamodule = cls(args.root, annotation_level=option("annotation_level", "variant"), **common)
     elif args.dataset == "cars":
-        datamodule = cls(args.root, layout=args.layout, **common)
+        datamodule = cls(args.root, layout=option("layout", "auto"), **common)
     elif args.dataset == "inaturalist":
         datamodule = cls(args.root, version=args.version, **common)
     else:
         datamodule = cls(args.root, **common)
-    return 1 if verify_datamodule(datamodule) else 0
+    return datamodule

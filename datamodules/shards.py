@@ -1,0 +1,250 @@
+"""WebDataset shards for data that should not be read as millions of small files (iNaturalist-sized sets).
+
+Format: WebDataset (Aizman, Maltby, Breuel, "High performance I/O for large scale deep learning", 2019): plain
+POSIX tar files, one sample = ``<key>.jpg`` (the image, resized so that its shorter side is ``size``, JPEG) +
+``<key>.cls`` (the label), written with ``webdataset.ShardWriter``. Chosen over LitData's format because a tar
+shard is readable by any tool (``tar tf``), by webdataset's own loaders and by this module, with no server or
+binary index, and it is what timm and OpenCLIP stream. ``index.json`` beside the shards records the class names,
+the preprocessing and, per split, every shard with the byte offset and size of each sample.
+
+:func:`write_shards` writes them (``finegrained data shard``); :class:`ShardDataModule` reads them. Each epoch,
+the shard order is permuted (seed + epoch); the concatenated samples are cut into N contiguous parts, one per
+process, so that each process reads a few shards from start to end; within a part, samples are shuffled in
+blocks of ``shuffle_block`` (reads stay near-sequential); and every part is split into the same number of
+batches (sizes differ by at most one). Over N processes each sample is read exactly once per epoch, every process
+takes the same number of steps (no collective waits for a missing batch), and an epoch's order depends only on
+(seed, epoch): resuming at an epoch replays it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from datamodules.base import FineGrainedDataModule
+
+INDEX = "index.json"
+SPLITS = ("train", "val", "test")
+
+
+def _jpeg_bytes(image: Image.Image, size: int, quality: int) -> bytes:
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _tar_index(path: str) -> List[Tuple[str, int, int, int]]:
+    """``(key, jpg offset, jpg size, label)`` of every sample of a WebDataset shard, in file order."""
+    samples: Dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            entry = samples.setdefault(key, {})
+            if ext == "jpg":
+                entry["jpg"] = (member.offset_data, member.size)
+            elif ext == "cls":
+                entry["cls"] = int(tar.extractfile(member).read().decode())
+    missing = [k for k, v in samples.items() if "jpg" not in v or "cls" not in v]
+    if missing:
+        raise ValueError(f"{path}: sample {missing[0]!r} lacks its .jpg or .cls member")
+    return [(k, v["jpg"][0], v["jpg"][1], v["cls"]) for k, v in samples.items()]
+
+
+def write_split(images, out_dir: str, split: str, size: int = 512, shard_size: int = 1000,
+                quality: int = 90) -> List[dict]:
+    """Write ``(PIL image, label)`` pairs as ``<split>-NNNNNN.tar`` shards; returns the split's index entries."""
+    import webdataset
+
+    pattern = os.path.join(out_dir, f"{split}-%06d.tar")
+    with webdataset.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+        for k, (image, label) in enumerate(images):
+            sink.write({"__key__": f"{k:09d}", "jpg": _jpeg_bytes(image, size, quality), "cls": str(int(label)).encode()})
+    return index_split(out_dir, split)
+
+
+def index_split(out_dir: str, split: str) -> List[dict]:
+    """``[{"shard": name, "samples": [[offset, size, label], ...]}, ...]`` of the ``<split>-*.tar`` shards."""
+    shards = sorted(f for f in os.listdir(out_dir) if f.startswith(f"{split}-") and f.endswith(".tar"))
+    return [{"shard": name, "samples": [list(s[1:]) for s in _tar_index(os.path.join(out_dir, name))]}
+            for name in shards]
+
+
+def write_shards(datamodule: FineGrainedDataModule, out_dir: str, size: int = 512, shard_size: int = 1000,
+                 quality: int = 90, splits: Sequence[str] = SPLITS) -> str:
+    """Write the splits of ``datamodule`` (its images before any transform) as WebDataset shards; returns the
+    index path. A split that is the test split again (validation = test) is written once, as test."""
+    os.makedirs(out_dir, exist_ok=True)
+    datamodule.setup("fit")
+    datasets = {"train": datamodule.train_dataset, "val": datamodule.val_dataset, "test": datamodule.test_dataset}
+    index = {"classes": list(datamodule.class_names), "size": size, "splits": {}}
+    for split in splits:
+        dataset = datasets[split]
+        if split == "val" and dataset is datamodule.test_dataset:
+            continue
+        images = ((dataset.load_image(k), dataset.targets[k])
+                  for k in tqdm(range(len(dataset)), desc=f"shard {split}", unit="img"))
+        index["splits"][split] = write_split(images, out_dir, split, size, shard_size, quality)
+    path = os.path.join(out_dir, INDEX)
+    with open(path, "w") as f:
+        json.dump(index, f)
+    return path
+
+
+class ShardDataset(Dataset):
+    """The samples of one split's shards. ``dataset[[i, j, ...]]`` reads a batch: (images (B, 3, H, W), labels (B,))."""
+
+    def __init__(self, folder: str, shards: List[dict], classes: List[str], transform=None):
+        self.folder, self.classes, self.transform = folder, list(classes), transform
+        self.records: List[Tuple[int, int, int]] = []  # (shard number, offset, size)
+        self.targets: List[int] = []
+        self.shard_paths = [os.path.join(folder, s["shard"]) for s in shards]
+        self.shard_starts = []
+        for number, shard in enumerate(shards):
+            self.shard_starts.append(len(self.records))
+            for offset, size, label in shard["samples"]:
+                self.records.append((number, offset, size))
+                self.targets.append(int(label))
+        self.skip_corrupt = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, index: int) -> Image.Image:
+        number, offset, size = self.records[index]
+        with open(self.shard_paths[number], "rb") as f:
+            f.seek(offset)
+            return Image.open(io.BytesIO(f.read(size))).convert("RGB")
+
+    def item(self, index: int):
+        image = self.load_image(index)
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+    def __getitem__(self, index):
+        if isinstance(index, (list, tuple)):
+            items = [self.item(i) for i in index]
+            return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+        return self.item(index)
+
+
+class ExactShardSampler(DistributedSampler):
+    """Batches of sample indices for one process (see the module docstring). A ``DistributedSampler``, so Lightning
+    keeps it under DDP and calls :meth:`set_epoch` every epoch."""
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, num_replicas: int, rank: int, shuffle: bool = True,
+                 seed: int = 0, shuffle_block: int = 256):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.batch_size, self.shuffle_block = batch_size, shuffle_block
+        longest = math.ceil(len(dataset) / num_replicas)
+        self.batches = max(1, math.ceil(longest / batch_size))
+
+    def part(self) -> np.ndarray:
+        """This process's sample indices for the current epoch, in reading order."""
+        dataset: ShardDataset = self.dataset
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(dataset.shard_paths)) if self.shuffle else np.arange(len(dataset.shard_paths))
+        bounds = dataset.shard_starts + [len(dataset)]
+        stream = np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in order]) if len(order) else np.arange(0)
+        cuts = np.linspace(0, len(stream), self.num_replicas + 1).round().astype(int)
+        part = stream[cuts[self.rank]:cuts[self.rank + 1]]
+        if self.shuffle:
+            blocks = [rng.permutation(part[i:i + self.shuffle_block]) for i in range(0, len(part), self.shuffle_block)]
+            part = np.concatenate(blocks) if blocks else part
+        return part
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in np.array_split(self.part(), self.batches):
+            if len(batch):
+                yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+class ShardDataModule(FineGrainedDataModule):
+    """Args:
+        root: the folder written by ``finegrained data shard`` (shards and ``index.json``).
+        shuffle_block: samples shuffled together within a process's part of an epoch.
+        seed: of the per-epoch orders.
+        **kwargs: loader and transform settings of :class:`~datamodules.base.FineGrainedDataModule`.
+    """
+
+    def __init__(self, root: str, shuffle_block: int = 256, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.root, self.shuffle_block, self.seed = root, shuffle_block, seed
+        self.save_hyperparameters()
+
+    @property
+    def _index(self) -> dict:
+        path = os.path.join(self.root, INDEX)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard index not found: {path} (expected the output of finegrained data shard)")
+        with open(path) as f:
+            return json.load(f)
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self._index["classes"])
+
+    def build_datasets(self):
+        index = self._index
+        splits = index["splits"]
+        for name in ("train", "test"):
+            if name not in splits:
+                raise ValueError(f"{os.path.join(self.root, INDEX)}: no {name} shards")
+        make = lambda name, transform: ShardDataset(self.root, splits[name], index["classes"], transform)  # noqa: E731
+        test = make("test", self.eval_transform)
+        val = make("val", self.eval_transform) if "val" in splits else test
+        return make("train", self.train_transform), val, test
+
+    def _world(self) -> Tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def _shard_loader(self, dataset: ShardDataset, shuffle: bool) -> DataLoader:
+        world, rank = self._world()
+        sampler = ExactShardSampler(dataset, self.batch_size, world, rank, shuffle=shuffle, seed=self.seed,
+                                    shuffle_block=self.shuffle_block)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._shard_loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._shard_loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._shard_loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._shard_loader(self.test_dataset, shuffle=False)
+
+
+def read_order(root: str, world: int, rank: int, epoch: int, batch_size: int = 4, seed: int = 0) -> List[int]:
+    """The sample indices process ``rank`` of ``world`` reads in ``epoch`` (for tests and diagnostics)."""
+    dm = ShardDataModule(root, batch_size=batch_size, num_workers=0, seed=seed)
+    dm.setup("fit")
+    sampler = ExactShardSampler(dm.train_dataset, batch_size, world, rank, seed=seed, shuffle_block=dm.shuffle_block)
+    sampler.set_epoch(epoch)
+    return [i for batch in sampler for i in batch]
+
+
+def shard_counts(root: str) -> Dict[str, int]:
+    with open(os.path.join(root, INDEX)) as f:
+        return {split: sum(len(s["samples"]) for s in shards) for split, shards in json.load(f)["splits"].items()}
+
