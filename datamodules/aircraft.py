@@ -17,7 +17,7 @@ import os
 from functools import cached_property
 from typing import List, Sequence, Union
 
-from datamodules.annotated import AnnotatedDataModule, read_fields, read_id_map, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule, read_fields, read_id_map
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BANNER_ROWS = 20
@@ -32,6 +32,8 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
     """
 
     dataset_name = "FGVC-Aircraft 2013b"
+    markers = ("variants.txt", "images")  # the data/ folder
+    candidates = ("data", "fgvc-aircraft-2013b/data", ".")
 
     def __init__(self, root: str, annotation_level: str = "variant", train_split: str = "trainval",
                  crop_banner: bool = True, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
@@ -50,12 +52,6 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
         self.annotation_level = annotation_level
         self.train_split = train_split
         self.crop_bottom_rows(BANNER_ROWS if crop_banner else 0)
-
-    @cached_property
-    def dataset_dir(self) -> str:
-        """The ``data/`` folder."""
-        return resolve_dataset_dir(self.root, ["variants.txt", "images"],
-                                   ["data", "fgvc-aircraft-2013b/data", "."], self.dataset_name)
 
     @cached_property
     def class_names(self) -> List[str]:

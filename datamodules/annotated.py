@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import cached_property
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from datamodules.base import FineGrainedDataModule
@@ -126,6 +127,9 @@ class AnnotatedDataModule(FineGrainedDataModule):
 
     dataset_name = "dataset"
     bottom_crop = 0  # rows cut from the bottom of every image (Aircraft's banner)
+    # What identifies the dataset folder, and where it may sit relative to ``root`` (see find_dataset_dir).
+    markers: Sequence[str] = ()
+    candidates: Sequence[str] = (".",)
 
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -133,6 +137,11 @@ class AnnotatedDataModule(FineGrainedDataModule):
         self.bbox_crop = bbox_crop
         self.val_fraction = val_fraction
         self.seed = seed
+
+    @cached_property
+    def dataset_dir(self) -> str:
+        """The dataset folder: the first of ``candidates`` (or root's parent, grandparent) holding ``markers``."""
+        return resolve_dataset_dir(self.root, self.markers, self.candidates, self.dataset_name)
 
     def crop_bottom_rows(self, rows: int) -> None:
         """Remove ``rows`` stored rows at the bottom of every image, and record it with the preprocessing so

@@ -15,13 +15,14 @@ import os
 from functools import cached_property
 from typing import List, Sequence, Union
 
-from datamodules.annotated import (AnnotatedDataModule, image_list_splits, read_fields, read_id_map,
-                                   resolve_dataset_dir)
+from datamodules.annotated import AnnotatedDataModule, image_list_splits, read_fields, read_id_map
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class CUB200DataModule(AnnotatedDataModule):
     dataset_name = "CUB-200-2011"
+    markers = ("images.txt", "classes.txt")
+    candidates = (".", "CUB_200_2011", "CUB_200_2011/CUB_200_2011")  # some copies nest the folder twice
 
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
@@ -32,12 +33,6 @@ class CUB200DataModule(AnnotatedDataModule):
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
                          train_crop=train_crop, skip_corrupt=skip_corrupt, mean=mean, std=std)
         self.save_hyperparameters()
-
-    @cached_property
-    def dataset_dir(self) -> str:
-        # Some copies nest the folder twice (CUB_200_2011/CUB_200_2011/).
-        return resolve_dataset_dir(self.root, ["images.txt", "classes.txt"],
-                                   [".", "CUB_200_2011", "CUB_200_2011/CUB_200_2011"], self.dataset_name)
 
     @cached_property
     def _classes(self) -> List[List[str]]:

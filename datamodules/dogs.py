@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ElementTree
 from functools import cached_property
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
-from datamodules.annotated import AnnotatedDataModule, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule
 
 
 def read_mat(path: str, keys: List[str]) -> dict:
@@ -57,18 +57,19 @@ class StanfordDogsDataModule(AnnotatedDataModule):
     :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Stanford Dogs"
+    markers = ("train_list.mat", "test_list.mat", "Images")
+    candidates = (".", "stanford_dogs", "StanfordDogs", "stanford-dogs")
 
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
 
     @cached_property
-    def dataset_dir(self) -> str:
-        return resolve_dataset_dir(self.root, ["train_list.mat", "test_list.mat", "Images"],
-                                   [".", "stanford_dogs", "StanfordDogs", "stanford-dogs"], self.dataset_name)
+    def _lists(self) -> Dict[str, List[Tuple[str, int]]]:
+        """``{split: [(annotation path 'folder/name', label), ...]}`` of ``train_list.mat`` and ``test_list.mat``."""
+        return {split: self._read_list(split) for split in ("train", "test")}
 
-    def _list(self, split: str) -> List[Tuple[str, int]]:
-        """``(annotation path 'folder/name', label)`` of ``<split>_list.mat``, in its order."""
+    def _read_list(self, split: str) -> List[Tuple[str, int]]:
         path = os.path.join(self.dataset_dir, f"{split}_list.mat")
         content = read_mat(path, ["annotation_list", "labels"])
         names = [str(item[0][0]) if hasattr(item[0], "__len__") else str(item[0])
@@ -84,8 +85,8 @@ class StanfordDogsDataModule(AnnotatedDataModule):
     @cached_property
     def class_names(self) -> List[str]:
         folders = {}
-        for split in ("train", "test"):
-            for name, label in self._list(split):
+        for rows in self._lists.values():
+            for name, label in rows:
                 folders.setdefault(label, name.split("/")[0])
         if sorted(folders) != list(range(len(folders))):
             raise ValueError(f"{self.dataset_dir}: labels {sorted(set(range(max(folders) + 1)) - set(folders))} "
@@ -96,7 +97,7 @@ class StanfordDogsDataModule(AnnotatedDataModule):
         splits = []
         for split in ("train", "test"):
             samples, boxes = [], []
-            for name, label in self._list(split):
+            for name, label in self._lists[split]:
                 samples.append((os.path.join(self.dataset_dir, "Images", name + ".jpg"), label))
                 if self.bbox_crop:
                     boxes.append(union_of_boxes(os.path.join(self.dataset_dir, "Annotation", name)))

@@ -14,7 +14,7 @@ import os
 from functools import cached_property
 from typing import List
 
-from datamodules.annotated import AnnotatedDataModule, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule
 from datamodules.dogs import read_mat
 
 
@@ -23,15 +23,12 @@ class Flowers102DataModule(AnnotatedDataModule):
     loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Oxford Flowers-102"
+    markers = ("imagelabels.mat", "setid.mat", "jpg")
+    candidates = (".", "flowers-102", "flowers102")
 
     def __init__(self, root: str, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(root, bbox_crop=False, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
-
-    @cached_property
-    def dataset_dir(self) -> str:
-        return resolve_dataset_dir(self.root, ["imagelabels.mat", "setid.mat", "jpg"],
-                                   [".", "flowers-102", "flowers102"], self.dataset_name)
 
     @property
     def class_names(self) -> List[str]:

@@ -12,7 +12,7 @@ import os
 from functools import cached_property
 from typing import List
 
-from datamodules.annotated import AnnotatedDataModule, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule
 
 
 def read_lines(path: str, what: str) -> List[str]:
@@ -27,15 +27,12 @@ class Food101DataModule(AnnotatedDataModule):
     loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Food-101"
+    markers = ("meta/classes.txt", "meta/train.txt", "meta/test.txt", "images")
+    candidates = (".", "food-101")
 
     def __init__(self, root: str, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(root, bbox_crop=False, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
-
-    @cached_property
-    def dataset_dir(self) -> str:
-        return resolve_dataset_dir(self.root, ["meta/classes.txt", "meta/train.txt", "meta/test.txt", "images"],
-                                   [".", "food-101"], self.dataset_name)
 
     @cached_property
     def class_names(self) -> List[str]:

@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple
 
 from torch.utils.data import DataLoader
 
-from datamodules.annotated import AnnotatedDataModule, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule
 from datamodules.datasets import ImageListDataset
 
 FILES = {"2017": ("train2017.json", "val2017.json", "test2017.json"),
@@ -62,20 +62,16 @@ class INaturalistDataModule(AnnotatedDataModule):
         super().__init__(root, bbox_crop=False, val_fraction=val_fraction, seed=seed, **kwargs)
         self.version = version
         self.dataset_name = f"iNaturalist {version}"
+        self.markers = FILES[version][:2]  # the train and val JSON files
+        self.candidates = (".", f"inat{version}", f"inaturalist{version}", version)
         self.save_hyperparameters()
 
     @cached_property
-    def dataset_dir(self) -> str:
-        train, val, _ = FILES[self.version]
-        return resolve_dataset_dir(self.root, [train, val], [".", f"inat{self.version}", f"inaturalist{self.version}",
-                                                             self.version], self.dataset_name)
-
-    @cached_property
     def _categories(self) -> List[Tuple[int, str]]:
-        path = os.path.join(self.dataset_dir, FILES[self.version][0])
-        categories = sorted((int(c["id"]), str(c.get("name", c["id"])))
-                            for c in read_json(path, ["categories"])["categories"])
-        return categories
+        # Every JSON of a version lists all its categories: read them from the val file, so that the train file
+        # (gigabytes for 2021) is parsed once, in read_splits.
+        path = os.path.join(self.dataset_dir, FILES[self.version][1])
+        return sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in read_json(path, ["categories"])["categories"])
 
     @property
     def class_names(self) -> List[str]:
@@ -91,7 +87,7 @@ class INaturalistDataModule(AnnotatedDataModule):
             category = annotation.get("category_id")
             if category not in label_of:
                 raise ValueError(f"{path}: annotation {number} has category_id {category!r}, not a category of "
-                                 f"{FILES[self.version][0]}")
+                                 f"{FILES[self.version][1]}")
             category_of.setdefault(annotation["image_id"], label_of[category])
         samples = []
         for image in content["images"]:

@@ -14,8 +14,7 @@ import os
 from functools import cached_property
 from typing import Dict, List
 
-from datamodules.annotated import (AnnotatedDataModule, image_list_splits, read_fields, read_id_map,
-                                   resolve_dataset_dir)
+from datamodules.annotated import AnnotatedDataModule, image_list_splits, read_fields, read_id_map
 
 
 class NABirdsDataModule(AnnotatedDataModule):
@@ -23,28 +22,23 @@ class NABirdsDataModule(AnnotatedDataModule):
     and the loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "NABirds"
+    markers = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+    candidates = (".", "nabirds")
 
     def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
 
     @cached_property
-    def dataset_dir(self) -> str:
-        return resolve_dataset_dir(self.root, ["images.txt", "image_class_labels.txt", "train_test_split.txt"],
-                                   [".", "nabirds"], self.dataset_name)
-
-    @cached_property
     def _labels(self) -> Dict[str, int]:
-        return {image_id: int(class_id) for image_id, (class_id,) in self._label_rows.items()}
-
-    @cached_property
-    def _label_rows(self) -> Dict[str, List[str]]:
+        """``{image id: class id}`` of ``image_class_labels.txt``."""
         path = os.path.join(self.dataset_dir, "image_class_labels.txt")
-        rows = read_id_map(path, 2, "'<image_id> <class_id>'")
-        for image_id, (class_id,) in rows.items():
+        labels = {}
+        for image_id, (class_id,) in read_id_map(path, 2, "'<image_id> <class_id>'").items():
             if not class_id.isdigit():
                 raise ValueError(f"{path}: image {image_id} has class id {class_id!r}, expected a number")
-        return rows
+            labels[image_id] = int(class_id)
+        return labels
 
     @cached_property
     def leaf_ids(self) -> List[int]:

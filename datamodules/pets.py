@@ -14,7 +14,7 @@ import os
 from functools import cached_property
 from typing import Dict, List, Tuple
 
-from datamodules.annotated import AnnotatedDataModule, read_fields, resolve_dataset_dir
+from datamodules.annotated import AnnotatedDataModule, read_fields
 
 
 class OxfordIIITPetDataModule(AnnotatedDataModule):
@@ -22,17 +22,19 @@ class OxfordIIITPetDataModule(AnnotatedDataModule):
     ``seed`` and the loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Oxford-IIIT Pet"
+    markers = ("annotations/trainval.txt", "annotations/test.txt", "images")
+    candidates = (".", "oxford-iiit-pet")
 
     def __init__(self, root: str, val_fraction: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(root, bbox_crop=False, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
 
     @cached_property
-    def dataset_dir(self) -> str:
-        return resolve_dataset_dir(self.root, ["annotations/trainval.txt", "annotations/test.txt", "images"],
-                                   [".", "oxford-iiit-pet"], self.dataset_name)
+    def _rows(self) -> Dict[str, List[Tuple[str, int]]]:
+        """``{split: [(image id, label), ...]}`` of ``trainval.txt`` and ``test.txt``."""
+        return {split: self._read_rows(split) for split in ("trainval", "test")}
 
-    def _rows(self, split: str) -> List[Tuple[str, int]]:
+    def _read_rows(self, split: str) -> List[Tuple[str, int]]:
         path = os.path.join(self.dataset_dir, "annotations", f"{split}.txt")
         rows = []
         for number, (image_id, class_id, _, _) in read_fields(path, 4, "'<image id> <class id> <species> <breed id>'"):
@@ -46,8 +48,8 @@ class OxfordIIITPetDataModule(AnnotatedDataModule):
     @cached_property
     def class_names(self) -> List[str]:
         names: Dict[int, str] = {}
-        for split in ("trainval", "test"):
-            for image_id, label in self._rows(split):
+        for rows in self._rows.values():
+            for image_id, label in rows:
                 names.setdefault(label, image_id.rsplit("_", 1)[0])
         missing = sorted(set(range(max(names) + 1)) - set(names))
         if missing:
@@ -56,6 +58,6 @@ class OxfordIIITPetDataModule(AnnotatedDataModule):
 
     def read_splits(self):
         images = os.path.join(self.dataset_dir, "images")
-        train, test = ([(os.path.join(images, f"{image_id}.jpg"), label) for image_id, label in self._rows(split)]
+        train, test = ([(os.path.join(images, f"{image_id}.jpg"), label) for image_id, label in self._rows[split]]
                        for split in ("trainval", "test"))
         return (train, None), None, (test, None)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tarfile
+from functools import cached_property
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
@@ -187,7 +188,7 @@ class ShardDataModule(FineGrainedDataModule):
         self.root, self.shuffle_block, self.seed = root, shuffle_block, seed
         self.save_hyperparameters()
 
-    @property
+    @cached_property
     def _index(self) -> dict:
         path = os.path.join(self.root, INDEX)
         if not os.path.isfile(path):
@@ -215,24 +216,13 @@ class ShardDataModule(FineGrainedDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def _shard_loader(self, dataset: ShardDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: ShardDataset, shuffle: bool) -> DataLoader:
+        # The base class's train/val/test/predict loaders come here: every one reads batches of its process's part.
         world, rank = self._world()
         sampler = ExactShardSampler(dataset, self.batch_size, world, rank, shuffle=shuffle, seed=self.seed,
                                     shuffle_block=self.shuffle_block)
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._shard_loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._shard_loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._shard_loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._shard_loader(self.test_dataset, shuffle=False)
 
 
 def read_order(root: str, world: int, rank: int, epoch: int, batch_size: int = 4, seed: int = 0) -> List[int]:

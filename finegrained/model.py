@@ -491,7 +491,11 @@ def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrai
     The backbone is built without pretrained weights (the checkpoint holds all of them), so
     this works offline for any backbone.
     """
-    checkpoint = _read_checkpoint(checkpoint_path, map_location)
+    return classifier_from_checkpoint(_read_checkpoint(checkpoint_path, map_location))
+
+
+def classifier_from_checkpoint(checkpoint: Dict[str, Any]) -> FineGrainedClassifier:
+    """:func:`load_classifier` for a checkpoint already read (``{"hyper_parameters", "state_dict", ...}``)."""
     accepted = inspect.signature(FineGrainedClassifier.__init__).parameters
     # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only.
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}

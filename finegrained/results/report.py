@@ -227,12 +227,12 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     """Compute everything and write ``out_dir/index.html``; returns its path."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    from finegrained.model import _read_checkpoint, load_classifier
+    from finegrained.model import _read_checkpoint, classifier_from_checkpoint
     from finegrained.results.plots import plot_confusion_matrix, plot_training_curves
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_classifier(checkpoint_path)
-    checkpoint = _read_checkpoint(checkpoint_path)
+    checkpoint = _read_checkpoint(checkpoint_path)  # read once: the model, its history and its callbacks' state
+    model = classifier_from_checkpoint(checkpoint)
     hp = model.hparams
     datamodule.prepare_data()
     datamodule.setup("test" if split == "test" else "validate")
@@ -253,6 +253,7 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     saved: Dict[int, str] = {}
 
     def image_file(index: int) -> str:
+        """The page's copy of image ``index`` (the evaluation crop), written once."""
         if index not in saved:
             name = f"images/img_{index:06d}.png"
             _save_png(denormalise(_dataset_image(dataset, index), preprocessing), os.path.join(out_dir, name))
@@ -282,7 +283,7 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
             overlay = show_cam_on_image(rgb.astype(np.float32), cam_map, use_rgb=True)
             name = f"images/cam_{i:06d}.png"
             _save_png(overlay, os.path.join(out_dir, name))
-            cams.append({"file": name, "image": image_file(i), "true": class_names[labels[i]],
+            cams.append({"file": name, "true": class_names[labels[i]],
                          "predicted": class_names[predicted[i]], "correct": bool(labels[i] == predicted[i])})
 
     curves = None

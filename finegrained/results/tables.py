@@ -169,7 +169,7 @@ def column_decimals(reference: pd.DataFrame, table: str) -> Dict[str, int]:
     our numbers and differences stay readable beside whole-number papers)."""
     ref = reference[reference["table"] == table]
     key = "dataset" if set(ref["metric"]) == {"top1_acc"} else "metric"
-    decimals = ref["decimals"] if "decimals" in ref else ref["value"].map(lambda v: _printed_decimals(repr(v)))
+    decimals = ref["decimals"]  # recorded by load_reference from the CSV text
     return {column: max(1, int(decimals[ref[key] == column].max())) for column in dict.fromkeys(ref[key])}
 
 
