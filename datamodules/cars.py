@@ -12,9 +12,13 @@ from mirrors in several layouts; ``layout="auto"`` detects which:
   optional ``anno_{train,test}.csv`` (``fname,x1,y1,x2,y2,class``) for boxes, and
   ``car_data/{train,test}/<class name>/*.jpg`` (the CSVs may also sit one level up). Folder names
   replace ``/`` by ``-`` (``Ram C-V Cargo Van Minivan 2012``); they are mapped back to official indices.
+* ``combined`` (``car_ims.tgz`` + ``cars_annos.mat``, used by B-CNN's and other toolkits): ``car_ims/000001.jpg
+  … 016185.jpg`` beside ``cars_annos.mat``, whose ``annotations`` have ``relative_im_path`` (``car_ims/…``),
+  the box, ``class`` and ``test`` (0 train, 1 test) and whose ``class_names`` is the official list.
 
 ``root`` may be any folder level of these downloads: the folder holding the dataset, torchvision's
-``stanford_cars/``, the outer or inner ``car_data/``, ``cars_train/`` of the nested copy, ``devkit/``.
+``stanford_cars/``, the outer or inner ``car_data/``, ``cars_train/`` of the nested copy, ``devkit/``,
+``car_ims/``.
 
 Annotations (``.mat``, read with scipy): ``class_names`` in ``cars_meta.mat`` (official order, not
 alphabetical); ``annotations`` with fields ``bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, fname``,
@@ -34,7 +38,7 @@ from datamodules.annotated import AnnotatedDataModule, find_dataset_dir
 from datamodules.io import IMAGE_EXTENSIONS
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-LAYOUTS = ("original", "kaggle_nested", "kaggle_folders")
+LAYOUTS = ("original", "kaggle_nested", "kaggle_folders", "combined")
 _DEVKIT_DIRS = ["devkit", "car_devkit/devkit", "."]
 _CSV_DIRS = [".", "..", "car_data"]  # names.csv and anno_*.csv, relative to the outer car_data/
 _TEST_LABEL_FILES = ["cars_test_annos_withlabels.mat", "cars_test_annos_withlabels (1).mat"]
@@ -51,19 +55,23 @@ def _find(folder: str, names: List[str], subdirs: List[str], what: str) -> str:
     raise FileNotFoundError(f"Stanford Cars {what} not found; searched: " + "; ".join(tried))
 
 
-def read_mat_annotations(path: str) -> List[Dict]:
-    """``annotations`` of a devkit ``.mat`` as dicts with bbox_x1..bbox_y2, class (if present), fname."""
+_TEXT_FIELDS = ("fname", "relative_im_path")
+
+
+def read_mat_annotations(path: str, name_field: str = "fname") -> List[Dict]:
+    """``annotations`` of a Stanford Cars ``.mat`` as dicts: bbox_x1..bbox_y2, class (if present) and the image
+    name, ``fname`` in the devkit files, ``relative_im_path`` (and ``test``) in ``cars_annos.mat``."""
     from scipy.io import loadmat
 
     try:
         annotations = np.atleast_1d(loadmat(path, squeeze_me=True)["annotations"])
     except KeyError:
-        raise ValueError(f"{path}: no 'annotations' variable (expected a Stanford Cars devkit file)") from None
+        raise ValueError(f"{path}: no 'annotations' variable (expected a Stanford Cars annotation file)") from None
     fields = annotations.dtype.names or ()
-    if "fname" not in fields:
+    if name_field not in fields:
         raise ValueError(f"{path}: annotations have fields {fields}, expected bbox_x1, bbox_y1, bbox_x2, "
-                         f"bbox_y2, class, fname")
-    return [{name: (str(row[name]) if name == "fname" else int(row[name])) for name in fields}
+                         f"bbox_y2, class, {'test, ' if name_field == 'relative_im_path' else ''}{name_field}")
+    return [{name: (str(row[name]) if name in _TEXT_FIELDS else int(row[name])) for name in fields}
             for row in annotations]
 
 
@@ -86,13 +94,14 @@ class StanfordCarsDataModule(AnnotatedDataModule):
     # The dataset folder of each layout holds these; kaggle_folders' is the outer car_data/.
     _MARKERS = {"kaggle_folders": ["car_data/train", "car_data/test"],
                 "kaggle_nested": ["cars_train/cars_train", "cars_test/cars_test"],
-                "original": ["cars_train", "cars_test"]}
+                "original": ["cars_train", "cars_test"],
+                "combined": ["car_ims", "cars_annos.mat"]}
     _CANDIDATES = [".", "stanford_cars", "car_data"]
 
     @cached_property
     def _located(self) -> Tuple[str, str]:
         layouts = LAYOUTS if self.requested_layout == "auto" else (self.requested_layout,)
-        order = [l for l in ("kaggle_folders", "kaggle_nested", "original") if l in layouts]
+        order = [l for l in ("kaggle_folders", "kaggle_nested", "original", "combined") if l in layouts]
         errors = []
         for layout in order:
             markers = self._MARKERS[layout]
@@ -118,19 +127,34 @@ class StanfordCarsDataModule(AnnotatedDataModule):
                 return [line.strip() for line in f.read().splitlines() if line.strip()]
         from scipy.io import loadmat
 
-        path = _find(self.dataset_dir, ["cars_meta.mat"], _DEVKIT_DIRS, "class list cars_meta.mat")
-        return [str(name) for name in np.atleast_1d(loadmat(path, squeeze_me=True)["class_names"])]
+        if self.layout == "combined":
+            path = os.path.join(self.dataset_dir, "cars_annos.mat")
+        else:
+            path = _find(self.dataset_dir, ["cars_meta.mat"], _DEVKIT_DIRS, "class list cars_meta.mat")
+        try:
+            return [str(name) for name in np.atleast_1d(loadmat(path, squeeze_me=True)["class_names"])]
+        except KeyError:
+            raise ValueError(f"{path}: no 'class_names' variable (expected the 196 Stanford Cars class names)") from None
 
-    def _mat_split(self, images_dir: str, annos_path: str) -> Tuple[List, List]:
+    def _mat_split(self, images_dir: str, annos_path: str, test: Optional[int] = None) -> Tuple[List, List]:
+        """Samples and 0-based boxes of an annotation file; ``test`` (0/1) selects a split of ``cars_annos.mat``,
+        whose image names are relative to the dataset folder."""
+        name_field = "fname" if test is None else "relative_im_path"
         samples, boxes = [], []
-        for row in read_mat_annotations(annos_path):
+        for row in read_mat_annotations(annos_path, name_field):
             if "class" not in row:
                 raise ValueError(f"{annos_path} has no 'class' field: it is the unlabelled test file; "
                                  f"use cars_test_annos_withlabels.mat")
+            if test is not None:
+                if row.get("test") not in (0, 1):
+                    raise ValueError(f"{annos_path}: {row[name_field]} has test={row.get('test')}, expected 0 or 1")
+                if row["test"] != test:
+                    continue
             label = row["class"] - 1
             if not 0 <= label < len(self.class_names):
-                raise ValueError(f"{annos_path}: {row['fname']} has class {row['class']}, expected 1..{len(self.class_names)}")
-            samples.append((os.path.join(images_dir, row["fname"]), label))
+                raise ValueError(f"{annos_path}: {row[name_field]} has class {row['class']}, "
+                                 f"expected 1..{len(self.class_names)}")
+            samples.append((os.path.normpath(os.path.join(images_dir, row[name_field])), label))
             boxes.append((row["bbox_x1"] - 1, row["bbox_y1"] - 1, row["bbox_x2"], row["bbox_y2"]))
         return samples, boxes
 
@@ -160,6 +184,9 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         d = self.dataset_dir
         if self.layout == "kaggle_folders":
             return self._folder_split("train"), None, self._folder_split("test")
+        if self.layout == "combined":
+            annos = os.path.join(d, "cars_annos.mat")
+            return self._mat_split(d, annos, test=0), None, self._mat_split(d, annos, test=1)
         nested = self.layout == "kaggle_nested"
         train_images = os.path.join(d, "cars_train", "cars_train" if nested else "")
         test_images = os.path.join(d, "cars_test", "cars_test" if nested else "")

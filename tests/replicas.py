@@ -109,16 +109,45 @@ def _save_annos(path, annotations, with_class=True):
     savemat(path, {"annotations": arr})
 
 
+def _write_cars_combined(base, train, test, classes, placeholder):
+    """car_ims/ + cars_annos.mat: one numbering over both splits, ordered by class as in the original file, so
+    train and test images interleave and only the ``test`` flag separates them. Returns the annotations of each
+    split renamed to their car_ims/ names, in file order."""
+    from scipy.io import savemat
+
+    rows = sorted([(cls, 0, a) for a in train for cls in [a[5]]] + [(cls, 1, a) for a in test for cls in [a[5]]],
+                  key=lambda r: r[0])
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    arr = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+    renamed = ([], [])
+    for k, (cls, is_test, (_, x1, y1, x2, y2, _)) in enumerate(rows):
+        name = f"{k + 1:06d}.jpg"
+        values = {"relative_im_path": f"car_ims/{name}", "bbox_x1": np.uint16(x1), "bbox_y1": np.uint16(y1),
+                  "bbox_x2": np.uint16(x2), "bbox_y2": np.uint16(y2), "class": np.uint8(cls), "test": np.uint8(is_test)}
+        for f in fields:
+            arr[0, k][f] = values[f]
+        renamed[is_test].append((name, x1, y1, x2, y2, cls))
+        _image(os.path.join(base, "car_ims", name), (40, 30), k, placeholder)
+    names = np.empty((1, len(classes)), dtype=object)
+    for k, class_name in enumerate(classes):
+        names[0, k] = class_name
+    savemat(os.path.join(base, "cars_annos.mat"), {"annotations": arr, "class_names": names})
+    return base, renamed[0], renamed[1]
+
+
 def write_cars(root, layout="original", classes=CAR_CLASSES, n_train=10, n_test=8, placeholder=False,
                csv_above=False):
-    """Stanford Cars in one of the three layouts; returns (folder, train annotations, test annotations).
+    """Stanford Cars in one of the four layouts; returns (folder, train annotations, test annotations).
 
     kaggle_folders is the unpacked Kaggle archive: ``car_data/`` with names.csv, anno_*.csv and
     ``car_data/{train,test}``; ``csv_above`` puts the CSVs one level higher instead (another copy's form).
+    combined is ``car_ims.tgz`` unpacked beside ``cars_annos.mat`` in a folder of the user's choosing.
     """
     from scipy.io import savemat
 
     train, test = _car_annotations(n_train, len(classes), 0), _car_annotations(n_test, len(classes), 1)
+    if layout == "combined":
+        return _write_cars_combined(os.path.join(root, "stanford_cars"), train, test, classes, placeholder)
     if layout == "kaggle_folders":
         base = os.path.join(root, "car_data")
         csv_dir = root if csv_above else base

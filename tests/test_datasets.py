@@ -2,13 +2,12 @@
 import collections
 import os
 
+import numpy as np
 import pytest
-import torch
 import torchvision
 from PIL import Image
 
-from datamodules import (CSVDataModule, CUB200DataModule, FGVCAircraftDataModule, ImageLoadError,
-                         StanfordCarsDataModule)
+from datamodules import CSVDataModule, CUB200DataModule, FGVCAircraftDataModule, StanfordCarsDataModule
 from finegrained.cli import main
 from tests.replicas import AIRCRAFT_VARIANTS, CAR_CLASSES, write_aircraft, write_cars, write_cub
 
@@ -140,7 +139,7 @@ def test_aircraft_missing_annotation_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Cars
-@pytest.mark.parametrize("layout", ["original", "kaggle_nested", "kaggle_folders"])
+@pytest.mark.parametrize("layout", ["original", "kaggle_nested", "kaggle_folders", "combined"])
 def test_cars_layouts_give_official_labels(tmp_path, layout):
     _, train, test = write_cars(str(tmp_path), layout)
     dm = StanfordCarsDataModule(str(tmp_path), num_workers=0)
@@ -164,10 +163,36 @@ def test_cars_matches_torchvision_and_bbox(tmp_path):
     assert dm.train_dataset.load_image(0).size == (29, 18)
 
 
-def test_cars_full_size_counts_in_two_layouts(tmp_path):
+def test_cars_combined_layout_splits_by_the_test_flag_and_crops_boxes(tmp_path):
+    from scipy.io import loadmat, savemat
+
+    base, train, test = write_cars(str(tmp_path), "combined")
+    annos = os.path.join(base, "cars_annos.mat")
+    flags = [int(t) for t in loadmat(annos, squeeze_me=True)["annotations"]["test"]]
+    assert 0 < flags.index(1) < len(flags) - 1 - flags[::-1].index(0)  # the splits interleave in the file
+    for root in (str(tmp_path), base, os.path.join(base, "car_ims")):
+        dm = StanfordCarsDataModule(root, bbox_crop=True, num_workers=0)
+        assert (dm.layout, dm.dataset_dir, dm.class_names) == ("combined", base, CAR_CLASSES)
+    dm.setup()
+    assert dm.train_dataset.samples == [(os.path.join(base, "car_ims", a[0]), a[5] - 1) for a in train]
+    assert dm.test_dataset.samples == [(os.path.join(base, "car_ims", a[0]), a[5] - 1) for a in test]
+    x1, y1, x2, y2 = train[0][1:5]  # 1-based inclusive
+    assert dm.train_dataset.load_image(0).size == (x2 - x1 + 1, y2 - y1 + 1)
+
+    mat = loadmat(annos)
+    mat["annotations"][0, 0]["test"] = np.array([[2]], dtype=np.uint8)
+    savemat(annos, {"annotations": mat["annotations"], "class_names": mat["class_names"]})
+    with pytest.raises(ValueError, match=r"cars_annos.mat: car_ims/000001.jpg has test=2, expected 0 or 1"):
+        StanfordCarsDataModule(base, num_workers=0).setup()
+    savemat(annos, {"annotations": mat["annotations"]})
+    with pytest.raises(ValueError, match=r"cars_annos.mat: no 'class_names' variable"):
+        StanfordCarsDataModule(base, num_workers=0).class_names
+
+
+def test_cars_full_size_counts_in_three_layouts(tmp_path):
     classes = [f"Car model {k}" for k in range(195)] + ["Ram C/V Cargo Van Minivan 2012"]
     labels = {}
-    for layout in ("original", "kaggle_folders"):
+    for layout in ("original", "kaggle_folders", "combined"):
         root = tmp_path / layout
         write_cars(str(root), layout, classes=classes, n_train=8144, n_test=8041, placeholder=True)
         dm = StanfordCarsDataModule(str(root), num_workers=0)
@@ -175,13 +200,14 @@ def test_cars_full_size_counts_in_two_layouts(tmp_path):
         assert (dm.num_classes, len(dm.train_dataset), len(dm.test_dataset)) == (196, 8144, 8041)
         labels[layout] = [l for _, l in dm.train_dataset.samples + dm.test_dataset.samples]
     assert labels["original"] == labels["kaggle_folders"]
+    assert sorted(labels["original"]) == sorted(labels["combined"])  # combined numbers images by class
 
 
 def test_cars_unknown_layout_lists_what_was_searched(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(FileNotFoundError) as err:
         StanfordCarsDataModule(str(tmp_path)).class_names
-    for layout in ("original", "kaggle_nested", "kaggle_folders"):
+    for layout in ("original", "kaggle_nested", "kaggle_folders", "combined"):
         assert layout in str(err.value)
 
 

@@ -39,7 +39,7 @@ def data_command(argv: List[str]) -> int:
     verify.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     verify.add_argument("--root", required=True, help="dataset folder (or the folder holding it); image root for csv")
     verify.add_argument("--annotation-level", default="variant", help="aircraft: variant, family or manufacturer")
-    verify.add_argument("--layout", default="auto", help="cars: auto, original, kaggle_nested or kaggle_folders")
+    verify.add_argument("--layout", default="auto", help="cars: auto, original, kaggle_nested, kaggle_folders or combined")
     verify.add_argument("--version", default="2021_mini", help="inaturalist: 2017, 2018, 2021 or 2021_mini")
     verify.add_argument("--train-csv")
     verify.add_argument("--val-csv")
