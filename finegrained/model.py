@@ -420,12 +420,14 @@ class FineGrainedClassifier(pl.LightningModule):
         loss = self.loss_fn(logits, labels)
         if self.backbone_frozen:  # several processes need every trainable parameter in the loss
             loss = loss + zero_through(self.backbone)
+        # sync_dist: under DDP the epoch values are over every rank's images, not rank 0's share.
         if self.head.aux_loss is not None:  # e.g. GM-SOP's load-balance loss
-            self.log("train_aux_loss", self.head.aux_loss, on_step=True, on_epoch=True, batch_size=len(labels))
+            self.log("train_aux_loss", self.head.aux_loss, on_step=True, on_epoch=True, sync_dist=True,
+                     batch_size=len(labels))
             loss = loss + self.head.aux_loss
         acc = (logits.argmax(1) == labels).float().mean()
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
-        self.log("train_top1", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self.log("train_top1", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
