@@ -13,7 +13,9 @@ process, so that each process reads a few shards from start to end; within a par
 blocks of ``shuffle_block`` (reads stay near-sequential); and every part is split into the same number of
 batches (sizes differ by at most one). Over N processes each sample is read exactly once per epoch, every process
 takes the same number of steps (no collective waits for a missing batch), and an epoch's order depends only on
-(seed, epoch): resuming at an epoch replays it.
+(seed, epoch). The training loader is stateful for Lightning (``state_dict``/``load_state_dict``, saved in every
+checkpoint): a fit resumed from a checkpoint taken mid-epoch replays that epoch's order and goes on after the last
+batch it trained on, without reading the skipped samples.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import json
 import math
 import os
 import tarfile
+import warnings
 from functools import cached_property
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,6 +154,7 @@ class ExactShardSampler(DistributedSampler):
         self.batch_size, self.shuffle_block = batch_size, shuffle_block
         longest = math.ceil(len(dataset) / num_replicas)
         self.batches = max(1, math.ceil(longest / batch_size))
+        self.start_batch = 0  # batches of the next iteration to skip (a resumed epoch); used once
 
     def part(self) -> np.ndarray:
         """This process's sample indices for the current epoch, in reading order."""
@@ -167,12 +171,60 @@ class ExactShardSampler(DistributedSampler):
         return part
 
     def __iter__(self) -> Iterator[List[int]]:
-        for batch in np.array_split(self.part(), self.batches):
+        start, self.start_batch = self.start_batch, 0
+        for batch in np.array_split(self.part(), self.batches)[start:]:
             if len(batch):
                 yield batch.tolist()
 
     def __len__(self) -> int:
         return self.batches
+
+
+class ShardLoader(DataLoader):
+    """A loader of :class:`ExactShardSampler` batches whose position Lightning saves in checkpoints.
+
+    State: the epoch, the batches of it consumed, and the process count and batches per epoch that give those
+    batches their meaning. Restored into the same epoch with the same process count and batch size, the next
+    iteration skips the consumed batches; with other settings it warns and starts the epoch from its beginning
+    (samples may then be seen twice in that epoch, none is lost). Iteration starts at the first batch requested, so
+    the epoch Lightning sets after creating the iterator is the one read, with or without worker processes.
+    """
+
+    def __init__(self, dataset: ShardDataset, sampler: ExactShardSampler, num_workers: int = 0):
+        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0)
+        self.consumed = 0
+        self._resume: Optional[Dict[str, int]] = None
+
+    def _layout(self) -> Dict[str, int]:
+        return {"world": self.sampler.num_replicas, "batches_per_epoch": len(self.sampler), "seed": self.sampler.seed}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": int(self.sampler.epoch), "batches": self.consumed, **self._layout()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        saved = {key: state.get(key) for key in self._layout()}
+        if saved != self._layout():
+            warnings.warn(f"shard loader state was saved with {saved}, this run has {self._layout()}: the resumed "
+                          f"epoch starts from its first batch")
+            return
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # A generator: nothing below runs (and no worker is handed an index) before the first batch is asked for.
+        start = 0
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            if resume["epoch"] == self.sampler.epoch:
+                start = min(resume["batches"], len(self.sampler))
+        self.sampler.start_batch = start
+        self.consumed = start
+        for batch in super().__iter__():
+            self.consumed += 1
+            yield batch
 
 
 class ShardDataModule(FineGrainedDataModule):
@@ -221,8 +273,7 @@ class ShardDataModule(FineGrainedDataModule):
         world, rank = self._world()
         sampler = ExactShardSampler(dataset, self.batch_size, world, rank, shuffle=shuffle, seed=self.seed,
                                     shuffle_block=self.shuffle_block)
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return ShardLoader(dataset, sampler, num_workers=self.num_workers)
 
 
 def read_order(root: str, world: int, rank: int, epoch: int, batch_size: int = 4, seed: int = 0) -> List[int]:

@@ -36,3 +36,21 @@ class SaveReadIndicesPerRank(pl.Callback):
         sampler = trainer.train_dataloader.sampler
         torch.save([i for batch in sampler for i in batch],
                    os.path.join(self.folder, f"epoch{trainer.current_epoch}_rank{trainer.global_rank}.pt"))
+
+
+class SaveBatchesPerRank(pl.Callback):
+    """Writes ``<folder>/rank<R>.pt``: ``(epoch, batch index, labels, image sums)`` of every training batch the rank
+    trained on, in order (the sums tell the samples apart when the transforms are deterministic)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        images, labels = batch
+        sums = [round(float(s), 2) for s in images.double().sum(dim=(1, 2, 3))]
+        self.batches.append((trainer.current_epoch, batch_idx, labels.tolist(), sums))
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.folder, exist_ok=True)
+        torch.save(self.batches, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))

@@ -309,6 +309,98 @@ def test_every_process_reads_its_part_exactly_once_per_epoch(shards, world):
     assert orders[0] == [read_order(str(out), world, rank, 0, batch_size=2) for rank in range(world)]  # replayable
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shard_loader_resumes_mid_epoch_after_the_batches_it_consumed(shards, num_workers):
+    from datamodules import ShardDataModule
+    from datamodules.shards import ExactShardSampler, ShardLoader, read_order
+
+    _, out = shards
+    dataset = _setup(ShardDataModule(str(out), **SMALL)).train_dataset
+    labels = lambda batches: [label for _, ys in batches for label in ys.tolist()]  # noqa: E731
+
+    def loader(world=2, rank=1, batch_size=2):
+        return ShardLoader(dataset, ExactShardSampler(dataset, batch_size, world, rank, seed=0), num_workers=num_workers)
+
+    whole = loader()
+    whole.sampler.set_epoch(3)
+    expected = [dataset.targets[i] for i in read_order(str(out), 2, 1, 3, batch_size=2)]
+    assert labels(list(whole)) == expected and whole.state_dict()["batches"] == 3
+
+    first = loader()
+    first.sampler.set_epoch(3)
+    batches = iter(first)
+    consumed = [next(batches), next(batches)]
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 2, "world": 2, "batches_per_epoch": 3, "seed": 0}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    batches = iter(resumed)  # created before the epoch is set, as Lightning does on a restart
+    resumed.sampler.set_epoch(3)
+    rest = list(batches)
+    assert len(rest) == 1 and labels(consumed + rest) == expected
+    resumed.sampler.set_epoch(4)  # the next epoch is whole again
+    assert labels(list(resumed)) == [dataset.targets[i] for i in read_order(str(out), 2, 1, 4, batch_size=2)]
+    assert resumed.state_dict()["batches"] == 3
+
+    finished = loader()
+    finished.load_state_dict({**state, "batches": 3})  # saved at the end of epoch 3: epoch 4 is whole
+    finished.sampler.set_epoch(4)
+    assert len(list(finished)) == 3
+
+    other = loader(world=3, rank=0)
+    with pytest.warns(UserWarning, match="starts from its first batch"):
+        other.load_state_dict(state)
+    other.sampler.set_epoch(3)
+    assert len(list(other)) == len(other)
+
+
+def test_an_interrupted_ddp_fit_on_shards_resumes_where_it_stopped(shards, tmp_path):
+    """Two gloo processes: a fit stopped after 2 of 3 steps of epoch 0 and resumed from its checkpoint trains on
+    exactly the batches, in the order, of a fit that was never stopped."""
+    import subprocess
+    import sys
+
+    import torch as _torch
+
+    from datamodules import ShardDataModule
+    from tests.conftest import finegrained_command
+
+    _, out = shards
+    recipe = tmp_path / "shards.yaml"
+    recipe.write_text(f"""
+seed_everything: 0
+trainer: {{accelerator: cpu, devices: 2, strategy: ddp, max_epochs: 2, enable_progress_bar: false,
+          enable_model_summary: false, limit_val_batches: 0}}
+model: {{backbone: resnet18, backbone_weights: null, head: gap, lr: 0.01}}
+data:
+  class_path: datamodules.ShardDataModule
+  init_args: {{root: {out}, batch_size: 2, num_workers: 1, resize_size: 32, crop_size: 32, hflip: false,
+              train_crop: center}}
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path), "OMP_NUM_THREADS": "1"}
+
+    def fit(name, *extra):
+        callback = ('[{"class_path": "tests.ddp_helpers.SaveBatchesPerRank", "init_args": {"folder": "'
+                    + str(tmp_path / name) + '"}}]')
+        result = subprocess.run(finegrained_command() + [
+            "fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path / name),
+            "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--runs_csv", str(tmp_path / "runs.csv"),
+            "--trainer.callbacks", callback, *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [_torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)]
+
+    whole = fit("whole")
+    stopped = fit("stopped", "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2")
+    resumed = fit("resumed", "--ckpt_path", str(tmp_path / "stopped" / "ckpt" / "last.ckpt"))
+    for rank in (0, 1):
+        assert [b[:2] for b in whole[rank]] == [(e, i) for e in (0, 1) for i in range(3)]
+        assert [b[:2] for b in stopped[rank]] == [(0, 0), (0, 1)]
+        assert stopped[rank] + resumed[rank] == whole[rank], f"rank {rank}"
+    epoch0 = sorted(label for rank in (0, 1) for e, _, labels, _ in whole[rank] if e == 0 for label in labels)
+    assert epoch0 == sorted(_setup(ShardDataModule(str(out), **SMALL)).train_dataset.targets)
+
+
 def test_two_gloo_processes_read_the_dataset_once_in_a_lightning_fit(shards, tmp_path):
     import subprocess
     import sys
