@@ -39,17 +39,17 @@ class SaveReadIndicesPerRank(pl.Callback):
 
 
 class SaveBatchesPerRank(pl.Callback):
-    """Writes ``<folder>/rank<R>.pt``: ``(epoch, batch index, labels, image sums)`` of every training batch the rank
-    trained on, in order (the sums tell the samples apart when the transforms are deterministic)."""
+    """Writes ``<folder>/rank<R>.pt``: ``(epoch, batch index, labels, image sums, loss)`` of every training batch the
+    rank trained on, in order (the sums tell the samples apart when the transforms are deterministic)."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self.batches = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         images, labels = batch
-        sums = [round(float(s), 2) for s in images.double().sum(dim=(1, 2, 3))]
-        self.batches.append((trainer.current_epoch, batch_idx, labels.tolist(), sums))
+        sums = [float(s) for s in images.double().sum(dim=(1, 2, 3))]
+        self.batches.append((trainer.current_epoch, batch_idx, labels.tolist(), sums, float(outputs["loss"])))
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.folder, exist_ok=True)
