@@ -64,13 +64,13 @@ def read_mat_annotations(path: str, name_field: str = "fname") -> List[Dict]:
     from scipy.io import loadmat
 
     try:
-        annotations = np.atleast_1d(loadmat(path, squeeze_me=True)["annotations"])
+        annotations = np.atleast_1d(loadmat(path, squeeze_me=True, variable_names=["annotations"])["annotations"])
     except KeyError:
         raise ValueError(f"{path}: no 'annotations' variable (expected a Stanford Cars annotation file)") from None
     fields = annotations.dtype.names or ()
     if name_field not in fields:
         raise ValueError(f"{path}: annotations have fields {fields}, expected bbox_x1, bbox_y1, bbox_x2, "
-                         f"bbox_y2, class, {'test, ' if name_field == 'relative_im_path' else ''}{name_field}")
+                         f"bbox_y2, class and {name_field}")
     return [{name: (str(row[name]) if name in _TEXT_FIELDS else int(row[name])) for name in fields}
             for row in annotations]
 
@@ -132,24 +132,19 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         else:
             path = _find(self.dataset_dir, ["cars_meta.mat"], _DEVKIT_DIRS, "class list cars_meta.mat")
         try:
-            return [str(name) for name in np.atleast_1d(loadmat(path, squeeze_me=True)["class_names"])]
+            names = loadmat(path, squeeze_me=True, variable_names=["class_names"])["class_names"]
+            return [str(name) for name in np.atleast_1d(names)]
         except KeyError:
             raise ValueError(f"{path}: no 'class_names' variable (expected the 196 Stanford Cars class names)") from None
 
-    def _mat_split(self, images_dir: str, annos_path: str, test: Optional[int] = None) -> Tuple[List, List]:
-        """Samples and 0-based boxes of an annotation file; ``test`` (0/1) selects a split of ``cars_annos.mat``,
-        whose image names are relative to the dataset folder."""
-        name_field = "fname" if test is None else "relative_im_path"
+    def _mat_split(self, images_dir: str, annos_path: str, rows: Optional[List[Dict]] = None,
+                   name_field: str = "fname") -> Tuple[List, List]:
+        """Samples and 0-based boxes of the annotation rows of ``annos_path`` (all of its rows unless given)."""
         samples, boxes = [], []
-        for row in read_mat_annotations(annos_path, name_field):
+        for row in read_mat_annotations(annos_path) if rows is None else rows:
             if "class" not in row:
                 raise ValueError(f"{annos_path} has no 'class' field: it is the unlabelled test file; "
                                  f"use cars_test_annos_withlabels.mat")
-            if test is not None:
-                if row.get("test") not in (0, 1):
-                    raise ValueError(f"{annos_path}: {row[name_field]} has test={row.get('test')}, expected 0 or 1")
-                if row["test"] != test:
-                    continue
             label = row["class"] - 1
             if not 0 <= label < len(self.class_names):
                 raise ValueError(f"{annos_path}: {row[name_field]} has class {row['class']}, "
@@ -157,6 +152,18 @@ class StanfordCarsDataModule(AnnotatedDataModule):
             samples.append((os.path.normpath(os.path.join(images_dir, row[name_field])), label))
             boxes.append((row["bbox_x1"] - 1, row["bbox_y1"] - 1, row["bbox_x2"], row["bbox_y2"]))
         return samples, boxes
+
+    def _combined_splits(self) -> Tuple[Tuple[List, List], Tuple[List, List]]:
+        """Train and test of ``cars_annos.mat`` (read once), split by its ``test`` flag; image paths are relative
+        to the dataset folder."""
+        annos = os.path.join(self.dataset_dir, "cars_annos.mat")
+        rows = ([], [])
+        for row in read_mat_annotations(annos, "relative_im_path"):
+            if row.get("test") not in (0, 1):
+                raise ValueError(f"{annos}: {row['relative_im_path']} has test={row.get('test')}, expected 0 or 1")
+            rows[row["test"]].append(row)
+        train, test = (self._mat_split(self.dataset_dir, annos, split, "relative_im_path") for split in rows)
+        return train, test
 
     def _folder_split(self, split: str) -> Tuple[List, Optional[List]]:
         split_dir = os.path.join(self.dataset_dir, "car_data", split)
@@ -185,8 +192,8 @@ class StanfordCarsDataModule(AnnotatedDataModule):
         if self.layout == "kaggle_folders":
             return self._folder_split("train"), None, self._folder_split("test")
         if self.layout == "combined":
-            annos = os.path.join(d, "cars_annos.mat")
-            return self._mat_split(d, annos, test=0), None, self._mat_split(d, annos, test=1)
+            train, test = self._combined_splits()
+            return train, None, test
         nested = self.layout == "kaggle_nested"
         train_images = os.path.join(d, "cars_train", "cars_train" if nested else "")
         test_images = os.path.join(d, "cars_test", "cars_test" if nested else "")

@@ -219,7 +219,7 @@ class ShardLoader(DataLoader):
         if self._resume is not None:
             resume, self._resume = self._resume, None
             if resume["epoch"] == self.sampler.epoch:
-                start = min(resume["batches"], len(self.sampler))
+                start = resume["batches"]
         self.sampler.start_batch = start
         self.consumed = start
         for batch in super().__iter__():

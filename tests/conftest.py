@@ -1,7 +1,9 @@
 """Shared fixtures: tiny datasets written in the exact on-disk formats, and a tiny trained model."""
+import json
 import os
-import zlib
+import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -18,6 +20,24 @@ def finegrained_command():
     """The installed ``finegrained`` console script for subprocess tests (the module when not installed)."""
     exe = os.path.join(os.path.dirname(sys.executable), "finegrained")
     return [exe] if os.path.isfile(exe) else [sys.executable, "-m", "finegrained.cli"]
+
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def run_finegrained(args, timeout=600):
+    """``finegrained ARGS`` in a fresh process (one thread each, as two DDP processes share the 2 cores; ``tests``
+    importable for callbacks named in ``--trainer.callbacks``); asserts it succeeded and returns the result."""
+    result = subprocess.run(finegrained_command() + list(args), capture_output=True, text=True, timeout=timeout,
+                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def callback_args(class_name, **init_args):
+    """``--trainer.callbacks`` with one callback of tests/ddp_helpers.py."""
+    return ["--trainer.callbacks",
+            json.dumps([{"class_path": f"tests.ddp_helpers.{class_name}", "init_args": init_args}])]
 
 
 def write_image(path, colour, size=48, seed=0, fmt=None):

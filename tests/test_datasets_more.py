@@ -24,6 +24,13 @@ def _setup(dm):
     return dm
 
 
+def _at_level(module, tmp_path, base, level):
+    """The DataModule set up with ``root`` at the download's parent, the dataset folder, or the folder ``level``
+    inside it."""
+    root = {"parent": str(tmp_path), "dataset": base}.get(level) or os.path.join(base, level)
+    return _setup(module(root, **SMALL))
+
+
 def _relative(samples, base):
     return [(os.path.relpath(path, base), label) for path, label in samples]
 
@@ -91,9 +98,7 @@ def test_dogs_errors_name_the_file(tmp_path):
 def test_flowers_agree_with_torchvision(tmp_path, level):
     from torchvision.datasets import Flowers102
 
-    base = write_flowers(str(tmp_path))
-    root = {"parent": str(tmp_path), "dataset": base, "jpg": os.path.join(base, "jpg")}[level]
-    dm = _setup(Flowers102DataModule(root, **SMALL))
+    dm = _at_level(Flowers102DataModule, tmp_path, write_flowers(str(tmp_path)), level)
     assert dm.class_names[0] == "pink primrose" and len(dm.class_names) == 102
     with mock.patch.object(Flowers102, "_check_integrity", return_value=True):  # it checks the real files' MD5
         for split, dataset in (("train", dm.train_dataset), ("val", dm.val_dataset), ("test", dm.test_dataset)):
@@ -108,9 +113,7 @@ def test_flowers_agree_with_torchvision(tmp_path, level):
 def test_pets_agree_with_torchvision_but_keep_the_file_names(tmp_path, level):
     from torchvision.datasets import OxfordIIITPet
 
-    base = write_pets(str(tmp_path))
-    root = {"parent": str(tmp_path), "dataset": base, "annotations": os.path.join(base, "annotations")}[level]
-    dm = _setup(OxfordIIITPetDataModule(root, **SMALL))
+    dm = _at_level(OxfordIIITPetDataModule, tmp_path, write_pets(str(tmp_path)), level)
     assert dm.class_names == ["Abyssinian", "american_bulldog", "Bengal", "yorkshire_terrier"]  # class id order
     for split, dataset in (("trainval", dm.train_dataset), ("test", dm.test_dataset)):
         reference = OxfordIIITPet(str(tmp_path), split=split)
@@ -134,9 +137,7 @@ def test_pets_bad_class_id_names_file_and_line(tmp_path):
 def test_food101_follows_classes_txt_where_torchvision_sorts(tmp_path, level):
     from torchvision.datasets import Food101
 
-    base = write_food101(str(tmp_path))
-    root = {"parent": str(tmp_path), "dataset": base, "meta": os.path.join(base, "meta")}[level]
-    dm = _setup(Food101DataModule(root, **SMALL))
+    dm = _at_level(Food101DataModule, tmp_path, write_food101(str(tmp_path)), level)
     assert dm.class_names == FOOD_CLASSES  # cheesecake before cheese_plate, as meta/classes.txt
     for split, dataset in (("train", dm.train_dataset), ("test", dm.test_dataset)):
         reference = Food101(str(tmp_path), split=split)
@@ -355,46 +356,44 @@ def test_shard_loader_resumes_mid_epoch_after_the_batches_it_consumed(shards, nu
     assert len(list(other)) == len(other)
 
 
-def test_an_interrupted_ddp_fit_on_shards_resumes_where_it_stopped(shards, tmp_path):
-    """Two gloo processes: a fit stopped after 2 of 3 steps of epoch 0 and resumed from its checkpoint trains on
-    exactly the batches, in the order, that the epochs' orders prescribe for a fit that never stopped."""
-    import subprocess
-    import sys
-
-    import numpy as np
-    import torch as _torch
-
-    from datamodules import ShardDataModule
-    from datamodules.shards import read_order
-    from tests.conftest import finegrained_command
-
-    _, out = shards
-    data = dict(batch_size=2, num_workers=1, resize_size=32, crop_size=32, hflip=False, train_crop="center")
-    recipe = tmp_path / "shards.yaml"
-    recipe.write_text(f"""
+def _shard_fit_recipe(path, shards_dir, **data):
+    """A recipe: ResNet-18 + GAP fitted for 2 epochs by 2 gloo processes on the shards, without validation."""
+    settings = ", ".join(f"{k}: {str(v).lower()}" for k, v in data.items())
+    path.write_text(f"""
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 2, strategy: ddp, max_epochs: 2, enable_progress_bar: false,
           enable_model_summary: false, limit_val_batches: 0}}
 model: {{backbone: resnet18, backbone_weights: null, head: gap, lr: 0.01}}
 data:
   class_path: datamodules.ShardDataModule
-  init_args: {{root: {out}, {", ".join(f"{k}: {str(v).lower()}" for k, v in data.items())}}}
+  init_args: {{root: {shards_dir}, batch_size: 2, {settings}}}
 """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path), "OMP_NUM_THREADS": "1"}
+    return str(path)
+
+
+def test_an_interrupted_ddp_fit_on_shards_resumes_where_it_stopped(shards, tmp_path):
+    """Two gloo processes: a fit stopped after 2 of 3 steps of epoch 0 and resumed from its checkpoint trains on
+    exactly the batches, in the order, that the epochs' orders prescribe for a fit that never stopped."""
+    import numpy as np
+    import torch as _torch
+
+    from datamodules import ShardDataModule
+    from datamodules.shards import read_order
+    from tests.conftest import callback_args, run_finegrained
+
+    _, out = shards
+    data = dict(num_workers=1, resize_size=32, crop_size=32, hflip=False, train_crop="center")
+    recipe = _shard_fit_recipe(tmp_path / "shards.yaml", out, **data)
 
     def fit(name, *extra):
-        callback = ('[{"class_path": "tests.ddp_helpers.SaveBatchesPerRank", "init_args": {"folder": "'
-                    + str(tmp_path / name) + '"}}]')
-        result = subprocess.run(finegrained_command() + [
-            "fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path / name),
-            "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--runs_csv", str(tmp_path / "runs.csv"),
-            "--trainer.callbacks", callback, *extra], capture_output=True, text=True, timeout=300, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_finegrained(["fit", "--config", recipe, "--trainer.default_root_dir", str(tmp_path / name),
+                         "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--runs_csv", str(tmp_path / "runs.csv"),
+                         *callback_args("SaveBatchesPerRank", folder=str(tmp_path / name)), *extra], timeout=300)
         return [[b[:4] for b in _torch.load(tmp_path / name / f"rank{r}.pt")] for r in (0, 1)]
 
     stopped = fit("stopped", "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2")
     resumed = fit("resumed", "--ckpt_path", str(tmp_path / "stopped" / "ckpt" / "last.ckpt"))
-    dataset = _setup(ShardDataModule(str(out), **data)).train_dataset
+    dataset = _setup(ShardDataModule(str(out), batch_size=2, **data)).train_dataset
     for rank in (0, 1):
         expected = []
         for epoch in (0, 1):
@@ -409,30 +408,15 @@ data:
 
 
 def test_two_gloo_processes_read_the_dataset_once_in_a_lightning_fit(shards, tmp_path):
-    import subprocess
-    import sys
-
     import torch as _torch
 
-    from tests.conftest import finegrained_command
+    from tests.conftest import callback_args, run_finegrained
 
     _, out = shards
-    recipe = tmp_path / "shards.yaml"
-    recipe.write_text(f"""
-seed_everything: 0
-trainer: {{accelerator: cpu, devices: 2, strategy: ddp, max_epochs: 2, enable_progress_bar: false,
-          enable_model_summary: false, default_root_dir: {tmp_path / "run"}, limit_val_batches: 0,
-          callbacks: [{{class_path: tests.ddp_helpers.SaveReadIndicesPerRank, init_args: {{folder: {tmp_path / "read"}}}}}]}}
-checkpoint: {{dirpath: {tmp_path / "ck"}}}
-model: {{backbone: resnet18, backbone_weights: null, head: gap, lr: 0.01}}
-data:
-  class_path: datamodules.ShardDataModule
-  init_args: {{root: {out}, batch_size: 2, num_workers: 0, resize_size: 36, crop_size: 32}}
-""")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path)}
-    result = subprocess.run(finegrained_command() + ["fit", "--config", str(recipe)], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=os.getcwd())
-    assert result.returncode == 0, result.stderr[-2000:]
+    recipe = _shard_fit_recipe(tmp_path / "shards.yaml", out, num_workers=0, resize_size=36, crop_size=32)
+    run_finegrained(["fit", "--config", recipe, "--trainer.default_root_dir", str(tmp_path / "run"),
+                     "--checkpoint.dirpath", str(tmp_path / "ck"),
+                     *callback_args("SaveReadIndicesPerRank", folder=str(tmp_path / "read"))], timeout=300)
     for epoch in (0, 1):
         parts = [_torch.load(tmp_path / "read" / f"epoch{epoch}_rank{r}.pt") for r in (0, 1)]
         assert sorted(parts[0] + parts[1]) == list(range(12)) and len(parts[0]) == len(parts[1]) == 6

@@ -2,20 +2,16 @@
 import csv
 import glob
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import finegrained_command, make_image_folder
+from tests.conftest import callback_args, make_image_folder, run_finegrained
 
 
 def _test_run(recipe, ckpt, runs_csv, extra):
-    out = subprocess.run(finegrained_command() + ["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs_csv,
-                                           "--trainer.accelerator", "cpu", "--trainer.limit_test_batches", "1.0"] + extra,
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    return run_finegrained(["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs_csv,
+                            "--trainer.accelerator", "cpu", "--trainer.limit_test_batches", "1.0"] + extra).stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo DDP test written for Linux")
@@ -46,7 +42,6 @@ def test_two_process_ddp_test_metrics_equal_one_process(trained_run, tmp_path):
         assert float(one[0][key]) == float(two[0][key])
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo DDP test written for Linux")
 def test_two_process_ddp_training_metrics_cover_both_ranks(trained_run, tmp_path):
     # The epoch's training loss must be the mean over both ranks' batches (12 images, 3 batches of 2 on each
@@ -55,17 +50,12 @@ def test_two_process_ddp_training_metrics_cover_both_ranks(trained_run, tmp_path
 
     recipe, _, data = trained_run
     out = str(tmp_path)
-    callback = '[{"class_path": "tests.ddp_helpers.SaveBatchesPerRank", "init_args": {"folder": "' + out + '"}}]'
-    result = subprocess.run(
-        finegrained_command() + ["fit", "--config", recipe, "--data.init_args.root", data,
-                                 "--data.init_args.val_fraction", "0.3", "--data.init_args.batch_size", "2",
-                                 "--trainer.limit_train_batches", "1.0", "--trainer.callbacks", callback,
-                                 "--trainer.default_root_dir", out, "--checkpoint.dirpath", out + "/ckpt",
-                                 "--runs_csv", out + "/runs.csv", "--trainer.accelerator", "cpu",
-                                 "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd()] + sys.path)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_finegrained(["fit", "--config", recipe, "--data.init_args.root", data,
+                              "--data.init_args.val_fraction", "0.3", "--data.init_args.batch_size", "2",
+                              "--trainer.limit_train_batches", "1.0", *callback_args("SaveBatchesPerRank", folder=out),
+                              "--trainer.default_root_dir", out, "--checkpoint.dirpath", out + "/ckpt",
+                              "--runs_csv", out + "/runs.csv", "--trainer.accelerator", "cpu",
+                              "--trainer.devices", "2", "--trainer.strategy", "ddp"])
     assert "sync_dist=True" not in result.stderr
     losses = [[batch[4] for batch in torch.load(os.path.join(out, f"rank{r}.pt"))] for r in (0, 1)]
     assert [len(l) for l in losses] == [3, 3]

@@ -303,26 +303,23 @@ def test_stage1_keeps_every_backbone_tensor_also_with_mid_epoch_validation(tmp_p
 
 
 def test_two_stage_fit_runs_under_ddp_and_switches_to_stage_2(trained_run, tmp_path):
-    import subprocess
     import sys
 
     import torchvision
 
-    from tests.conftest import finegrained_command
+    from tests.conftest import run_finegrained
 
     if not sys.platform.startswith("linux"):
         pytest.skip("gloo DDP test written for Linux")
     recipe, _, data = trained_run
     weights = tmp_path / "pretrained.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    out = subprocess.run(finegrained_command() + [
+    run_finegrained([
         "fit", "--config", recipe, "--model.backbone_weights", str(weights), "--model.stage1_epochs", "1",
         "--model.stage1_lr", "0.1", "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath",
         str(tmp_path / "ck"), "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null",
-        "--checkpoint.filename", "{epoch}", "--checkpoint.save_last", "false"],
-        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        "--checkpoint.filename", "{epoch}", "--checkpoint.save_last", "false"])
     pretrained = torch.load(weights, weights_only=True)
     for epoch, changed in ((0, False), (1, True)):
         state = torch.load(tmp_path / "ck" / f"epoch={epoch}.ckpt", weights_only=True)["state_dict"]
@@ -412,27 +409,19 @@ def test_data_init_is_skipped_when_resuming_or_starting_from_a_checkpoint(traine
 
 
 def test_data_init_is_identical_on_every_ddp_rank(trained_run, tmp_path):
-    import os
-    import subprocess
     import sys
 
-    from tests.conftest import finegrained_command
+    from tests.conftest import callback_args, run_finegrained
 
     if not sys.platform.startswith("linux"):
         pytest.skip("gloo DDP test written for Linux")
     recipe, _, _ = trained_run
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-    extra = tmp_path / "callbacks.yaml"
-    extra.write_text(f"trainer:\n  callbacks:\n    - class_path: tests.ddp_helpers.SaveHeadPerRank\n"
-                     f"      init_args: {{folder: {tmp_path / 'heads'}}}\n")
-    out = subprocess.run(finegrained_command() + [
-        "fit", "--config", recipe, "--config", str(extra), "--model.head", "netvlad", "--model.head_kwargs",
+    run_finegrained([
+        "fit", "--config", recipe, *callback_args("SaveHeadPerRank", folder=str(tmp_path / "heads")),
+        "--model.head", "netvlad", "--model.head_kwargs",
         '{"clusters": 8}', "--model.lr", "0.01", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
-        "--checkpoint.dirpath", str(tmp_path / "ck")],
-        capture_output=True, text=True, timeout=600, cwd=root,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        "--checkpoint.dirpath", str(tmp_path / "ck")])
     rank0, rank1 = (torch.load(tmp_path / "heads" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
@@ -550,29 +539,21 @@ def test_netvlad_alpha_from_the_data_gives_the_nearest_centre_100_times_the_next
 
 
 def test_cached_stage1_trains_the_classifier_on_unaugmented_features_and_every_rank_gets_it(trained_run, tmp_path):
-    import os
-    import subprocess
     import sys
 
-    from tests.conftest import finegrained_command
+    from tests.conftest import callback_args, run_finegrained
 
     if not sys.platform.startswith("linux"):
         pytest.skip("gloo DDP test written for Linux")
     recipe, ckpt, _ = trained_run
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-    extra = tmp_path / "callbacks.yaml"
-    extra.write_text(f"trainer:\n  callbacks:\n    - class_path: tests.ddp_helpers.SaveHeadPerRank\n"
-                     f"      init_args: {{folder: {tmp_path / 'states'}}}\n")
     start = torch.load(ckpt, weights_only=True)["state_dict"]
-    out = subprocess.run(finegrained_command() + [
-        "fit", "--config", recipe, "--config", str(extra), "--model.head", "gap", "--model.head_kwargs", "{}",
+    out = run_finegrained([
+        "fit", "--config", recipe, *callback_args("SaveHeadPerRank", folder=str(tmp_path / "states")),
+        "--model.head", "gap", "--model.head_kwargs", "{}",
         "--model.stage1_route", "cached", "--model.stage1_epochs", "20", "--model.stage1_lr", "0.5",
         "--model.stage1_batch_size", "4", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
-        "--checkpoint.dirpath", str(tmp_path / "ck")],
-        capture_output=True, text=True, timeout=600, cwd=root,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        "--checkpoint.dirpath", str(tmp_path / "ck")])
     assert __import__("re").search(r"stage 1 on cached features: \d+ images, 512-d, 20 epochs at lr 0.5",
                                    out.stdout + out.stderr)
     rank0, rank1 = (torch.load(tmp_path / "states" / f"classifier_rank{r}.pt", weights_only=True) for r in (0, 1))
