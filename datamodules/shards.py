@@ -185,9 +185,10 @@ class ShardLoader(DataLoader):
 
     State: the epoch, the batches of it consumed, and the process count and batches per epoch that give those
     batches their meaning. Restored into the same epoch with the same process count and batch size, the next
-    iteration skips the consumed batches; with other settings it warns and starts the epoch from its beginning
-    (samples may then be seen twice in that epoch, none is lost). Iteration starts at the first batch requested, so
-    the epoch Lightning sets after creating the iterator is the one read, with or without worker processes.
+    iteration skips the consumed batches. With other settings it warns and starts the epoch from its beginning;
+    Lightning still takes only the steps left in that epoch, so that one epoch may see some samples twice and miss
+    others (as with any loader that cannot resume); later epochs are whole. Iteration starts at the first batch
+    requested, so the epoch Lightning sets after creating the iterator is the one read, with or without workers.
     """
 
     def __init__(self, dataset: ShardDataset, sampler: ExactShardSampler, num_workers: int = 0):
@@ -206,7 +207,8 @@ class ShardLoader(DataLoader):
         saved = {key: state.get(key) for key in self._layout()}
         if saved != self._layout():
             warnings.warn(f"shard loader state was saved with {saved}, this run has {self._layout()}: the resumed "
-                          f"epoch starts from its first batch")
+                          f"epoch starts from its first batch for the steps left in it (some of its samples may be "
+                          f"seen twice and others missed; later epochs are whole)")
             return
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
