@@ -26,24 +26,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from finegrained.backbones import build_backbone
 from finegrained.backbones.weights import read_state_dict
 from finegrained.heads import PoolingHead, build_head
 from finegrained.losses import loss_function
+from finegrained.metrics import accuracy_metrics
 from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings, clip_activation_gradients,
                                configure_optimizers, forget_state, parameter_groups, stage_weight_decay,
                                train_on_cached_features, zero_through)
 from finegrained.pretrained import SplitCheckpoint, split_authors_checkpoint
-
-
-def _metrics(num_classes: int, prefix: str) -> MetricCollection:
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-               "mean_class_acc": MulticlassAccuracy(num_classes, top_k=1, average="macro")}
-    if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
 
 
 class InferenceNetwork(nn.Module):
@@ -187,8 +180,8 @@ class FineGrainedClassifier(pl.LightningModule):
                 nn.init.zeros_(linear.bias)
             self.classifier = nn.Sequential(nn.Dropout(dropout) if dropout else nn.Identity(), linear)
         self.lr_mult = {**DEFAULT_LR_MULT, **(lr_mult or {})}
-        self.val_metrics = _metrics(num_classes, "val_")
-        self.test_metrics = _metrics(num_classes, "test_")
+        self.val_metrics = accuracy_metrics(num_classes, "val_")
+        self.test_metrics = accuracy_metrics(num_classes, "test_")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         if init_from:
             self.dropped_from_init = self.load_matching_weights(init_from)

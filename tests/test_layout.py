@@ -14,7 +14,7 @@ from finegrained.heads import PoolingHead, available_heads, build_head, head_dis
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
-           "finegrained.pretrained", "finegrained.losses", "finegrained.svm",
+           "finegrained.pretrained", "finegrained.losses", "finegrained.metrics", "finegrained.svm",
            "finegrained.export", "finegrained.predict", "finegrained.resume", "finegrained.linalg")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
 
@@ -67,8 +67,9 @@ def _modules_in(prefix):
     ("finegrained.backbones", ("finegrained.backbones",)),
     ("finegrained.optim", ()),
     ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim",
-                           "finegrained.pretrained", "finegrained.losses")),
+                           "finegrained.pretrained", "finegrained.losses", "finegrained.metrics")),
     ("finegrained.pretrained", ()),
+    ("finegrained.metrics", ()),
     ("finegrained.losses", ()),
     ("datamodules", ("datamodules",)),
 ])
