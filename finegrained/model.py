@@ -37,6 +37,7 @@ from finegrained.optim import (DEFAULT_LR_MULT, backbone_frozen, check_settings,
                                configure_optimizers, forget_state, parameter_groups, stage_weight_decay,
                                train_on_cached_features, zero_through)
 from finegrained.pretrained import SplitCheckpoint, split_authors_checkpoint
+from finegrained.resume import read_checkpoint_file
 
 
 class InferenceNetwork(nn.Module):
@@ -245,7 +246,7 @@ class FineGrainedClassifier(pl.LightningModule):
         model = super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                              strict=strict, weights_only=weights_only, **overrides, **kwargs)
         if isinstance(checkpoint_path, (str, os.PathLike)) and overrides:
-            recorded = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            recorded = read_checkpoint_file(checkpoint_path, mmap=True)
             _record_weight_sources(model, recorded.get("hyper_parameters", {}), overrides)
         return model
 
@@ -470,12 +471,9 @@ class FineGrainedClassifier(pl.LightningModule):
 
 def _read_checkpoint(checkpoint_path: str, map_location: str = "cpu") -> Dict[str, Any]:
     """A Lightning checkpoint of this class, read with ``weights_only=True``."""
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}") from None
+    checkpoint = read_checkpoint_file(checkpoint_path, map_location=map_location)
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} is not a FineGrainedClassifier checkpoint "
+        raise ValueError(f"{checkpoint_path}: not a FineGrainedClassifier checkpoint "
                          f"(expected 'hyper_parameters' and 'state_dict' entries)")
     return checkpoint
 

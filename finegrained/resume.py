@@ -1,8 +1,18 @@
-"""Exact resume: atomic checkpoint files and the random-number state saved with them.
+"""Exact resume: checkpoint files written atomically at every epoch's end, read safely, and the random-number
+state saved with them.
 
-* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the same folder and
-  renames it over the target (``os.replace`` is atomic on POSIX), so a SIGKILL during a save leaves
-  the previous ``last.ckpt`` intact instead of a truncated one.
+* :class:`ModelCheckpointEveryEpoch` is Lightning's ``ModelCheckpoint`` (``best.ckpt`` by the monitored metric)
+  that also writes ``last.ckpt`` at the end of every training epoch and at every ``every_n_train_steps``,
+  whatever the monitor does. Lightning writes ``last.ckpt`` only in a step where it also saved a top-k
+  checkpoint, so a metric that plateaus, or no top-k checkpoint at all (validation on the test set), left
+  ``last.ckpt`` at an earlier epoch or missing.
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file beside the target
+  (``<target>.tmp-<host>-<pid>``), flushes it to disk and renames it over the target (``os.replace`` is atomic
+  on POSIX), so a SIGKILL during a save leaves the previous ``last.ckpt`` intact instead of a truncated one. A
+  failed write (a full disk) removes its temporary file; one left by a killed process of this host is removed by
+  the next write of the same target. It reads checkpoints with :func:`read_checkpoint_file`.
+* :func:`read_checkpoint_file` loads with ``weights_only=True`` and turns an empty, truncated, random or
+  refused file into one :class:`CheckpointFileError` naming the file and what was expected.
 * :class:`RandomState` stores the Python, NumPy and torch generators in every checkpoint and restores
   them on resume, so the epochs after ``--ckpt_path last`` shuffle, crop and flip exactly as the
   uninterrupted run did.
@@ -13,22 +23,186 @@ metrics equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import glob
+import io
 import os
+import pickle
 import random
+import re
+import socket
 from typing import Any, Dict, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read as a PyTorch checkpoint of tensors and containers."""
+
+
+def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, with every way a file can be unreadable as one clear error.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointFileError: a folder, an empty, truncated or random file, or a pickle of other Python objects
+            than tensors and containers (refused: only weights are ever unpickled).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if os.path.isdir(path):
+        raise CheckpointFileError(f"{path}: is a folder; expected a checkpoint file (.ckpt)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFileError(f"{path}: file is empty (0 bytes); expected a checkpoint written by finegrained fit")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if refused:
+            raise CheckpointFileError(
+                f"{path}: holds a pickled Python object ({refused.group(1)}), which is refused: checkpoints are read "
+                f"with weights_only=True (tensors and containers only)") from None
+        raise CheckpointFileError(f"{path}: not a PyTorch checkpoint (cannot unpickle it); expected a checkpoint "
+                                  f"written by finegrained fit") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # RuntimeError (zip), EOFError, KeyError, ...: the file's content, not the code
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file: "
+                                  f"{first[:120]}); expected a checkpoint written by finegrained fit") from None
+
+
+def _temporary_name(path: str) -> str:
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove ``<path>.tmp-<this host>-<pid>`` files whose process is gone (a kill during a write)."""
+    prefix = f"{path}.tmp-{socket.gethostname()}-"
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+        pid = stale[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
+        except OSError:  # alive, owned by someone else
+            pass
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their target and renamed over it; read with :func:`read_checkpoint_file`."""
+
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        if "://" in path:  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        _remove_stale_temporaries(path)
+        # Serialised in memory first (as Lightning does), so a failing disk raises an OSError from write(), not an
+        # error from inside torch's zip writer.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        tmp = _temporary_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            # A full disk, a permission error or an interrupt: leave the previous checkpoint and no partial file.
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            if isinstance(err, OSError):
+                raise OSError(err.errno, f"{path}: could not write the checkpoint ({err.strerror or err}); the "
+                                         f"previous file, if any, is unchanged") from err
+            raise
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        path = os.fspath(path)
+        if "://" in path:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = read_checkpoint_file(path, map_location=map_location or "cpu")
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise CheckpointFileError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry); expected a "
+                                      f"checkpoint written by finegrained fit")
+        return checkpoint
+
+
+def completed_epochs(checkpoint: Dict[str, Any]) -> int:
+    """Training epochs completed when ``checkpoint`` was written (Lightning's ``epoch`` entry is the epoch
+    counter, which the end of a fit has already moved on by one)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("epoch", -1)) + 1
+
+
+def checkpoint_selection(path: str, checkpoint: Dict[str, Any]) -> str:
+    """``best <metric>`` for the monitored checkpoint, ``last epoch`` for one written at the end of the fit's last
+    epoch, else ``epoch N of M`` (a fit that stopped or was stopped early) or ``epoch N``."""
+    epochs = completed_epochs(checkpoint)
+    planned = None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if "RunArtifacts" in str(key) and isinstance(state, dict):
+            planned = state.get("max_epochs")
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("monitor"):
+            if os.path.basename(state.get("best_model_path") or "") == os.path.basename(path):
+                return f"best {state['monitor']}"
+    if planned is not None and planned > 0:
+        return "last epoch" if epochs >= planned else f"epoch {epochs} of {planned}"
+    return f"epoch {epochs}"
+
+
+class ModelCheckpointEveryEpoch(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (``save_last``) is written at the end of every training epoch and at
+    every ``every_n_train_steps``, not only when a top-k checkpoint is saved in the same step."""
+
+    _last_written_at: Optional[int] = None  # global step of the last write of last.ckpt
+    _written_in_batch_hook = False  # ... and whether it came from a step trigger, inside the epoch
+    _in_batch_hook = False
+
+    def _save_last_checkpoint(self, trainer: "pl.Trainer", monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_at, self._written_in_batch_hook = trainer.global_step, self._in_batch_hook
+
+    def _write_last(self, trainer: "pl.Trainer") -> None:
+        if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._in_batch_hook = True
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if (self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+                    and self._last_written_at != trainer.global_step):
+                self._write_last(trainer)
+        finally:
+            self._in_batch_hook = False
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # Written at this step already by the end-of-epoch save (here or at the validation's end): done. Written by
+        # a step trigger inside the epoch: write again, since a resume must start from the epoch's end.
+        if self._last_written_at != trainer.global_step or self._written_in_batch_hook:
+            self._write_last(trainer)
 
 
 class RandomState(pl.Callback):

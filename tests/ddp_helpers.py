@@ -1,5 +1,7 @@
-"""Callbacks that the multi-process tests pass to the CLI (``trainer.callbacks``): what every rank holds."""
+"""Callbacks that the subprocess tests pass to the CLI (``trainer.callbacks``): what every rank holds, and a kill at a
+chosen point of a fit."""
 import os
+import signal
 
 import pytorch_lightning as pl
 import torch
@@ -54,3 +56,29 @@ class SaveBatchesPerRank(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.folder, exist_ok=True)
         torch.save(self.batches, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+class KillAt(pl.Callback):
+    """SIGKILLs the process at the start of training epoch ``epoch``, or after the training step that reaches
+    ``step`` (the same point in every run, unlike a timer)."""
+
+    def __init__(self, epoch: int = -1, step: int = -1):
+        self.epoch, self.step = epoch, step
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.step >= 0 and trainer.global_step == self.step:  # steps 0 .. step-1 done, their checkpoints written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LogConstant(pl.Callback):
+    """Logs ``name`` = ``value`` after every validation: a validation metric that never improves."""
+
+    def __init__(self, name: str = "plateau", value: float = 1.0):
+        self.name, self.value = name, value
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log(self.name, self.value)

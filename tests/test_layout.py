@@ -67,9 +67,10 @@ def _modules_in(prefix):
     ("finegrained.backbones", ("finegrained.backbones",)),
     ("finegrained.optim", ()),
     ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim",
-                           "finegrained.pretrained", "finegrained.losses", "finegrained.metrics")),
+                           "finegrained.pretrained", "finegrained.losses", "finegrained.metrics", "finegrained.resume")),
     ("finegrained.pretrained", ()),
     ("finegrained.metrics", ()),
+    ("finegrained.resume", ()),
     ("finegrained.losses", ()),
     ("datamodules", ("datamodules",)),
 ])

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import finegrained_command, make_image_folder, write_tiny_recipe
+from tests.conftest import REPO_ROOT, callback_args, finegrained_command, make_image_folder, run_finegrained, write_tiny_recipe
 
 
 def _command(recipe, root, extra=()):
@@ -77,3 +77,121 @@ def test_checkpoint_writes_are_atomic(tmp_path):
         os.replace = original
     assert calls and calls[0][1] == str(target) and calls[0][0] != str(target)
     assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.zeros(3))
+
+
+# ---- last.ckpt is the last epoch, whatever the monitored metric does ---------------------------------------
+def _runs(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _fit_until_killed(args):
+    done = subprocess.run(finegrained_command() + ["fit"] + list(args), capture_output=True, text=True, timeout=600,
+                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+def test_last_checkpoint_is_the_last_epoch_when_validation_plateaus(tmp_path):
+    from finegrained.resume import completed_epochs
+
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
+    recipe = write_tiny_recipe(str(tmp_path), data)
+    ck = tmp_path / "run" / "checkpoints"
+    run_finegrained(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.monitor", "plateau"]
+                    + callback_args("LogConstant"))
+    last, best = (torch.load(ck / name, weights_only=True) for name in ("last.ckpt", "best.ckpt"))
+    assert completed_epochs(last) == 3 and last["global_step"] == 3 * 2  # limit_train_batches 2
+    assert completed_epochs(best) == 1  # the metric never improved after the first epoch
+    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")]).stdout
+    assert "Checkpoint: last epoch; validation: held-out" in out
+    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "best.ckpt")]).stdout
+    assert "Checkpoint: best plateau; validation: held-out" in out
+    last_row, best_row = _runs(tmp_path / "run" / "runs.csv")
+    assert (last_row["epochs"], last_row["selection"]) == ("3", "last epoch")
+    assert (best_row["epochs"], best_row["selection"]) == ("1", "best plateau")
+
+
+def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(tmp_path):
+    """Validation on the test set (the published protocol): no best.ckpt, last.ckpt after every epoch."""
+    from finegrained.resume import completed_epochs
+
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=4, splits=("train", "val"))
+    recipe = write_tiny_recipe(str(tmp_path), data)
+    ck = tmp_path / "run" / "checkpoints"
+    _fit_until_killed(["--config", recipe, "--trainer.max_epochs", "3"] + callback_args("KillAt", epoch=2))
+    assert sorted(os.listdir(ck)) == ["last.ckpt"]  # no best.ckpt (chosen on the test set), no temporary file
+    assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 2
+    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")]).stdout
+    assert "Checkpoint: epoch 2 of 3; validation: test set" in out
+    run_finegrained(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 3
+    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")]).stdout
+    assert "Checkpoint: last epoch; validation: test set" in out
+    assert [(row["epochs"], row["selection"]) for row in _runs(tmp_path / "run" / "runs.csv")] == [
+        ("2", "epoch 2 of 3"), ("3", "last epoch")]
+
+
+def test_every_n_train_steps_writes_last_inside_the_epoch(tmp_path):
+    from finegrained.resume import completed_epochs
+
+    data = make_image_folder(tmp_path / "data", n_classes=3, per_class=4, splits=("train", "val"))
+    recipe = write_tiny_recipe(str(tmp_path), data)
+    ck = tmp_path / "run" / "checkpoints"
+    _fit_until_killed(["--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.every_n_train_steps", "1"]
+                      + callback_args("KillAt", step=3))  # 2 steps per epoch: killed inside the second epoch
+    checkpoint = torch.load(ck / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and completed_epochs(checkpoint) == 1
+    assert sorted(os.listdir(ck)) == ["last.ckpt"]
+
+
+# ---- the files a write leaves ------------------------------------------------------------------------------
+_FULL_DISK = r"""
+import os, resource, signal, sys, torch
+from finegrained.resume import AtomicCheckpointIO
+target = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.randn(500_000)}}, target)
+except OSError as err:
+    print("failed:", err.errno)
+"""
+
+
+def test_a_failed_write_leaves_no_partial_file_and_the_previous_checkpoint(tmp_path):
+    import sys
+
+    from finegrained.resume import AtomicCheckpointIO
+
+    ck, scratch = tmp_path / "ck", tmp_path / "tmpdir"
+    scratch.mkdir()
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, ck / "last.ckpt")
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(ck / "last.ckpt")], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": REPO_ROOT}, timeout=120)
+    assert "failed: 27" in done.stdout, done.stderr  # EFBIG, as a full disk gives ENOSPC
+    assert sorted(os.listdir(ck)) == ["last.ckpt"] and os.listdir(scratch) == []
+    assert torch.equal(torch.load(ck / "last.ckpt", weights_only=True)["state_dict"]["w"], torch.ones(3))
+
+
+def test_writes_use_no_temporary_folder_and_remove_what_a_killed_write_left(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    from finegrained.resume import AtomicCheckpointIO
+
+    made = []
+    original = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: made.append(a or k) or original(*a, **k))
+    target = tmp_path / "last.ckpt"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"last.ckpt.tmp-{socket.gethostname()}-{dead.pid}"
+    alive = tmp_path / f"last.ckpt.tmp-{socket.gethostname()}-1"  # pid 1 runs: maybe a write in progress
+    users = tmp_path / "last.ckpt.tmp-mine"  # not a name this tool writes
+    for path in (stale, alive, users):
+        path.write_bytes(b"partial")
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    assert made == []  # nothing written to $TMPDIR (a kill there would leave it behind)
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.ckpt", alive.name, users.name])

@@ -13,13 +13,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from pytorch_lightning import LightningDataModule
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from finegrained.cli.recipe import config_hash, expand_config_args
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
-from finegrained.resume import AtomicCheckpointIO, RandomState
+from finegrained.resume import (AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, checkpoint_selection,
+                                completed_epochs, read_checkpoint_file)
 from finegrained.results.runs import RunArtifacts, append_run, device_name, git_commit
 from finegrained.svm import svm_accuracy
 
@@ -53,7 +54,7 @@ class FineGrainedCLI(LightningCLI):
                                  "published code's practice: its number is a maximum over test evaluations)")
         parser.add_lightning_class_args(RunArtifacts, "run_artifacts")
         parser.add_lightning_class_args(RandomState, "random_state")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpointEveryEpoch, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val_top1",
             "checkpoint.mode": "max",
@@ -137,27 +138,17 @@ class FineGrainedCLI(LightningCLI):
         return svm_accuracy(self.model, loader.dataset, datamodule.test_dataset, batch_size=loader.batch_size,
                             num_workers=loader.num_workers)
 
-    def _provenance(self) -> Dict[str, str]:
-        """Which checkpoint was tested (last epoch, epoch N, best <metric>) and whether validation was held out."""
+    def _provenance(self) -> Dict[str, Any]:
+        """Which checkpoint was tested (last epoch, epoch N of M, best <metric>), how many epochs it trained and
+        whether validation was held out."""
         validation = getattr(self.datamodule, "validation_is_test", None)
         validation = "unknown" if validation is None else "test set" if validation else "held-out"
         ckpt_path = self.config["test"].get("ckpt_path")
         if not ckpt_path or not os.path.isfile(ckpt_path):
-            return {"validation": validation, "selection": "model as instantiated", "epochs": self.trainer.current_epoch}
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        epochs = checkpoint.get("epoch", -1) + 1
-        selection = f"epoch {epochs}"
-        for key, state in checkpoint.get("callbacks", {}).items():
-            if not key.startswith("ModelCheckpoint"):
-                continue
-            best = state.get("best_model_path") or ""
-            if state.get("monitor") and os.path.basename(best) == os.path.basename(ckpt_path):
-                selection = f"best {state['monitor']}"
-            elif os.path.basename(state.get("last_model_path") or "") == os.path.basename(ckpt_path):
-                selection = "last epoch"
-        if epochs == self.config["test"].get("trainer", {}).get("max_epochs") and not selection.startswith("best"):
-            selection = "last epoch"
-        return {"validation": validation, "selection": selection, "epochs": epochs, "checkpoint": checkpoint}
+            return {"validation": validation, "selection": "model as instantiated", "epochs": ""}
+        checkpoint = read_checkpoint_file(ckpt_path, mmap=True)
+        return {"validation": validation, "selection": checkpoint_selection(ckpt_path, checkpoint),
+                "epochs": completed_epochs(checkpoint), "checkpoint": checkpoint}
 
     def _record_run(self, accuracy: Dict[str, float], provenance: Dict[str, Any], classifier: str) -> None:
         cfg = self.config["test"]

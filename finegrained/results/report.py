@@ -228,6 +228,7 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from finegrained.model import _read_checkpoint, classifier_from_checkpoint
+    from finegrained.resume import checkpoint_selection, completed_epochs
     from finegrained.results.plots import plot_confusion_matrix, plot_training_curves
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -302,8 +303,8 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
            "backbone": hp.backbone, "backbone_weights": checkpoint.get("hyper_parameters", {}).get("backbone_weights"),
            "head": hp.head, "head_kwargs": json.dumps(hp.get("head_kwargs") or {}), "dim": f"{head_dim:,}",
            "data": type(datamodule).__name__, "root": str(getattr(datamodule, "root", "")),
-           "classes": len(class_names), "epoch": checkpoint.get("epoch"),
-           "checkpoint_choice": _checkpoint_choice(checkpoint_path, checkpoint), "test_flip": bool(hp.test_flip)}
+           "classes": len(class_names), "epoch": completed_epochs(checkpoint),
+           "checkpoint_choice": checkpoint_selection(checkpoint_path, checkpoint), "test_flip": bool(hp.test_flip)}
     env = Environment(loader=PackageLoader("finegrained.results", "templates"),
                       autoescape=select_autoescape(default=True, default_for_string=True))
     page = env.get_template(TEMPLATE).render(
@@ -314,14 +315,3 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path
-
-
-def _checkpoint_choice(path: str, checkpoint: Dict[str, Any]) -> str:
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if "ModelCheckpoint" in str(key) and isinstance(state, dict):
-            monitor = state.get("monitor")
-            if os.path.basename(path).startswith("best") and monitor:
-                score = state.get("best_model_score")
-                score = f" = {float(score):.4f}" if score is not None else ""
-                return f"best by {monitor}{score}"
-    return "last epoch" if os.path.basename(path).startswith("last") else os.path.basename(path)

@@ -90,6 +90,7 @@ class RunArtifacts(pl.Callback):
 
     def __init__(self):
         self.history: List[Dict[str, float]] = []
+        self.max_epochs: Optional[int] = None  # the fit's plan, so a checkpoint tells "last epoch" from "epoch N of M"
         self.train_wall_s = 0.0
         self._fit_started: Optional[float] = None
         self._test_started: Optional[float] = None
@@ -99,6 +100,7 @@ class RunArtifacts(pl.Callback):
     # -- fit ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
         self._fit_started = time.perf_counter()
+        self.max_epochs = trainer.max_epochs
 
     def _elapsed(self) -> float:
         return self.train_wall_s + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
@@ -131,7 +133,7 @@ class RunArtifacts(pl.Callback):
             self.plots.append(plot_training_curves(history, os.path.join(folder, "training_curves.png")))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"train_wall_s": self._elapsed(), "history": self.history}
+        return {"train_wall_s": self._elapsed(), "history": self.history, "max_epochs": self.max_epochs}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.train_wall_s = float(state_dict.get("train_wall_s", 0.0))
