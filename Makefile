@@ -7,19 +7,36 @@ FG     := $(VENV)/bin/finegrained
 # The CUDA builds a GPU user wants; on the build machines pip takes them from local files.
 TORCH_VERSION       := 2.14.1
 TORCHVISION_VERSION := 0.29.1
+PIP_VERSION         := 26.3
+# Every package at the version the tests passed with (refreshed by `make lock`).
+CONSTRAINTS := constraints.txt
 STAMP  := $(VENV)/.finegrained-installed
 DEMO   := runs/demo
 
-.PHONY: setup assets demo test clean
+.PHONY: setup assets demo test clean lock
 
 setup: $(STAMP) assets
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $(STAMP)
+
+# A new lock: the newest releases setup.cfg admits, in a fresh venv, frozen into $(CONSTRAINTS). Run `make test`
+# with it (it reinstalls .venv from the new file) and commit it only if the tests pass.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q pip==$(PIP_VERSION)
+	.venv-lock/bin/python -m pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	sed -n '/^#/p' $(CONSTRAINTS) > $(CONSTRAINTS).new
+	.venv-lock/bin/python -m pip freeze --exclude-editable >> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-lock
+	@echo "wrote $(CONSTRAINTS); now run make test and commit it if the tests pass"
 
 assets:
 	@bash scripts/install-assets.sh
