@@ -259,6 +259,14 @@ class FineGrainedClassifier(pl.LightningModule):
             raise ValueError(f"the checkpoint was trained for {saved} classes but the data has "
                              f"{self.hparams.num_classes}; test it on its own dataset, or fine-tune from it "
                              f"with --model.init_from CKPT (which drops the classifier)")
+        # The same count is not the same classes: output k must mean the data's class k.
+        saved_names = list(checkpoint.get("hyper_parameters", {}).get("class_names") or [])
+        names = list(self.hparams.get("class_names") or [])
+        if saved_names and names and saved_names != names:
+            k = next(i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b)
+            raise ValueError(f"the checkpoint's class {k} is {saved_names[k]!r} but the data's is {names[k]!r}: it "
+                             f"was trained on other classes (or another order); test it on its own dataset, or "
+                             f"fine-tune from it with --model.init_from CKPT")
 
     # -- inference ------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:

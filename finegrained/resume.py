@@ -137,9 +137,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         checkpoint = read_checkpoint_file(path, map_location=map_location or "cpu")
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise CheckpointFileError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry); expected a "
-                                      f"checkpoint written by finegrained fit")
+        missing = [key for key in ("state_dict", "pytorch-lightning_version")
+                   if not isinstance(checkpoint, dict) or key not in checkpoint]
+        if missing:
+            raise CheckpointFileError(f"{path}: not a Lightning checkpoint (no {' or '.join(map(repr, missing))} "
+                                      f"entry); expected a checkpoint written by finegrained fit")
         return checkpoint
 
 

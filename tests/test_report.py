@@ -52,7 +52,10 @@ data:
     ckpt = str(tmp / "run" / "checkpoints" / "best.ckpt")
     history = [{"epoch": e, "train_loss_epoch": 1.0 / (e + 1), "val_top1": 0.3 + 0.1 * e, "lr-SGD/backbone": 0.01,
                 "lr-SGD/classifier": 0.05} for e in range(3)]
+    import pytorch_lightning
+
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(), "epoch": 2,
+                "pytorch-lightning_version": pytorch_lightning.__version__,
                 "callbacks": {"RunArtifacts": {"history": history, "train_wall_s": 1.0}}}, ckpt)
     export_classifier(ckpt, "torchscript", str(tmp / "run" / "model.pt"))
     return str(recipe), ckpt, tmp
@@ -183,3 +186,95 @@ def test_fit_logs_to_tensorboard_and_csv_with_a_learning_rate_per_group(trained_
     history = torch.load(ckpt, weights_only=True)["callbacks"]
     kept = next(state["history"] for key, state in history.items() if "RunArtifacts" in key)
     assert groups <= set(kept[-1])  # the report's curves come from the checkpoint
+
+
+# ---- the output folder: never delete what the tool did not write ------------------------------------------
+def _report_cli(ckpt, recipe, out, *extra):
+    from finegrained.cli import entry_point
+
+    return entry_point(["report", "--ckpt", ckpt, "--config", recipe, "--out", str(out), "--cam-images", "2",
+                        "--pairs", "1", *extra])
+
+
+def test_report_refuses_a_folder_of_the_users_and_changes_nothing(evil_run, tmp_path, capsys):
+    recipe, ckpt, _ = evil_run
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "holiday.png").write_bytes(b"a user's photo")
+    (out / "index.html").write_text("a user's page")
+    assert _report_cli(ckpt, recipe, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out}: holds files finegrained report did not write")
+    assert (out / "images" / "holiday.png").read_bytes() == b"a user's photo"
+    assert (out / "index.html").read_text() == "a user's page"
+    assert sorted(os.listdir(out)) == ["images", "index.html"]
+
+
+def _all_files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_a_report_replaces_its_previous_report_and_only_it(evil_run, tmp_path, monkeypatch):
+    import json
+
+    recipe, ckpt, _ = evil_run
+    out = tmp_path / "report"
+    assert _report_cli(ckpt, recipe, out, "--cam-images", "4") == 0
+    first = _all_files(out)
+    assert len([f for f in first if "/cam_" in f]) == 4
+    assert _report_cli(ckpt, recipe, out, "--cam-images", "2") == 0
+    second = _all_files(out)
+    assert len([f for f in second if "/cam_" in f]) == 2  # the first report's other overlays are gone
+    marker = json.loads((out / ".finegrained-report.json").read_text())
+    assert sorted(marker["files"]) == [f for f in second if f != ".finegrained-report.json"]
+
+    # A report that fails half-way leaves the previous one as it was, and no partial file.
+    import finegrained.results.report as report_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Grad-CAM failed")
+
+    monkeypatch.setattr(report_module, "grad_cam_maps", broken)
+    with pytest.raises(RuntimeError, match="Grad-CAM failed"):
+        _report_cli(ckpt, recipe, out, "--cam-images", "4")
+    assert _all_files(out) == second
+
+
+def _folder_recipe(tmp_path, classes):
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            for i in range(2):
+                write_image(str(tmp_path / "other" / split / name / f"{i}.png"), PALETTE[c], size=48, seed=i)
+    recipe = tmp_path / "other.yaml"
+    recipe.write_text(f"""
+data:
+  class_path: datamodules.ImageFolderDataModule
+  init_args: {{root: {tmp_path / "other"}, val_fraction: 0.5, batch_size: 4, num_workers: 0, resize_size: 72,
+              crop_size: 64}}
+""")
+    return str(recipe)
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["a<b & c", "plain"], "trained for 3 classes, but the data of"),
+    ([EVIL, "other", "plain"], "class 1 is 'a<b & c' in the checkpoint but 'other'"),
+])
+def test_report_refuses_data_of_other_classes(evil_run, tmp_path, capsys, classes, message):
+    _, ckpt, _ = evil_run
+    assert _report_cli(ckpt, _folder_recipe(tmp_path, classes), tmp_path / "r") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_finegrained_test_refuses_a_checkpoint_of_other_class_names(evil_run, tmp_path, capsys):
+    from finegrained.cli import entry_point
+
+    _, ckpt, _ = evil_run
+    recipe = _folder_recipe(tmp_path, [EVIL, "other", "plain"])
+    with open(recipe, "a") as f:
+        f.write(f"model: {{backbone: resnet18, backbone_weights: null, last_stride: 1, head: isqrt, "
+                f"head_kwargs: {{reduction: 8}}}}\ntrainer: {{accelerator: cpu, logger: false}}\nruns_csv: ''\n")
+    assert entry_point(["test", "--config", recipe, "--ckpt_path", ckpt]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the checkpoint's class 1 is 'a<b & c' but the data's is 'other'"), err

@@ -22,7 +22,6 @@ import functools
 import glob
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +30,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from finegrained.results.output_folder import owned_output, previous_output
 
 TEMPLATE = "report.html.j2"
 
@@ -224,14 +225,15 @@ def _dataset_image(dataset, index: int) -> Tensor:
 def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "test", recipe: str = "",
                  pairs: int = 10, images_per_pair: int = 3, wrong_per_pair: int = 6, cam_images: int = 8,
                  device: Optional[torch.device] = None, seed: int = 0) -> str:
-    """Compute everything and write ``out_dir/index.html``; returns its path."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    """Compute everything and write ``out_dir/index.html``; returns its path.
 
+    ``out_dir`` is new, empty or a previous report (:mod:`finegrained.results.output_folder`): a folder of other
+    files is refused before any work, and the previous report's files are replaced only once the new page is done.
+    """
     from finegrained.model import _read_checkpoint, classifier_from_checkpoint
-    from finegrained.resume import checkpoint_selection, completed_epochs
-    from finegrained.results.plots import plot_confusion_matrix, plot_training_curves
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    previous_output(out_dir, "report")  # refuse a folder of the user's before any work
     checkpoint = _read_checkpoint(checkpoint_path)  # read once: the model, its history and its callbacks' state
     model = classifier_from_checkpoint(checkpoint)
     hp = model.hparams
@@ -239,16 +241,41 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     datamodule.setup("test" if split == "test" else "validate")
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     dataset = loader.dataset
-    class_names = list(hp.get("class_names") or getattr(datamodule, "class_names", None)
-                       or [str(k) for k in range(hp.num_classes)])
-    if len(class_names) != hp.num_classes:
-        raise ValueError(f"the checkpoint has {hp.num_classes} classes, the data {len(class_names)}")
+    class_names = classes_of_checkpoint_and_data(hp, getattr(datamodule, "class_names", None),
+                                                 checkpoint_path, recipe or type(datamodule).__name__)
     predictions = predict_split(model, loader, class_names, device)
+    with owned_output(out_dir, "report") as staging:
+        return _write_page(staging, out_dir, checkpoint_path, checkpoint, model, datamodule, dataset, predictions,
+                           class_names, split, recipe, pairs, images_per_pair, wrong_per_pair, cam_images, device,
+                           seed)
+
+
+def classes_of_checkpoint_and_data(hp, data_classes, checkpoint_path: str, data_source: str) -> List[str]:
+    """The class names, once the checkpoint's and the data's agree (same count, same names in the same order)."""
+    model_classes = list(hp.get("class_names") or [])
+    data_classes = list(data_classes or [])
+    if data_classes and len(data_classes) != hp.num_classes:
+        raise ValueError(f"{checkpoint_path}: trained for {hp.num_classes} classes, but the data of {data_source} has "
+                         f"{len(data_classes)}; evaluate it on the data it was trained on")
+    if model_classes and data_classes and model_classes != data_classes:
+        k = next(i for i, (a, b) in enumerate(zip(model_classes, data_classes)) if a != b)
+        raise ValueError(f"{checkpoint_path}: class {k} is {model_classes[k]!r} in the checkpoint but "
+                         f"{data_classes[k]!r} in the data of {data_source}; evaluate it on the data it was trained on")
+    return model_classes or data_classes or [str(k) for k in range(hp.num_classes)]
+
+
+def _write_page(out_dir: str, final_dir: str, checkpoint_path: str, checkpoint, model, datamodule, dataset,
+                predictions: Predictions, class_names: List[str], split: str, recipe: str, pairs: int,
+                images_per_pair: int, wrong_per_pair: int, cam_images: int, device, seed: int) -> str:
+    """The page and its files in ``out_dir`` (the staging folder); returns the page's path in ``final_dir``."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from finegrained.resume import checkpoint_selection, completed_epochs
+    from finegrained.results.plots import plot_confusion_matrix, plot_training_curves
+
+    hp = model.hparams
     counts = predictions.confusion()
     rng = np.random.default_rng(seed)
-
-    if os.path.isdir(os.path.join(out_dir, "images")):
-        shutil.rmtree(os.path.join(out_dir, "images"))
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     preprocessing = hp.get("preprocessing") or {}
     saved: Dict[int, str] = {}
@@ -311,7 +338,6 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
         title=f"{hp.head} on {hp.backbone}: {split} report", run=run, accuracy=accuracy,
         classes=per_class_rows(counts, class_names), pairs=confused, class_names=class_names, cams=cams,
         curves=curves, confusion_png=confusion_png, exports=exports_of(checkpoint_path))
-    path = os.path.join(out_dir, "index.html")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)
-    return path
+    return os.path.join(final_dir, "index.html")
