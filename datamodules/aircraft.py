@@ -32,6 +32,11 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
     """
 
     dataset_name = "FGVC-Aircraft 2013b"
+
+    @property
+    def dataset_id(self) -> str:
+        """``aircraft`` for the 100 variants (the papers' benchmark), ``aircraft_family`` / ``aircraft_manufacturer``."""
+        return "aircraft" if self.annotation_level == "variant" else f"aircraft_{self.annotation_level}"
     markers = ("variants.txt", "images")  # the data/ folder
     candidates = ("data", "fgvc-aircraft-2013b/data", ".")
 

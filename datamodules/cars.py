@@ -77,6 +77,7 @@ def read_mat_annotations(path: str, name_field: str = "fname") -> List[Dict]:
 
 class StanfordCarsDataModule(AnnotatedDataModule):
     dataset_name = "Stanford Cars"
+    dataset_id = "cars"
 
     def __init__(self, root: str, layout: str = "auto", bbox_crop: bool = False, val_fraction: float = 0.0,
                  seed: int = 0, batch_size: int = 10, num_workers: int = 4,

@@ -21,6 +21,7 @@ from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 class CUB200DataModule(AnnotatedDataModule):
     dataset_name = "CUB-200-2011"
+    dataset_id = "cub"  # the key of results/reference.csv and the run records
     markers = ("images.txt", "classes.txt")
     candidates = (".", "CUB_200_2011", "CUB_200_2011/CUB_200_2011")  # some copies nest the folder twice
 

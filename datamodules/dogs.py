@@ -57,6 +57,7 @@ class StanfordDogsDataModule(AnnotatedDataModule):
     :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Stanford Dogs"
+    dataset_id = "dogs"
     markers = ("train_list.mat", "test_list.mat", "Images")
     candidates = (".", "stanford_dogs", "StanfordDogs", "stanford-dogs")
 

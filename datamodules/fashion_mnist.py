@@ -79,6 +79,9 @@ class FashionMNISTDataModule(FineGrainedDataModule):
         batch_size, num_workers, hflip, train_crop: as in :class:`FineGrainedDataModule`.
     """
 
+    dataset_name = "Fashion-MNIST"
+    dataset_id = "fashion_mnist"
+
     def __init__(self, data_dir: Optional[str] = None, image_size: int = 96,
                  subset_per_class: Optional[int] = None, val_per_class: int = 50,
                  test_per_class: Optional[int] = None, seed: int = 0, download: bool = True,

@@ -23,6 +23,7 @@ class Flowers102DataModule(AnnotatedDataModule):
     loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Oxford Flowers-102"
+    dataset_id = "flowers102"
     markers = ("imagelabels.mat", "setid.mat", "jpg")
     candidates = (".", "flowers-102", "flowers102")
 

@@ -27,6 +27,7 @@ class Food101DataModule(AnnotatedDataModule):
     loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Food-101"
+    dataset_id = "food101"
     markers = ("meta/classes.txt", "meta/train.txt", "meta/test.txt", "images")
     candidates = (".", "food-101")
 

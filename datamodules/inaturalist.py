@@ -62,6 +62,7 @@ class INaturalistDataModule(AnnotatedDataModule):
         super().__init__(root, bbox_crop=False, val_fraction=val_fraction, seed=seed, **kwargs)
         self.version = version
         self.dataset_name = f"iNaturalist {version}"
+        self.dataset_id = f"inaturalist_{version}"
         self.markers = FILES[version][:2]  # the train and val JSON files
         self.candidates = (".", f"inat{version}", f"inaturalist{version}", version)
         self.save_hyperparameters()

@@ -22,6 +22,7 @@ class NABirdsDataModule(AnnotatedDataModule):
     and the loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "NABirds"
+    dataset_id = "nabirds"
     markers = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
     candidates = (".", "nabirds")
 

@@ -22,6 +22,7 @@ class OxfordIIITPetDataModule(AnnotatedDataModule):
     ``seed`` and the loader/transform settings of :class:`~datamodules.base.FineGrainedDataModule`."""
 
     dataset_name = "Oxford-IIIT Pet"
+    dataset_id = "pets"
     markers = ("annotations/trainval.txt", "annotations/test.txt", "images")
     candidates = (".", "oxford-iiit-pet")
 

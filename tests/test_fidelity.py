@@ -740,7 +740,7 @@ def test_svm_papers_are_compared_with_svm_runs_and_the_mixed_bcnn_row_is_marked(
                           "head_dim": 262144, "top1": 0.90, "classifier": "softmax", "timestamp": "1"},
                          {**run, "recipe": "r", "dataset": "cars", "method": "bcnn", "backbone": "vgg16",
                           "head_dim": 262144, "top1": 0.91, "classifier": "svm", "timestamp": "2"}])
-    _, ours, _ = comparison(reference, runs, "fgvc_comparison")
+    ours = comparison(reference, runs, "fgvc_comparison").ours
     assert ours.loc[("bcnn", "vgg16", "[D,D]"), "cars"] == pytest.approx(91.0)  # the SVM run, not the softmax one
     write_tables(reference, runs, str(tmp_path))
     text = open(tmp_path / "fgvc_comparison.md").read()

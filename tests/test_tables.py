@@ -203,3 +203,87 @@ def test_a_column_prints_the_decimals_the_paper_prints(tmp_path):
     assert sort["Top-1 err."] == "**23.82** / **23.88** (+0.06)"  # ours and Δ in the column's decimals
     assert gap["FP+BP (ms)"] == "21.30 / —"  # "1.80" in the CSV keeps its printed zero
     assert gap["Memory"] == "**0.505** / —" and sort["Memory"] == "1.100 / —"
+
+
+# ---- the whole path: data in its official layout -> fit -> test -> the table cell ----------------------------
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SMALL = ["--trainer.max_epochs", "1", "--model.backbone_weights", "null", "--data.init_args.batch_size", "2"]
+EXECUTION = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+             "false"]
+
+
+def _fit_and_test(config, tmp, name, extra=()):
+    """fit + test through the CLI; returns the test's record in tmp/runs.csv."""
+    where = ["--runs_csv", str(tmp / "runs.csv"), "--trainer.default_root_dir", str(tmp / name),
+             "--checkpoint.dirpath", str(tmp / name / "ck")] + EXECUTION
+    assert main(["fit", "--config", config] + list(extra) + where) == 0
+    assert main(["test", "--config", config, "--ckpt_path", str(tmp / name / "ck" / "last.ckpt")]
+                + list(extra) + where) == 0
+    return read_runs(str(tmp / "runs.csv")).iloc[-1]
+
+
+def test_fit_test_tables_on_the_three_benchmarks(tmp_path, capsys):
+    """A recipe of each benchmark trained on its official layout fills its cell of the fine-grained table; a run
+    that changed its recipe is marked with what it changed, and loses the cell to a run that follows its recipe."""
+    from tests.replicas import write_aircraft, write_cars, write_cub
+
+    cub = write_cub(str(tmp_path / "cub"), n_classes=3, per_class=4)
+    aircraft = os.path.dirname(write_aircraft(str(tmp_path / "aircraft"), n_images=18, size=(40, 36)))
+    cars, _, _ = write_cars(str(tmp_path / "cars"), n_train=6, n_test=6)
+    sizes = ["--data.init_args.resize_size", "[36, 36]", "--data.init_args.crop_size", "32"]
+
+    # CUB through a recipe of the user's that inherits the project's and makes it small: it follows *its* recipe.
+    own = tmp_path / "cub_small.yaml"
+    own.write_text(f"base: [{REPO}/recipes/cub/isqrt_resnet50.yaml]\n"
+                   "trainer: {max_epochs: 1}\n"
+                   f"model: {{backbone_weights: null}}\n"
+                   f"data: {{init_args: {{root: {cub}, resize_size: 36, crop_size: 32, batch_size: 2}}}}\n")
+    plain = _fit_and_test(str(own), tmp_path, "cub_plain")
+    modified = _fit_and_test(f"{REPO}/recipes/cub/isqrt_resnet50.yaml", tmp_path, "cub_modified",
+                             SMALL + sizes + ["--data.init_args.root", cub])
+    air = _fit_and_test(f"{REPO}/recipes/aircraft/isqrt_resnet50.yaml", tmp_path, "aircraft",
+                        SMALL + sizes + ["--data.init_args.root", aircraft])
+    car = _fit_and_test(f"{REPO}/recipes/cars/isqrt_resnet50.yaml", tmp_path, "cars",
+                        SMALL + sizes + ["--data.init_args.root", cars])
+    assert [r["dataset"] for r in (plain, modified, air, car)] == ["cub", "cub", "aircraft", "cars"]
+    assert pd.isna(plain["overrides"]) or plain["overrides"] == ""
+    expected = ("data.init_args.batch_size=2; data.init_args.crop_size=32; data.init_args.resize_size=[36, 36]; "
+                "model.backbone_weights=null; trainer.max_epochs=1")
+    assert air["overrides"] == car["overrides"] == expected  # paths, workers, device and logging do not count
+    assert modified["overrides"] == expected
+
+    capsys.readouterr()
+    out = tmp_path / "tables"
+    assert main(["tables", "--reference", REFERENCE, "--runs-csv", str(tmp_path / "runs.csv"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    row = cells(out / "finegrained.md")[("MPN-COV (iSQRT-COV)", "ResNet-50", "32K")]
+    ours = lambda run: f"{100 * float(run['top1']):.1f}"  # noqa: E731
+    assert split_cell(row["Birds"].replace("**", ""))[1] == float(ours(plain))  # the plain run, not the later one
+    assert "‡" not in row["Birds"]
+    assert re.fullmatch(rf"90\.0 / \**{ours(air)}\**‡1 \([+-]\d+\.\d\)", row["Aircraft"]), row["Aircraft"]
+    assert re.fullmatch(rf"92\.8 / \**{ours(car)}\**‡1 \([+-]\d+\.\d\)", row["Cars"]), row["Cars"]
+    assert f"‡1 A run that changed its recipe, not the paper's protocol: {expected}" in (out / "finegrained.md").read_text()
+    assert "3 of the 4 recorded run(s) changed their recipe" in printed
+    assert "ddagger" in (out / "finegrained.tex").read_text()
+
+    assert main(["tables", "--reference", REFERENCE, "--runs-csv", str(tmp_path / "runs.csv"), "--out", str(out),
+                 "--modified", "hide"]) == 0
+    row = cells(out / "finegrained.md")[("MPN-COV (iSQRT-COV)", "ResNet-50", "32K")]
+    assert split_cell(row["Aircraft"])[1] is None and split_cell(row["Cars"])[1] is None
+    assert split_cell(row["Birds"].replace("**", ""))[1] == float(ours(plain))
+
+
+def test_records_without_overrides_are_not_shown_as_following_their_recipe(tmp_path):
+    path = tmp_path / "runs.csv"
+    old_fields = [f for f in RUN_FIELDS if f != "overrides"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({"run_id": "old", "recipe": "r.yaml", "dataset": "CUB-200-2011", "method": "isqrt",
+                         "backbone": "resnet50", "head_dim": 32896, "top1": 0.5, "timestamp": "2026-01-01"})
+    runs = read_runs(str(path))
+    assert runs.loc[0, "overrides"] == "not recorded"
+    append_run(str(path), {"recipe": "r.yaml", "dataset": "cub", "method": "gap", "backbone": "vgg16", "top1": 0.1})
+    runs = read_runs(str(path))
+    assert list(runs["overrides"].fillna("")) == ["not recorded", ""]
+    assert select_runs(runs, "all", modified="hide")["method"].tolist() == ["gap"]

@@ -94,3 +94,65 @@ def _has_bases(path: str) -> bool:
     with open(path) as f:
         recipe = yaml.safe_load(f)
     return isinstance(recipe, dict) and BASE_KEY in recipe
+
+
+# What a run changed from its recipe. Settings that say where the data and the outputs are, how the run is executed,
+# logged or repeated (the seed) do not change what is trained or evaluated: a run that changes only them follows
+# its recipe. Everything else that differs from the recipe is an override, recorded with the run and marked in the
+# tables.
+OUTSIDE_THE_PROTOCOL = (
+    "seed_everything", "runs_csv", "ckpt_path", "config", "select_on_test", "svm", "weights_only",
+    "data.init_args.root", "data.init_args.image_root", "data.init_args.train_csv", "data.init_args.val_csv",
+    "data.init_args.test_csv", "data.init_args.data_dir", "data.init_args.path", "data.init_args.num_workers",
+    "data.init_args.download", "data.init_args.cache_dir",
+    "trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.enable_checkpointing", "trainer.log_every_n_steps", "trainer.accelerator", "trainer.strategy",
+    "trainer.deterministic", "trainer.benchmark", "trainer.profiler", "trainer.plugins", "trainer.detect_anomaly",
+    "trainer.barebones", "trainer.num_sanity_val_steps",
+    "checkpoint", "run_artifacts", "random_state",
+)
+# At test time only what changes the evaluation counts: the data's evaluation settings, the flip averaging and the
+# test batches; the model is the checkpoint's, whatever the recipe's training settings say.
+EVALUATION_SETTINGS = ("data", "model.test_flip", "trainer.limit_test_batches", "trainer.precision",
+                       "trainer.fast_dev_run")
+TRAINING_ONLY_DATA = ("data.init_args.batch_size", "data.init_args.hflip", "data.init_args.train_crop",
+                      "data.init_args.val_fraction", "data.init_args.shuffle_block")
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and other values are leaves)."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def recipe_overrides(run: Dict[str, Any], recipe: Dict[str, Any], stage: str = "fit") -> Dict[str, Any]:
+    """The settings of ``run`` that differ from ``recipe`` (both parsed configurations of one subcommand) and change
+    what ``stage`` (``fit`` or ``test``) computes: ``{dotted key: the run's value}``, sorted."""
+    run_flat, recipe_flat = flatten(run), flatten(recipe)
+    changed = {}
+    for key in sorted(set(run_flat) | set(recipe_flat)):
+        if _under(key, OUTSIDE_THE_PROTOCOL) or key.startswith("__"):
+            continue
+        if stage != "fit" and (not _under(key, EVALUATION_SETTINGS) or _under(key, TRAINING_ONLY_DATA)):
+            continue
+        if run_flat.get(key) != recipe_flat.get(key):
+            changed[key] = run_flat.get(key)
+    return changed
+
+
+def format_overrides(overrides: Dict[str, Any]) -> str:
+    """``key=value; key=value`` with YAML values (``null``, ``2``, ``[1, 2]``), or '' for none."""
+    def text(value):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+    return "; ".join(f"{key}={text(value)}" for key, value in overrides.items())

@@ -14,21 +14,31 @@ def tables_command(argv: List[str]) -> int:
     from finegrained.results.tables import accuracy_vs_dim_points, load_reference, select_runs, write_tables
 
     parser = argparse.ArgumentParser(prog="finegrained tables",
-                                     description="Regenerate results/tables/*.md and *.tex: the seed's numbers "
+                                     description="Regenerate results/tables/*.md and *.tex: the papers' numbers "
                                                  "beside ours from the run records.")
     parser.add_argument("--reference", default="results/reference.csv")
     parser.add_argument("--runs-csv", default="results/runs.csv", help="run records written by finegrained test")
     parser.add_argument("--runs", default="latest",
                         help="which runs count: latest (per recipe), best (per recipe), all (mean), or run ids a,b,c")
     parser.add_argument("--out", default="results/tables")
+    parser.add_argument("--modified", choices=["mark", "hide"], default="mark",
+                        help="runs that changed their recipe (fewer epochs, smaller images, ...; the run record's "
+                             "overrides): mark their numbers with ‡ and list the changes under the table (default), "
+                             "or leave them out. A run that follows its recipe is always preferred for a cell")
     parser.add_argument("--plots", action="store_true", help="also draw accuracy versus representation dimension")
     args = parser.parse_args(argv)
     reference = load_reference(args.reference)
-    runs = select_runs(read_runs(args.runs_csv), args.runs)
+    every_run = read_runs(args.runs_csv)
+    runs = select_runs(every_run, args.runs, modified=args.modified)
     paths = write_tables(reference, runs, args.out)
     with open(os.path.join(args.out, "finegrained.md")) as f:
         print(f.read())
+    changed = int((every_run["overrides"].fillna("") != "").sum()) if len(every_run) else 0
     print(f"{len(runs)} run(s) from {args.runs_csv} ({args.runs}); wrote {len(paths)} files under {args.out}/")
+    if changed:
+        print(f"{changed} of the {len(every_run)} recorded run(s) changed their recipe: "
+              + ("not shown (--modified mark shows them, marked ‡)" if args.modified == "hide" else
+                 "marked ‡ where no run that follows its recipe fills the cell (--modified hide leaves them out)"))
     if args.plots:
         path = plot_accuracy_vs_dim(accuracy_vs_dim_points(reference, runs), os.path.join(args.out, "accuracy_vs_dim.png"))
         print(f"wrote {path}")

@@ -7,6 +7,7 @@ settings through ``base:`` (:mod:`finegrained.cli.recipe`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -17,7 +18,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from finegrained.cli.recipe import config_hash, expand_config_args
+from finegrained.cli.recipe import config_hash, expand_config_args, format_overrides, recipe_overrides
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import (AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, checkpoint_selection,
                                 completed_epochs, read_checkpoint_file)
@@ -41,7 +42,13 @@ class FineGrainedCLI(LightningCLI):
     def __init__(self, *args, recipe_paths: Optional[List[str]] = None, **kwargs):
         self.recipe_paths = recipe_paths or []
         self._test_started = 0.0
+        self.overrides: Dict[str, Any] = {}
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # A bad recipe raises (one line from finegrained.cli.entry_point) instead of printing the whole usage.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--runs_csv", default="results/runs.csv",
@@ -95,11 +102,27 @@ class FineGrainedCLI(LightningCLI):
                        "is not written, since choosing it would choose on the test set. Set val_fraction > 0 to "
                        "choose by held-out validation (or --select_on_test true for the published code's choice)")
 
+    def _recipe_overrides(self, subcommand: str) -> Dict[str, Any]:
+        """What this command line changes from its recipe(s) that changes what the run computes
+        (:func:`finegrained.cli.recipe.recipe_overrides`): its configuration against that of the ``--config``
+        files alone."""
+        argv = sys.argv[1:]  # the recipes as LightningCLI read them (base: already merged)
+        config_args = [arg for i, flag in enumerate(argv[:-1]) if flag == "--config" for arg in (flag, argv[i + 1])]
+        try:
+            recipe = self.parser.parse_args([subcommand] + config_args)[subcommand]
+        except (argparse.ArgumentError, SystemExit):  # the recipe alone is incomplete: keep the command line
+            rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
+            return {"command line": " ".join(rest[1:])} if len(rest) > 1 else {}
+        return recipe_overrides(self.config[subcommand].as_dict(), recipe.as_dict(),
+                                stage="fit" if subcommand == "fit" else "test")
+
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         if not sub:
             return
         cfg = self.config[sub]
+        if sub in ("fit", "test", "validate"):
+            self.overrides = self._recipe_overrides(sub)
         # A checkpoint (to evaluate, or to resume a fit from) holds every weight: read neither the
         # pretrained weights (a download) nor an init_from file just to overwrite them; the model
         # records the sources the checkpoint names when it is restored.
@@ -110,6 +133,14 @@ class FineGrainedCLI(LightningCLI):
         # would overwrite a real run's last.ckpt (same dirpath in the recipe) with a one-batch model.
         if sub == "fit" and cfg.get("trainer", {}).get("fast_dev_run") and cfg.get("checkpoint"):
             cfg.checkpoint.save_last = False
+
+    def before_fit(self) -> None:
+        artifacts = self._run_artifacts()
+        if artifacts is not None:
+            artifacts.record_recipe(self.recipe_paths, self.overrides)
+
+    def _run_artifacts(self) -> Optional[RunArtifacts]:
+        return next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
 
     def after_test(self) -> None:
         metrics = self.trainer.callback_metrics
@@ -156,21 +187,22 @@ class FineGrainedCLI(LightningCLI):
             return
         model, datamodule = self.model, self.datamodule
         ckpt_path = cfg.get("ckpt_path")
-        epochs, train_wall = provenance["epochs"], None
-        for key, state in provenance.get("checkpoint", {}).get("callbacks", {}).items():
-            if key.startswith("RunArtifacts"):
-                train_wall = state.get("train_wall_s")
+        checkpoint = provenance.get("checkpoint")
+        # What the fit recorded in the checkpoint (None: no checkpoint; {}: written by another tool).
+        fit_state = None if checkpoint is None else next(
+            (state for key, state in (checkpoint.get("callbacks") or {}).items() if key.startswith("RunArtifacts")), {})
+        train_wall = (fit_state or {}).get("train_wall_s")
         hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv", "select_on_test", "svm")}
-        artifacts = next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
+        artifacts = self._run_artifacts()
         record = {
             "git_commit": git_commit(),
             "recipe": ";".join(self.recipe_paths),
             "config_hash": config_hash(hashed),
-            "dataset": getattr(datamodule, "dataset_name", type(datamodule).__name__),
+            "dataset": getattr(datamodule, "dataset_id", None) or type(datamodule).__name__,
             "method": model.hparams.head,
             "backbone": model.hparams.backbone,
             "head_dim": model.head.output_dim,
-            "epochs": epochs,
+            "epochs": provenance["epochs"],
             "top1": accuracy["top1"],
             "top5": accuracy.get("top5", ""),
             "mean_class_acc": accuracy["mean_class_acc"],
@@ -182,6 +214,7 @@ class FineGrainedCLI(LightningCLI):
             "validation": provenance["validation"],
             "selection": provenance["selection"],
             "classifier": classifier,
+            "overrides": run_overrides(fit_state, self.recipe_paths, self.overrides),
         }
         row = append_run(cfg.runs_csv, record)
         print(f"Recorded run {row['run_id']} in {cfg.runs_csv}")
@@ -192,6 +225,23 @@ class FineGrainedCLI(LightningCLI):
         if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
             kwargs["weights_only"] = True
         return kwargs
+
+
+def run_overrides(fit_state: Optional[Dict[str, Any]], test_recipes: List[str], test_overrides: Dict[str, Any]) -> str:
+    """What the tested model's fit and this test changed from their recipes, as one text (empty: the run follows
+    its recipe). ``fit_state`` is the run-artifacts state the fit saved in the checkpoint (None: no checkpoint was
+    tested; without ``overrides``: a fit this tool did not record). A fit with another recipe than the test's is an
+    override too."""
+    if fit_state is None:
+        fit = {"checkpoint": "none (the model as instantiated)"}
+    elif "overrides" not in fit_state:
+        fit = {"fit": "not recorded"}
+    else:
+        fit = dict(fit_state["overrides"])
+        if list(fit_state.get("recipes") or []) != list(test_recipes):
+            fit["fit recipe"] = ";".join(fit_state.get("recipes") or []) or "none"
+    test = {f"test {key}": value for key, value in test_overrides.items() if fit.get(key, object()) != value}
+    return "; ".join(part for part in (format_overrides(fit), format_overrides(test)) if part)
 
 
 def _accuracy_text(accuracy: Dict[str, float]) -> str:

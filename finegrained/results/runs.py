@@ -24,10 +24,16 @@ from finegrained.results.plots import plot_confusion_matrix, plot_training_curve
 
 RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
               "head_dim", "epochs", "top1", "top5", "mean_class_acc", "train_wall_s", "test_wall_s", "device",
-              "checkpoint", "plots", "validation", "selection", "classifier"]
+              "checkpoint", "plots", "validation", "selection", "classifier", "overrides"]
+# dataset: the DataModule's dataset_id ("cub", "aircraft", "cars", ...), the key of results/reference.csv.
 # validation: "held-out" (chosen apart from the test set) or "test set" (the published protocol).
 # selection: which checkpoint was tested: "last epoch", "epoch N" or "best <metric>".
 # classifier: "softmax" (the network's own) or "svm" (finegrained test --svm: the SVM protocol).
+# overrides: what the fit and the test changed from their recipe ("key=value; ..."), '' when the run follows it
+#   (finegrained.cli.recipe.recipe_overrides); the tables mark such runs.
+
+
+NOT_RECORDED = "not recorded"
 
 
 def git_commit(cwd: Optional[str] = None) -> str:
@@ -60,9 +66,11 @@ def append_run(path: str, record: Dict[str, Any]) -> Dict[str, Any]:
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if header != RUN_FIELDS and set(header) < set(RUN_FIELDS):  # written by an earlier version: add the columns
-            pd.read_csv(path, dtype=str, keep_default_na=False).reindex(columns=RUN_FIELDS, fill_value="").to_csv(
-                path, index=False)
+        if header != RUN_FIELDS and set(header) < set(RUN_FIELDS):  # fewer columns: add the missing ones
+            older = pd.read_csv(path, dtype=str, keep_default_na=False).reindex(columns=RUN_FIELDS, fill_value="")
+            if "overrides" not in header:  # unknown is not "none": such runs are never shown as following a recipe
+                older["overrides"] = NOT_RECORDED
+            older.to_csv(path, index=False)
         elif header != RUN_FIELDS:
             raise ValueError(f"{path} has columns {header}; expected {RUN_FIELDS}. Move it aside to start a new file.")
     with open(path, "a", newline="") as f:
@@ -77,7 +85,10 @@ def read_runs(path: str) -> pd.DataFrame:
     """The run records at ``path`` (an empty frame with the right columns if there is none)."""
     if not os.path.isfile(path):
         return pd.DataFrame(columns=RUN_FIELDS)
-    runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str})
+    runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str, "overrides": str})
+    if "overrides" not in runs.columns:
+        runs["overrides"] = NOT_RECORDED
+    runs["overrides"] = runs["overrides"].fillna("")
     runs = runs.reindex(columns=list(runs.columns) + [f for f in RUN_FIELDS if f not in runs.columns])
     missing = set(RUN_FIELDS) - set(runs.columns)
     if missing:
@@ -91,6 +102,9 @@ class RunArtifacts(pl.Callback):
     def __init__(self):
         self.history: List[Dict[str, float]] = []
         self.max_epochs: Optional[int] = None  # the fit's plan, so a checkpoint tells "last epoch" from "epoch N of M"
+        self.recipes: List[str] = []  # the fit's recipe files and what its command line changed from them
+        self.overrides: Dict[str, Any] = {}
+        self._session_overrides: Dict[str, Any] = {}
         self.train_wall_s = 0.0
         self._fit_started: Optional[float] = None
         self._test_started: Optional[float] = None
@@ -98,6 +112,10 @@ class RunArtifacts(pl.Callback):
         self.plots: List[str] = []
 
     # -- fit ---------------------------------------------------------------------------------
+    def record_recipe(self, recipes: List[str], overrides: Dict[str, Any]) -> None:
+        """The fit's recipe files and its overrides; a resumed fit adds its own to those the checkpoint holds."""
+        self.recipes, self._session_overrides = list(recipes), dict(overrides)
+
     def on_fit_start(self, trainer, pl_module):
         self._fit_started = time.perf_counter()
         self.max_epochs = trainer.max_epochs
@@ -133,11 +151,13 @@ class RunArtifacts(pl.Callback):
             self.plots.append(plot_training_curves(history, os.path.join(folder, "training_curves.png")))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"train_wall_s": self._elapsed(), "history": self.history, "max_epochs": self.max_epochs}
+        return {"train_wall_s": self._elapsed(), "history": self.history, "max_epochs": self.max_epochs,
+                "recipes": self.recipes, "overrides": {**self.overrides, **self._session_overrides}}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.train_wall_s = float(state_dict.get("train_wall_s", 0.0))
         self.history = list(state_dict.get("history", []))
+        self.overrides = dict(state_dict.get("overrides") or {})
 
     # -- test --------------------------------------------------------------------------------
     def on_test_start(self, trainer, pl_module):

@@ -7,12 +7,19 @@ are bold; a number that does not exist is ``—``, never invented. A column prin
 the most decimals the paper prints in it (read from the CSV text, so ``24.70`` and ``0.505`` keep
 their digits and ``24.7`` beside ``23.82`` reads ``24.70``). Our numbers come only from run
 records (:mod:`finegrained.results.runs`), selected by ``runs``: ``latest`` (default) or ``best`` run per
-recipe, ``all`` (mean over runs), or a comma-separated list of run ids.
+recipe, ``all`` (mean over runs), or a comma-separated list of run ids. A run matches a row by its dataset id
+(the DataModule's ``dataset_id``: ``cub``, ``aircraft``, ``cars``, ...), method and backbone.
+
+A run that changed its recipe (its ``overrides``: fewer epochs, smaller images, no pretrained weights, ...) is
+not the paper's protocol: where a run that follows its recipe exists for the same recipe or cell it is shown
+instead; otherwise the modified run's number is marked ``‡n`` and its overrides are listed under the table
+(``modified="mark"``, the default), or it is left out (``modified="hide"``).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+import re
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -20,6 +27,8 @@ import pandas as pd
 from finegrained.heads import available_heads, head_display_name
 
 DASH = "—"
+MODIFIED_MARK = "‡"
+MODIFIED_CHOICES = ("mark", "hide")
 DATASET_COLUMNS = {"cub": "Birds", "aircraft": "Aircraft", "cars": "Cars", "mit": "MIT Indoor",
                    "imagenet": "ImageNet-1K", "imagenet_a": "ImageNet-A"}
 METRIC_COLUMNS = {"top1_acc": "Top-1 acc.", "top5_acc": "Top-5 acc.", "top1_err": "Top-1 err.", "top5_err": "Top-5 err.",
@@ -80,25 +89,47 @@ def _classifier(run: pd.Series) -> str:
     return value if isinstance(value, str) and value else "softmax"
 
 
-def select_runs(runs: pd.DataFrame, how: str = "latest") -> pd.DataFrame:
-    """One row per recipe (``latest``, ``best``, or ``all`` = mean), or the runs whose ids are listed."""
+# Records may hold a DataModule's display name instead of its id: the benchmark names map to their ids.
+_DATASET_IDS = {"CUB-200-2011": "cub", "FGVC-Aircraft 2013b": "aircraft", "Stanford Cars": "cars"}
+
+
+def _modified(runs: pd.DataFrame) -> pd.Series:
+    return runs["overrides"].fillna("").astype(str) != ""
+
+
+def select_runs(runs: pd.DataFrame, how: str = "latest", modified: str = "mark") -> pd.DataFrame:
+    """One row per recipe (``latest``, ``best``, or ``all`` = mean), or the runs whose ids are listed.
+
+    Within a recipe, runs that follow it are preferred to runs that changed it (their ``overrides``); with
+    ``modified="hide"`` changed runs are left out altogether.
+    """
+    if modified not in MODIFIED_CHOICES:
+        raise ValueError(f"modified must be one of {MODIFIED_CHOICES}, got {modified!r}")
     if runs.empty:
         return runs
     runs = runs.copy()
     runs["recipe"] = runs["recipe"].fillna("").astype(str)
     runs["classifier"] = runs.apply(_classifier, axis=1) if len(runs) else runs.get("classifier")
+    runs["overrides"] = runs["overrides"].fillna("").astype(str) if "overrides" in runs else ""
+    runs["dataset"] = runs["dataset"].map(lambda d: _DATASET_IDS.get(d, d))
+    if modified == "hide":
+        runs = runs[~_modified(runs)]
+    if how not in ("latest", "best", "all"):
+        ids = {i.strip() for i in how.split(",") if i.strip()}
+        unknown = ids - set(runs["run_id"].astype(str))
+        if unknown:
+            raise ValueError(f"--runs: unknown run ids {sorted(unknown)}; use latest, best, all or ids from the runs "
+                             f"file")
+        return runs[runs["run_id"].astype(str).isin(ids)]
+    keys = ["recipe", "classifier"]
+    followed = ~_modified(runs)
+    runs = runs[followed | ~followed.groupby([runs[k] for k in keys]).transform("any")]
     if how == "latest":
-        return runs.sort_values("timestamp").groupby(["recipe", "classifier"], as_index=False).tail(1)
+        return runs.sort_values("timestamp").groupby(keys, as_index=False).tail(1)
     if how == "best":
-        return runs.sort_values("top1").groupby(["recipe", "classifier"], as_index=False).tail(1)
-    if how == "all":
-        keys = ["recipe", "classifier", "dataset", "method", "backbone", "head_dim"]
-        return runs.groupby(keys, as_index=False)[["top1", "top5", "mean_class_acc"]].mean()
-    ids = {i.strip() for i in how.split(",") if i.strip()}
-    unknown = ids - set(runs["run_id"].astype(str))
-    if unknown:
-        raise ValueError(f"--runs: unknown run ids {sorted(unknown)}; use latest, best, all or ids from the runs file")
-    return runs[runs["run_id"].astype(str).isin(ids)]
+        return runs.sort_values("top1").groupby(keys, as_index=False).tail(1)
+    keys += ["dataset", "method", "backbone", "head_dim", "overrides"]
+    return runs.groupby(keys, as_index=False)[["top1", "top5", "mean_class_acc"]].mean()
 
 
 def _our_value(run: pd.Series, metric: str) -> float:
@@ -119,8 +150,19 @@ def _dim_label(head_dim) -> str:
     return f"{d / 1000:.0f}K" if d >= 1000 else str(d)
 
 
-def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Tuple[pd.DataFrame, pd.DataFrame, List]:
-    """Numeric (paper, ours) frames indexed by (method, backbone, dim), columns = datasets or metrics."""
+class Comparison(NamedTuple):
+    """Numeric (paper, ours) frames indexed by (method, backbone, dim), columns = datasets or metrics; ``overrides``
+    maps a (row, column) cell filled by a run that changed its recipe to those changes."""
+
+    paper: pd.DataFrame
+    ours: pd.DataFrame
+    columns: List[str]
+    overrides: Dict[Tuple[tuple, str], str]
+
+
+def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Comparison:
+    """The paper's numbers and ours for ``table``; a cell that both a run following its recipe and a modified run
+    match shows the former."""
     ref = reference[reference["table"] == table]
     by_dataset = set(ref["metric"]) == {"top1_acc"}
     column_of = (lambda r: r["dataset"]) if by_dataset else (lambda r: r["metric"])
@@ -131,9 +173,13 @@ def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Tuple
         paper.setdefault((r["method"], r["backbone"], r["dim"]), {})[column_of(r)] = r["value"]
         classifier_of[(r["method"], r["backbone"], r["dim"])] = r["classifier"]
     ours: Dict[tuple, Dict[str, float]] = {row: {} for row in paper}
+    overrides: Dict[Tuple[tuple, str], str] = {}
     datasets = set(ref["dataset"])
+    if "overrides" in runs and len(runs):
+        runs = runs.assign(_modified=_modified(runs)).sort_values("_modified", kind="stable", ascending=False)
     for _, run in runs.iterrows():
-        if run["dataset"] not in datasets:
+        dataset = _DATASET_IDS.get(run["dataset"], run["dataset"])
+        if dataset not in datasets:
             continue
         # Like for like: a paper number measured with SVMs is compared with our SVM run, others with softmax.
         rows = [row for row in paper if row[0] == run["method"] and row[1] == run["backbone"]
@@ -143,20 +189,25 @@ def comparison(reference: pd.DataFrame, runs: pd.DataFrame, table: str) -> Tuple
                     row[0] == run["method"] and row[1] == run["backbone"] for row in paper):
                 continue
             rows = [(run["method"], run["backbone"], _dim_label(run["head_dim"]))]
+        changed = str(run.get("overrides") or "") if isinstance(run.get("overrides"), str) else ""
         for row in rows:
             for column in columns:
-                if by_dataset and column != run["dataset"]:
+                if by_dataset and column != dataset:
                     continue
                 value = _our_value(run, "top1_acc" if by_dataset else column)
                 if not np.isnan(value):
-                    ours.setdefault(row, {})[column] = value
+                    ours.setdefault(row, {})[column] = value  # runs that follow their recipe come last and win
+                    if changed:
+                        overrides[(row, column)] = changed
+                    else:
+                        overrides.pop((row, column), None)
     index = list(paper) + [row for row in ours if row not in paper]
 
     def frame(values):
         return pd.DataFrame([[values.get(row, {}).get(c, np.nan) for c in columns] for row in index],
                             index=pd.MultiIndex.from_tuples(index), columns=columns, dtype=float)
 
-    return frame(paper), frame(ours), columns
+    return Comparison(frame(paper), frame(ours), columns, overrides)
 
 
 def _printed_decimals(text: str) -> int:
@@ -183,10 +234,12 @@ def _best(frame: pd.DataFrame, metric_of) -> Dict[str, float]:
 
 
 def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: str,
-           marks: Optional[Dict[tuple, str]] = None, decimals: Optional[Dict[str, int]] = None) -> pd.DataFrame:
+           marks: Optional[Dict[tuple, str]] = None, decimals: Optional[Dict[str, int]] = None,
+           cell_marks: Optional[Dict[Tuple[tuple, str], str]] = None) -> pd.DataFrame:
     """Display frame: cells ``paper / ours (Δ)`` with the column's best values in bold; ``marks`` maps a row
-    to a marker appended to its method (a footnote); ``decimals`` gives each column's decimals
-    (:func:`column_decimals`; default 1 for dataset columns, 2 for the others)."""
+    to a marker appended to its method (a footnote), ``cell_marks`` a (row, column) cell to one appended to our
+    number (a run that changed its recipe); ``decimals`` gives each column's decimals (:func:`column_decimals`;
+    default 1 for dataset columns, 2 for the others)."""
     by_dataset = all(c in DATASET_COLUMNS for c in columns)
     metric_of = (lambda c: "top1_acc") if by_dataset else (lambda c: c)
     best_paper, best_ours = _best(paper, metric_of), _best(ours, metric_of)
@@ -217,7 +270,8 @@ def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: st
         for column in columns:
             p, o = paper.loc[index, column], ours.loc[index, column]
             places = places_of[column]
-            cell = f"{number(p, best_paper.get(column), places)} / {number(o, best_ours.get(column), places)}"
+            cell = (f"{number(p, best_paper.get(column), places)} / {number(o, best_ours.get(column), places)}"
+                    f"{(cell_marks or {}).get((index, column), '')}")
             if not np.isnan(p) and not np.isnan(o):
                 cell += f" ({o - p:+.{places}f})"
             header = DATASET_COLUMNS.get(column) or METRIC_COLUMNS.get(column, column)
@@ -231,16 +285,18 @@ def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> L
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for table in dict.fromkeys(reference["table"]):
-        paper, ours, columns = comparison(reference, runs, table)
+        paper, ours, columns, overrides = comparison(reference, runs, table)
         title = TITLES.get(table, table)
         rows = reference[reference["table"] == table]
         sources = "; ".join(dict.fromkeys(rows["source"]))
         notes = list(dict.fromkeys(note for note in rows["note"] if note))
         marks = {(r["method"], r["backbone"], r["dim"]): "†" * (notes.index(r["note"]) + 1)
                  for _, r in rows.iterrows() if r["note"]}
+        changes = list(dict.fromkeys(overrides[cell] for cell in sorted(overrides, key=str)))
+        cell_marks = {cell: f"{MODIFIED_MARK}{changes.index(text) + 1}" for cell, text in overrides.items()}
         svm = sorted({METHOD_NAMES.get(r["method"], r["method"]) for _, r in rows.iterrows() if r["classifier"] == "svm"})
         decimals = column_decimals(reference, table)
-        md = render(paper, ours, columns, table, "md", marks, decimals)
+        md = render(paper, ours, columns, table, "md", marks, decimals, cell_marks)
         path = os.path.join(out_dir, f"{table}.md")
         with open(path, "w") as f:
             f.write(f"### {title}\n\nCells: paper / ours (ours − paper). Paper: {sources}. "
@@ -251,16 +307,31 @@ def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> L
                         f"`finegrained test --svm` runs: {', '.join(svm)}.\n")
             for k, note in enumerate(notes):
                 f.write(f"\n{'†' * (k + 1)} {note}\n")
+            for k, text in enumerate(changes):
+                f.write(f"\n{MODIFIED_MARK}{k + 1} A run that changed its recipe, not the paper's protocol: "
+                        f"{text.replace('|', '/')}\n")
         written.append(path)
+        tex_cells = {cell: f"$^{{\\ddagger{mark[1:]}}}$" for cell, mark in cell_marks.items()}
         tex = render(paper, ours, columns, table, "tex", {row: "\\dagger" * len(mark) for row, mark in marks.items()},
-                     decimals)
+                     decimals, tex_cells)
         path = os.path.join(out_dir, f"{table}.tex")
         with open(path, "w") as f:
             caption = f"{title}. Cells: paper / ours (difference).".replace("%", r"\%")
+            if changes:
+                caption += r" $\ddagger$: a run that changed its recipe (" + "; ".join(
+                    f"{k + 1}: {_tex_escape(text)}" for k, text in enumerate(changes)) + ")."
             f.write(tex.to_latex(index=False, escape=False, caption=caption,
                                  label=f"tab:{table}", column_format="lll" + "r" * len(columns)))
         written.append(path)
     return written
+
+
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_escape(text: str) -> str:
+    return re.sub(r"[\\_%&#$\{\}~^]", lambda m: _TEX_SPECIAL[m.group(0)], text)
 
 
 def accuracy_vs_dim_points(reference: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
