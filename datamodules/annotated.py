@@ -175,7 +175,8 @@ class AnnotatedDataModule(FineGrainedDataModule):
         def dataset(split: Split, transform) -> ImageListDataset:
             samples, boxes = split
             return ImageListDataset(samples, classes, transform, boxes=boxes if self.bbox_crop else None,
-                                    bottom_crop=self.bottom_crop, resize=self.preprocessing["resize"])
+                                    bottom_crop=self.bottom_crop, resize=self.preprocessing["resize"],
+                                    exif_transpose=self.preprocessing["exif_transpose"])
 
         test_dataset = dataset(test, self.eval_transform)
         val_dataset = test_dataset if val is test else dataset(val, self.eval_transform)

@@ -37,6 +37,9 @@ class CSVDataModule(AnnotatedDataModule):
         image_root: folder the CSV paths are relative to.
         train_csv, test_csv: list files; val_csv optional (else see ``val_fraction``).
         class_names: class order; inferred when omitted.
+        exif_transpose: turn every image upright by its EXIF orientation (``PIL.ImageOps.exif_transpose``), for
+            photos from cameras and phones. Recorded in ``preprocessing``, so exports and ``predict-images``
+            decode the same way. Off (default): the stored pixels, as the benchmark datasets are read.
     """
 
     dataset_name = "CSV lists"
@@ -45,13 +48,17 @@ class CSVDataModule(AnnotatedDataModule):
                  class_names: Optional[List[str]] = None, val_fraction: float = 0.0, seed: int = 0,
                  batch_size: int = 32, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
                  crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 train_crop: str = "random", skip_corrupt: bool = False):
+                 train_crop: str = "random", skip_corrupt: bool = False, exif_transpose: bool = False):
         super().__init__(image_root, bbox_crop=False, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
                          train_crop=train_crop, skip_corrupt=skip_corrupt)
-        self.save_hyperparameters()
-        self.train_csv, self.val_csv, self.test_csv = train_csv, val_csv, test_csv
         self._given_classes = list(class_names) if class_names else None
+        # The model's class_names hyper-parameter holds the class names in use (LightningCLI links them from
+        # this DataModule), and Lightning refuses a fit whose model and DataModule disagree on a shared key: an
+        # omitted (inferred) class list is therefore left out here rather than recorded as None.
+        self.save_hyperparameters(ignore=None if self._given_classes else ["class_names"])
+        self.train_csv, self.val_csv, self.test_csv = train_csv, val_csv, test_csv
+        self.preprocessing["exif_transpose"] = bool(exif_transpose)
 
     @cached_property
     def class_names(self) -> List[str]:

@@ -1,9 +1,14 @@
 """Your own data: one folder per class, ``root/{train,val,test}/<class>/<image>``.
 
-Classes are the sorted folder names of ``root/train`` (as torchvision's ImageFolder).
+Classes are the sorted folder names of ``root/train`` (as torchvision's ImageFolder), and the images of a
+class are every image file below its folder in torchvision's order (folders by path, files by name).
 ``val`` may also be spelled ``valid``/``validation``; without it, a stratified
 ``val_fraction`` of train is held out (scikit-learn, fixed seed). Without ``test``,
 the validation set doubles as the test set and a warning says so.
+
+Symbolic links are followed within the dataset root. A folder link that leads back into a folder already
+walked (a loop, or a second way to the same images) is an error naming the link; so is a link whose target lies
+outside the root, unless ``follow_external_links`` is set.
 """
 from __future__ import annotations
 
@@ -11,9 +16,7 @@ import logging
 import os
 import warnings
 from functools import cached_property
-from typing import List, Tuple
-
-from torchvision.datasets.folder import make_dataset
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from datamodules.base import FineGrainedDataModule
 from datamodules.datasets import ImageListDataset
@@ -26,20 +29,83 @@ _SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validat
                 "test": ("test", "testing")}
 
 
+def _inside(path: str, folders: Sequence[str]) -> bool:
+    return any(os.path.commonpath([path, folder]) == folder for folder in folders)
+
+
+def walk_class_folder(folder: str, roots: Sequence[str], follow_external_links: bool,
+                      walked: Dict[str, Tuple[str, Optional[str]]]) -> List[str]:
+    """Every file below ``folder`` (links followed), in the order of torchvision's ``make_dataset``: folders sorted
+    by path, the files of each sorted by name.
+
+    ``roots``: real paths that links may lead into (unless ``follow_external_links``). ``walked``: real path of
+    every folder walked so far in this split -> (the path it was walked as, the link that led there or None);
+    a folder reached a second time is an error naming the link, since following it would read images twice
+    (and, for a link to a folder above it, forever).
+    """
+    def link_target(path: str) -> str:
+        target = os.path.realpath(path)
+        if not follow_external_links and not _inside(target, roots):
+            raise ValueError(f"{path}: symbolic link to {target}, outside the dataset root {roots[0]}; expected "
+                             f"links that stay inside it (follow_external_links: true follows links to images "
+                             f"elsewhere)")
+        return target
+
+    listing: List[Tuple[str, List[str]]] = []
+    via = folder if os.path.islink(folder) else None
+    pending = [(folder, link_target(folder) if via else os.path.realpath(folder), via)]
+    while pending:
+        path, real, via = pending.pop()
+        if real in walked:
+            first, first_via = walked[real]
+            link, other = (via, first) if via else (first_via, path) if first_via else (path, first)
+            raise ValueError(f"{link}: symbolic link leads into {real}, which the walk also reaches as {other}; "
+                             f"expected every folder once and no link loops (remove the link)")
+        walked[real] = (path, via)
+        files = []
+        for entry in os.scandir(path):
+            if not entry.is_symlink():
+                if entry.is_dir():
+                    pending.append((entry.path, os.path.join(real, entry.name), via))
+                else:
+                    files.append(entry.name)
+                continue
+            target = link_target(entry.path)
+            if not entry.is_dir():  # a link to a file, or a broken link (reported when its image is read)
+                files.append(entry.name)
+                continue
+            again = next((w for w in walked if _inside(w, [target])), None)
+            if again is not None:
+                raise ValueError(f"{entry.path}: symbolic link to {target} leads into {again}, a folder already "
+                                 f"walked; expected every folder once and no link loops (remove the link)")
+            pending.append((entry.path, target, entry.path))
+        listing.append((path, sorted(files)))
+    return [os.path.join(path, name) for path, files in sorted(listing) for name in files]
+
+
 class ImageFolderDataModule(FineGrainedDataModule):
     """Args:
         root: folder holding ``train/`` (and optionally ``val/`` and ``test/``).
         val_fraction: share of train held out for validation when there is no val folder.
         seed: seed of that split.
+        follow_external_links: follow symbolic links (to images or folders) whose target lies outside ``root``, as
+            in a subset built from links to images kept elsewhere. Off (default): such a link is an error naming
+            it and its target. Links inside ``root`` are always followed; link loops are always an error.
+        exif_transpose: turn every image upright by its EXIF orientation (``PIL.ImageOps.exif_transpose``), for
+            photos from cameras and phones. Recorded in ``preprocessing``, so exports and ``predict-images``
+            decode the same way. Off (default): the stored pixels, as the benchmark datasets are read.
         **kwargs: loader and transform settings of :class:`FineGrainedDataModule`.
     """
 
-    def __init__(self, root: str, val_fraction: float = 0.1, seed: int = 0, **kwargs):
+    def __init__(self, root: str, val_fraction: float = 0.1, seed: int = 0, follow_external_links: bool = False,
+                 exif_transpose: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.root = os.path.expanduser(root)
         self.val_fraction = val_fraction
         self.seed = seed
+        self.follow_external_links = follow_external_links
+        self.preprocessing["exif_transpose"] = bool(exif_transpose)
 
     def _split_dir(self, split: str):
         for name in _SPLIT_NAMES[split]:
@@ -71,14 +137,20 @@ class ImageFolderDataModule(FineGrainedDataModule):
         others = [e.path for e in entries
                   if e.is_file() and not e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")]
 
-        def is_image(path: str) -> bool:  # make_dataset's own walk also collects what is not an image
+        def is_image(path: str) -> bool:  # the walk also collects what is not an image
             if path.lower().endswith(IMAGE_EXTENSIONS):
                 return True
             if not os.path.basename(path).startswith("."):
                 others.append(path)
             return False
 
-        samples = make_dataset(split_dir, index, is_valid_file=is_image, allow_empty=True)
+        roots = list(dict.fromkeys([os.path.realpath(self.root), os.path.realpath(split_dir)]))
+        walked: Dict[str, Tuple[str, Optional[str]]] = {}
+        samples = [(path, label) for name, label in sorted(index.items())
+                   if os.path.isdir(os.path.join(split_dir, name))
+                   for path in walk_class_folder(os.path.join(split_dir, name), roots, self.follow_external_links,
+                                                 walked)
+                   if is_image(path)]
         labels = {label for _, label in samples}
         empty = sorted(c for c, k in index.items() if k not in labels)
         if empty and os.path.basename(split_dir) == "train":
@@ -103,7 +175,8 @@ class ImageFolderDataModule(FineGrainedDataModule):
         else:
             warnings.warn(f"{self.root!r} has no test/ folder: the validation split is used as test set")
             test = val
-        resize = self.preprocessing["resize"]  # large JPEGs are draft-decoded, as in every loader
-        val_dataset = ImageListDataset(val, classes, self.eval_transform, resize=resize)
-        test_dataset = val_dataset if test is val else ImageListDataset(test, classes, self.eval_transform, resize=resize)
-        return ImageListDataset(train, classes, self.train_transform, resize=resize), val_dataset, test_dataset
+        # Large JPEGs are draft-decoded, as in every loader.
+        decode = dict(resize=self.preprocessing["resize"], exif_transpose=self.preprocessing["exif_transpose"])
+        val_dataset = ImageListDataset(val, classes, self.eval_transform, **decode)
+        test_dataset = val_dataset if test is val else ImageListDataset(test, classes, self.eval_transform, **decode)
+        return ImageListDataset(train, classes, self.train_transform, **decode), val_dataset, test_dataset

@@ -5,9 +5,12 @@ POSIX tar files, one sample = ``<key>.jpg`` (the image, resized so that its shor
 ``<key>.cls`` (the label), written with ``webdataset.ShardWriter``. Chosen over LitData's format because a tar
 shard is readable by any tool (``tar tf``), by webdataset's own loaders and by this module, with no server or
 binary index, and it is what timm and OpenCLIP stream. ``index.json`` beside the shards records the class names,
-the preprocessing and, per split, every shard with the byte offset and size of each sample.
+the preprocessing and, per split, every shard with the byte offset, size, label and key of each sample.
 
-:func:`write_shards` writes them (``finegrained data shard``); :class:`ShardDataModule` reads them. Each epoch,
+:func:`write_shards` writes them (``finegrained data shard``) into a new or empty folder, or replaces an earlier
+output that ``index.json`` lists in full; :class:`ShardDataModule` reads them. Samples decode through
+:mod:`datamodules.io`: an unreadable one is an error naming the shard and key, or with ``skip_corrupt`` is logged
+and replaced as in the file-based datasets. Each epoch,
 the shard order is permuted (seed + epoch); the concatenated samples are cut into N contiguous parts, one per
 process, so that each process reads a few shards from start to end; within a part, samples are shuffled in
 blocks of ``shuffle_block`` (reads stay near-sequential); and every part is split into the same number of
@@ -35,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from datamodules.base import FineGrainedDataModule
+from datamodules.datasets import first_readable
+from datamodules.io import decode_bytes
 
 INDEX = "index.json"
 SPLITS = ("train", "val", "test")
@@ -69,39 +74,100 @@ def _tar_index(path: str) -> List[Tuple[str, int, int, int]]:
 
 
 def write_split(images, out_dir: str, split: str, size: int = 512, shard_size: int = 1000,
-                quality: int = 90) -> List[dict]:
-    """Write ``(PIL image, label)`` pairs as ``<split>-NNNNNN.tar`` shards; returns the split's index entries."""
+                quality: int = 90, written: Optional[List[str]] = None) -> List[dict]:
+    """Write ``(PIL image, label)`` pairs as ``<split>-NNNNNN.tar`` shards; returns the index entries of the
+    shards written (and of no other file in ``out_dir``). Each shard's path is appended to ``written`` once
+    closed, also when writing fails half-way."""
     import webdataset
 
     pattern = os.path.join(out_dir, f"{split}-%06d.tar")
-    with webdataset.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+    written = [] if written is None else written
+    start = len(written)
+    with webdataset.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=written.append) as sink:
         for k, (image, label) in enumerate(images):
             sink.write({"__key__": f"{k:09d}", "jpg": _jpeg_bytes(image, size, quality), "cls": str(int(label)).encode()})
-    return index_split(out_dir, split)
+    return index_split(out_dir, split, [os.path.basename(path) for path in written[start:]])
 
 
-def index_split(out_dir: str, split: str) -> List[dict]:
-    """``[{"shard": name, "samples": [[offset, size, label], ...]}, ...]`` of the ``<split>-*.tar`` shards."""
-    shards = sorted(f for f in os.listdir(out_dir) if f.startswith(f"{split}-") and f.endswith(".tar"))
-    return [{"shard": name, "samples": [list(s[1:]) for s in _tar_index(os.path.join(out_dir, name))]}
-            for name in shards]
+def index_split(out_dir: str, split: str, names: Optional[Sequence[str]] = None) -> List[dict]:
+    """``[{"shard": name, "samples": [[offset, size, label, key], ...]}, ...]`` of the shards ``names`` (by
+    default every ``<split>-*.tar`` in ``out_dir``)."""
+    if names is None:
+        names = sorted(f for f in os.listdir(out_dir) if f.startswith(f"{split}-") and f.endswith(".tar"))
+    return [{"shard": name, "samples": [[offset, size, label, key]
+                                        for key, offset, size, label in _tar_index(os.path.join(out_dir, name))]}
+            for name in names]
+
+
+def _previous_output(out_dir: str) -> List[str]:
+    """The files of an earlier ``write_shards`` output in ``out_dir`` (its shards and index), all there is in it;
+    otherwise a ValueError saying what else the folder holds."""
+    path = os.path.join(out_dir, INDEX)
+    try:
+        with open(path) as f:
+            splits = json.load(f)["splits"]
+        listed = {INDEX} | {shard["shard"] for shards in splits.values() for shard in shards}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{out_dir}: not the output of finegrained data shard ({path} is missing or unreadable: "
+                         f"{err}); expected a new or empty folder, or one holding only a previous shard output "
+                         f"(--overwrite)") from err
+    present = sorted(os.listdir(out_dir))
+    others = [name for name in present if name not in listed or not os.path.isfile(os.path.join(out_dir, name))
+              or os.path.islink(os.path.join(out_dir, name))]
+    if others:
+        raise ValueError(f"{out_dir}: holds {len(others)} file(s) that {INDEX} does not list ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); expected only a previous shard output to replace "
+                         f"(remove them or choose another --out)")
+    return present
+
+
+def _images(dataset, desc: str):
+    """``(image, label)`` of every sample, with a progress bar that is closed (its line ended) before an error
+    leaves, so that the error starts a line of its own."""
+    with tqdm(range(len(dataset)), desc=desc, unit="img") as indices:
+        for k in indices:
+            yield dataset.load_image(k), dataset.targets[k]
 
 
 def write_shards(datamodule: FineGrainedDataModule, out_dir: str, size: int = 512, shard_size: int = 1000,
-                 quality: int = 90, splits: Sequence[str] = SPLITS) -> str:
+                 quality: int = 90, splits: Sequence[str] = SPLITS, overwrite: bool = False) -> str:
     """Write the splits of ``datamodule`` (its images before any transform) as WebDataset shards; returns the
-    index path. A split that is the test split again (validation = test) is written once, as test."""
-    os.makedirs(out_dir, exist_ok=True)
+    index path. A split that is the test split again (validation = test) is written once, as test.
+
+    ``out_dir`` must be new or empty: shards of another run beside the new ones would be read with them. With
+    ``overwrite``, a previous output there is replaced: the files its ``index.json`` lists are removed, and a folder
+    holding anything else is refused.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: not a folder; expected a new or empty folder for the shards")
+    previous = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if previous and not overwrite:
+        raise ValueError(f"{out_dir}: not empty ({', '.join(previous[:3])}{', ...' if len(previous) > 3 else ''}); "
+                         f"expected a new or empty folder for the shards (--overwrite replaces a previous shard "
+                         f"output there)")
+    if previous:
+        previous = _previous_output(out_dir)
     datamodule.setup("fit")
+    for name in previous:  # only now: a DataModule that cannot be read leaves the previous output in place
+        os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
     datasets = {"train": datamodule.train_dataset, "val": datamodule.val_dataset, "test": datamodule.test_dataset}
     index = {"classes": list(datamodule.class_names), "size": size, "splits": {}}
-    for split in splits:
-        dataset = datasets[split]
-        if split == "val" and dataset is datamodule.test_dataset:
-            continue
-        images = ((dataset.load_image(k), dataset.targets[k])
-                  for k in tqdm(range(len(dataset)), desc=f"shard {split}", unit="img"))
-        index["splits"][split] = write_split(images, out_dir, split, size, shard_size, quality)
+    written: List[str] = []
+    try:
+        for split in splits:
+            dataset = datasets[split]
+            if split == "val" and dataset is datamodule.test_dataset:
+                continue
+            index["splits"][split] = write_split(_images(dataset, f"shard {split}"), out_dir, split, size,
+                                                 shard_size, quality, written)
+    except BaseException:
+        # An unreadable image (or an interrupt) half-way: remove this run's shards, which no index lists, so that
+        # the folder is empty again for the next attempt.
+        for shard in written:
+            if os.path.isfile(shard):
+                os.remove(shard)
+        raise
     path = os.path.join(out_dir, INDEX)
     with open(path, "w") as f:
         json.dump(index, f)
@@ -114,28 +180,37 @@ class ShardDataset(Dataset):
     def __init__(self, folder: str, shards: List[dict], classes: List[str], transform=None):
         self.folder, self.classes, self.transform = folder, list(classes), transform
         self.records: List[Tuple[int, int, int]] = []  # (shard number, offset, size)
+        self.keys: List[Optional[str]] = []  # None for [offset, size, label] entries, which name no key
         self.targets: List[int] = []
         self.shard_paths = [os.path.join(folder, s["shard"]) for s in shards]
         self.shard_starts = []
         for number, shard in enumerate(shards):
             self.shard_starts.append(len(self.records))
-            for offset, size, label in shard["samples"]:
+            for offset, size, label, *key in shard["samples"]:
                 self.records.append((number, offset, size))
+                self.keys.append(str(key[0]) if key else None)
                 self.targets.append(int(label))
-        self.skip_corrupt = False
+        self.skip_corrupt = False  # set by the DataModule: see FineGrainedDataModule's skip_corrupt
+        self.skipped: set = set()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def sample_name(self, index: int) -> str:
+        number, offset, _ = self.records[index]
+        key = self.keys[index]
+        return f"{self.shard_paths[number]}: " + (f"sample {key}" if key is not None else f"sample at byte {offset}")
 
     def load_image(self, index: int) -> Image.Image:
         number, offset, size = self.records[index]
         with open(self.shard_paths[number], "rb") as f:
             f.seek(offset)
-            return Image.open(io.BytesIO(f.read(size))).convert("RGB")
+            data = f.read(size)
+        return decode_bytes(data, self.sample_name(index))
 
     def item(self, index: int):
-        image = self.load_image(index)
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        image, read = first_readable(self, index)
+        return (self.transform(image) if self.transform else image), self.targets[read]
 
     def __getitem__(self, index):
         if isinstance(index, (list, tuple)):

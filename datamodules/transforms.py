@@ -22,15 +22,17 @@ Size = Union[int, Sequence[int]]
 
 
 def preprocessing_spec(resize: Size, crop: Size, mean: Sequence[float] = IMAGENET_MEAN,
-                       std: Sequence[float] = IMAGENET_STD) -> Dict:
+                       std: Sequence[float] = IMAGENET_STD, exif_transpose: bool = False) -> Dict:
     """The test-time preprocessing as plain data (stored in checkpoints and export manifests).
 
-    A DataModule that removes rows at the bottom of every image before resizing (FGVC-Aircraft's banner)
-    adds ``"bottom_crop": rows``, so that ``predict-images`` decodes exactly as its test loader.
+    ``exif_transpose``: whether images are turned upright by their EXIF orientation when decoded (a spec without
+    the key means no). A DataModule that removes rows at the bottom of every image
+    before resizing (FGVC-Aircraft's banner) adds ``"bottom_crop": rows``, so that ``predict-images`` decodes
+    exactly as its test loader.
     """
     as_list = lambda s: list(s) if isinstance(s, (list, tuple)) else int(s)  # noqa: E731
     return {"resize": as_list(resize), "crop": as_list(crop), "mean": list(mean), "std": list(std),
-            "interpolation": "bilinear", "color": "RGB"}
+            "interpolation": "bilinear", "color": "RGB", "exif_transpose": bool(exif_transpose)}
 
 
 class ToNormalizedTensor(torch.nn.Module):

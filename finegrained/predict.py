@@ -51,9 +51,11 @@ class ExportedModel:
             self._session = None
 
     def preprocess(self, path: str) -> torch.Tensor:
-        """(3, h, w): decoded (JPEG draft, banner rows) and transformed exactly as the test loader did."""
+        """(3, h, w): decoded (JPEG draft, banner rows, EXIF orientation) and transformed exactly as the test
+        loader did; a preprocessing without ``exif_transpose`` keeps the stored orientation."""
         spec = self.preprocessing
-        return self.transform(decode_cropped(path, spec["resize"], spec.get("bottom_crop", 0)))
+        return self.transform(decode_cropped(path, spec["resize"], spec.get("bottom_crop", 0),
+                                             exif_transpose=bool(spec.get("exif_transpose", False))))
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if self._session is not None:
@@ -66,7 +68,8 @@ def labelled_folder(folder: str, class_names: Sequence[str]) -> Optional[Dict[st
     """``{sub-folder: label}`` when ``folder`` is labelled, else None.
 
     A folder is labelled when it holds no image at its top and every sub-folder is named after a class of
-    the model (its name, or the file-safe form ``finegrained data samples --by-class`` writes).
+    the model (its name, or the file-safe form ``finegrained data samples --by-class`` writes, which is distinct
+    for distinct classes: :func:`~datamodules.samples.safe_name`).
     """
     labels = {name: i for i, name in enumerate(class_names)}
     labels.update({safe_name(name): i for i, name in enumerate(class_names) if safe_name(name) not in labels})

@@ -1,5 +1,6 @@
 """The finegrained command: fit/test through LightningCLI, export (ONNX, TorchScript), predict-images."""
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -136,3 +137,86 @@ def test_data_samples_command(trained_run, tmp_path):
     assert main(["data", "samples", "--config", recipe, "--split", "test", "--n", "4", "--out", str(tmp_path / "s")]) == 0
     files = sorted(os.listdir(tmp_path / "s"))
     assert len(files) == 4 and files[0].startswith("00_class_0") and files[1].startswith("01_class_1")
+
+
+def test_predict_images_skips_a_decompression_bomb_and_keeps_the_other_predictions(onnx_model, tmp_path, capsys):
+    from tests.test_inputs import write_bomb
+
+    _, artifact = onnx_model
+    good = [write_image(str(tmp_path / "imgs" / f"{k}.jpg"), PALETTE[k], size=70, seed=k) for k in range(2)]
+    bomb = write_bomb(tmp_path / "imgs" / "huge.png")
+    csv_path = str(tmp_path / "pred.csv")
+    assert main(["predict-images", "--model", artifact, str(tmp_path / "imgs"), "--topk", "1", "--csv", csv_path]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {bomb}: image of 400000000 pixels" in err and "Traceback" not in err
+    assert sorted(r["path"] for r in csv.DictReader(open(csv_path))) == good
+
+
+def test_predict_images_turns_images_upright_as_the_manifest_says(onnx_model, tmp_path):
+    from PIL import Image, ImageOps
+
+    from tests.test_inputs import write_rotated_photo
+
+    ckpt, artifact = onnx_model
+    manifest = json.load(open(artifact + ".json"))
+    assert manifest["preprocessing"] == load_classifier(ckpt).hparams.preprocessing  # copied unchanged
+    assert manifest["preprocessing"]["exif_transpose"] is False
+    photo = str(tmp_path / "photo.jpg")
+    write_rotated_photo(photo)
+    spec = manifest["preprocessing"]
+    transform = eval_transform(spec)
+    with Image.open(photo) as image:
+        stored, upright = transform(image.convert("RGB")), transform(ImageOps.exif_transpose(image).convert("RGB"))
+    assert not torch.equal(stored, upright)
+    torch.testing.assert_close(ExportedModel(artifact).preprocess(photo), stored, rtol=0, atol=0)
+    for key, value in (("exif_transpose", True), ("exif_transpose", None)):  # None: a manifest without the key
+        copy = tmp_path / f"{value}.onnx"
+        copy.write_bytes(open(artifact, "rb").read())
+        preprocessing = {k: v for k, v in spec.items() if k != key}
+        if value is not None:
+            preprocessing[key] = value
+        json.dump({**manifest, "preprocessing": preprocessing}, open(str(copy) + ".json", "w"))
+        expected = upright if value else stored
+        torch.testing.assert_close(ExportedModel(str(copy)).preprocess(photo), expected, rtol=0, atol=0)
+
+
+def test_samples_by_class_and_predict_images_report_the_true_accuracy(onnx_model, tmp_path, capsys):
+    """Classes '..', 'a b' and 'a-b': each gets its own folder inside --out, and predict-images maps every folder
+    back to its class, so its accuracy is the model's accuracy on those images."""
+    from sklearn.metrics import accuracy_score
+
+    _, artifact = onnx_model
+    classes = ["..", "a b", "a-b"]
+    rows = []
+    for split in ("train", "test"):
+        for c in range(3):
+            for i in range(2):
+                name = f"{split}_{c}_{i}.jpg"
+                write_image(str(tmp_path / "img" / name), PALETTE[(c + i) % 3], size=72, seed=c * 10 + i)
+                rows.append((split, f"{name},{c}"))
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text("\n".join(row for s, row in rows if s == split) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"data": {"class_path": "datamodules.CSVDataModule", "init_args": {
+        "image_root": str(tmp_path / "img"), "train_csv": str(tmp_path / "train.csv"),
+        "test_csv": str(tmp_path / "test.csv"), "class_names": classes, "num_workers": 0}}}))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    relabelled = str(model_dir / "m.onnx")  # the tiny model, its outputs named after these classes
+    open(relabelled, "wb").write(open(artifact, "rb").read())
+    manifest = json.load(open(artifact + ".json"))
+    json.dump({**manifest, "class_names": classes}, open(relabelled + ".json", "w"))
+
+    out = tmp_path / "deep" / "samples"
+    assert main(["data", "samples", "--config", str(recipe), "--split", "test", "--n", "6", "--by-class",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert os.listdir(tmp_path / "deep") == ["samples"] and len(os.listdir(out)) == 3
+    model = ExportedModel(relabelled)
+    files = sorted(glob.glob(str(out / "*" / "*.png")), key=os.path.basename)
+    assert len(files) == 6
+    truth = [k % 3 for k in range(6)]  # written round-robin over the classes, in label order
+    predicted = [int(model(model.preprocess(f)[None]).argmax()) for f in files]
+    assert main(["predict-images", "--model", relabelled, str(out), "--topk", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Accuracy on 6 labelled images: top-1 {accuracy_score(truth, predicted):.4f}," in printed

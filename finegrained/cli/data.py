@@ -53,6 +53,9 @@ def data_command(argv: List[str]) -> int:
     shard.add_argument("--out", required=True)
     shard.add_argument("--size", type=int, default=512, help="shorter side of the stored images")
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per tar file")
+    shard.add_argument("--overwrite", action="store_true",
+                       help="replace a previous shard output in --out (only the files its index.json lists; a folder "
+                            "holding anything else is refused)")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)
@@ -66,7 +69,7 @@ def data_command(argv: List[str]) -> int:
         else:
             raise ValueError("finegrained data shard needs --config RECIPE, or --dataset NAME and --root DIR")
         datamodule.prepare_data()
-        path = write_shards(datamodule, args.out, size=args.size, shard_size=args.shard_size)
+        path = write_shards(datamodule, args.out, size=args.size, shard_size=args.shard_size, overwrite=args.overwrite)
         counts = ", ".join(f"{split} {n}" for split, n in shard_counts(args.out).items())
         print(f"wrote {path} ({counts} images); read them with datamodules.ShardDataModule(root={args.out!r})")
         return 0
