@@ -66,14 +66,13 @@ def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) ->
             raise CheckpointFileError(
                 f"{path}: holds a pickled Python object ({refused.group(1)}), which is refused: checkpoints are read "
                 f"with weights_only=True (tensors and containers only)") from None
-        raise CheckpointFileError(f"{path}: not a PyTorch checkpoint (cannot unpickle it); expected a checkpoint "
-                                  f"written by finegrained fit") from None
+        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
+                                  f"expected a checkpoint written by finegrained fit") from err
     except MemoryError:
         raise
     except Exception as err:  # RuntimeError (zip), EOFError, KeyError, ...: the file's content, not the code
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file: "
-                                  f"{first[:120]}); expected a checkpoint written by finegrained fit") from None
+        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
+                                  f"expected a checkpoint written by finegrained fit") from err
 
 
 def _temporary_name(path: str) -> str:
@@ -176,35 +175,28 @@ class ModelCheckpointEveryEpoch(ModelCheckpoint):
     every ``every_n_train_steps``, not only when a top-k checkpoint is saved in the same step."""
 
     _last_written_at: Optional[int] = None  # global step of the last write of last.ckpt
-    _written_in_batch_hook = False  # ... and whether it came from a step trigger, inside the epoch
-    _in_batch_hook = False
 
     def _save_last_checkpoint(self, trainer: "pl.Trainer", monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
-            self._last_written_at, self._written_in_batch_hook = trainer.global_step, self._in_batch_hook
+            self._last_written_at = trainer.global_step
 
     def _write_last(self, trainer: "pl.Trainer") -> None:
-        if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+        """Write last.ckpt unless it holds this step already (as Lightning does: a step checkpoint written at the
+        epoch's last step, or at a max_steps stop inside an epoch, is the one a resume continues from)."""
+        if (not self.save_last or trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit"
+                or self._last_written_at == trainer.global_step):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._in_batch_hook = True
-        try:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            if (self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-                    and self._last_written_at != trainer.global_step):
-                self._write_last(trainer)
-        finally:
-            self._in_batch_hook = False
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+            self._write_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        # Written at this step already by the end-of-epoch save (here or at the validation's end): done. Written by
-        # a step trigger inside the epoch: write again, since a resume must start from the epoch's end.
-        if self._last_written_at != trainer.global_step or self._written_in_batch_hook:
-            self._write_last(trainer)
+        self._write_last(trainer)
 
 
 class RandomState(pl.Callback):

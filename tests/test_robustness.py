@@ -191,3 +191,99 @@ def test_debug_shows_the_traceback_and_programming_errors_keep_theirs(trained_ru
     monkeypatch.setattr(model_module, "build_head", broken)
     with pytest.raises(TypeError, match="a bug"):
         entry_point(_fit(recipe, tmp_path))
+
+
+# ---- checkpoints that cannot be read, in every command that reads one ----------------------------------------
+def _bad_checkpoints(folder, good):
+    import os
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    data = open(good, "rb").read()
+    files = {"empty": b"", "random": os.urandom(4096), "truncated": data[: len(data) // 2]}
+    paths = {}
+    for name, content in files.items():
+        paths[name] = os.path.join(folder, f"{name}.ckpt")
+        open(paths[name], "wb").write(content)
+    paths["pickle"] = os.path.join(folder, "pickle.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": Evil()}, paths["pickle"])
+    paths["state dict"] = os.path.join(folder, "weights.ckpt")
+    torch.save({"w": torch.ones(2)}, paths["state dict"])
+    return paths
+
+
+EXPECTED = {"empty": "file is empty (0 bytes)", "random": "not a readable PyTorch checkpoint",
+            "truncated": "not a readable PyTorch checkpoint", "pickle": "holds a pickled Python object (print)",
+            "state dict": "not a"}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_a_bad_checkpoint_is_one_line_in_test(trained_run, tmp_path, capsys, kind):
+    recipe, ckpt, _ = trained_run
+    path = _bad_checkpoints(str(tmp_path), ckpt)[kind]
+    line = _one_line_error(capsys, ["test", "--config", recipe, "--ckpt_path", path, "--runs_csv", ""])
+    assert line.startswith(f"error: {path}: ") and EXPECTED[kind] in line, line
+    assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["fit --ckpt_path", "init_from", "export", "report"])
+@pytest.mark.parametrize("kind", ["random", "pickle"])
+def test_a_bad_checkpoint_is_one_line_in_every_command(trained_run, tmp_path, capsys, command, kind):
+    recipe, ckpt, _ = trained_run
+    path = _bad_checkpoints(str(tmp_path), ckpt)[kind]
+    argv = {"fit --ckpt_path": _fit(recipe, tmp_path, "--ckpt_path", path),
+            "init_from": _fit(recipe, tmp_path, "--model.init_from", path),
+            "export": ["export", "--ckpt", path, "--out", str(tmp_path / "model.onnx")],
+            "report": ["report", "--ckpt", path, "--config", recipe, "--out", str(tmp_path / "report")]}[command]
+    line = _one_line_error(capsys, argv)
+    assert line.startswith(f"error: {path}: ") and EXPECTED[kind] in line, line
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "report").exists()
+
+
+# ---- recipes and head arguments ----------------------------------------------------------------------------
+RECIPE_CASES = {
+    "typo key": ("model:\n  lrr: 0.1\n", [], "{recipe}: model.lrr is not a setting of finegrained fit (did you mean "
+                                              "model.lr?)"),
+    "wrong type": ("model:\n  lr: fast\n", [], "{recipe}: model.lr: expected float, got fast"),
+    "typo in the data's arguments": ("data:\n  init_args:\n    batch_sise: 3\n", [],
+                                     "{recipe}: data.init_args.batch_sise is not an argument of "
+                                     "datamodules.ImageFolderDataModule"),
+    "wrong type on the command line": ("", ["--trainer.max_epochs", "many"],
+                                       "the command line: trainer.max_epochs: expected int or null, got many"),
+    "negative reduction": ("", ["--model.head_kwargs", "{reduction: -16}"],
+                           "head 'isqrt': reduction must be a positive integer, got -16"),
+    "unknown head argument": ("", ["--model.head_kwargs", "{reductio: 16}"],
+                              "head 'isqrt' has no argument 'reductio'; its arguments: reduction=256, iterations=5"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_a_bad_setting_names_its_file_and_key_in_one_line(trained_run, tmp_path, capsys, case):
+    """The recipe's own error comes from a second recipe layered over the working one (as a base would be)."""
+    recipe, _, _ = trained_run
+    text, extra, expected = RECIPE_CASES[case]
+    layered = tmp_path / "layer.yaml"
+    layered.write_text(text or "{}\n")
+    argv = _fit(recipe, tmp_path, "--config", str(layered), *extra)
+    from finegrained.cli import entry_point
+
+    assert entry_point(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {expected.format(recipe=layered)}"], err[-2000:]
+    assert "usage:" not in err and "Traceback" not in err
+
+
+def test_a_bad_setting_in_a_base_recipe_names_the_base(tmp_path, capsys):
+    from finegrained.cli import entry_point
+
+    (tmp_path / "base.yaml").write_text("model:\n  lr: fast\n")
+    (tmp_path / "recipe.yaml").write_text("base: [base.yaml]\ndata:\n  class_path: datamodules.ImageFolderDataModule\n"
+                                         "  init_args: {root: /nowhere}\n")
+    assert entry_point(["fit", "--config", str(tmp_path / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and err[-1].endswith(f"base.yaml: model.lr: expected float, got fast"), err

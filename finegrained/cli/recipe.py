@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -156,3 +157,100 @@ def format_overrides(overrides: Dict[str, Any]) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
     return "; ".join(f"{key}={text(value)}" for key, value in overrides.items())
+
+
+class RecipeError(ValueError):
+    """A recipe (or command line) setting the parser refused, described in one line."""
+
+
+def file_setting(key: str, path: str) -> Optional[str]:
+    """The recipe file, among ``path`` and its bases, whose value of the dotted ``key`` the merged recipe keeps."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    found = None
+    bases = raw.pop(BASE_KEY, []) or []
+    for base in [bases] if isinstance(bases, str) else bases:
+        found = file_setting(key, os.path.join(os.path.dirname(os.path.abspath(path)), base)) or found
+    flat = flatten(raw)
+    if key in flat or any(k.startswith(key + ".") for k in flat):
+        found = path
+    return found
+
+
+def where_set(key: str, argv: List[str]) -> str:
+    """``the command line``, the recipe file that sets ``key``, or the recipes named with ``--config``."""
+    if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
+        return "the command line"
+    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    recipes += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in reversed(recipes):  # the last recipe wins
+        found = file_setting(key, path) if os.path.isfile(path) else None
+        if found:
+            return os.path.relpath(found) if not os.path.relpath(found).startswith("..") else found
+    return ", ".join(recipes) or "the command line"
+
+
+def _close_settings(key: str) -> List[str]:
+    """Settings of the model or trainer whose names are close to ``key``'s last part."""
+    import difflib
+    import inspect
+
+    section, _, name = key.rpartition(".")
+    if section == "model":
+        from finegrained.model import FineGrainedClassifier as owner
+    elif section == "trainer":
+        from pytorch_lightning import Trainer as owner
+    else:
+        return []
+    names = [p for p in inspect.signature(owner.__init__).parameters if p != "self"]
+    return [f"{section}.{n}" for n in difflib.get_close_matches(name, names, n=2, cutoff=0.7)]
+
+
+def describe_config_error(message: str, argv: List[str]) -> str:
+    """jsonargparse's multi-line parse error as ``<file>: <key>: <what was expected>`` on one line."""
+    text = " ".join(message.split())
+    match = re.match(r"Subcommand '(\w+)' does not accept option '([\w.]+)'", text)
+    if match:
+        command, key = match.groups()
+        close = _close_settings(key)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else f" (see finegrained {command} --help)"
+        return f"{where_set(key, argv)}: {key} is not a setting of finegrained {command}{hint}"
+    match = re.match(r"Parser key \"config\": File does not exist: '(.*)'", text)
+    if match:
+        return f"{match.group(1)}: recipe not found"
+    match = re.match(r'Parser key "config": (.*)', text)
+    if match:
+        return f"recipe: {match.group(1)}"
+    match = re.match(r"the following arguments are required: \w+\.(.*)", text)
+    if match:
+        return (f"{where_set(match.group(1), argv)}: no {match.group(1)}: setting; expected e.g. data: {{class_path: "
+                f"datamodules.ImageFolderDataModule, init_args: {{root: ...}}}}")
+    match = re.match(r'Parser key "([\w.]+)": (.*)', text)
+    if not match:
+        return text
+    key, detail = match.groups()
+    option = re.search(r"Problem with given class_path '([\w.]+)': Option '(\w+)' is not accepted", detail)
+    if option:
+        cls, name = option.groups()
+        full = f"{key}.init_args.{name}"
+        return f"{where_set(full, argv)}: {full} is not an argument of {cls}"
+    missing = re.search(r"Problem with given class_path '([\w.]+)': (module .*? has no attribute '\w+'|.*?"
+                        r"(?:not found|does not exist|No module named [^ ]+))", detail)
+    if missing:
+        return f"{where_set(key + '.class_path', argv)}: {key}.class_path: {missing.group(1)} cannot be imported " \
+               f"({missing.group(2)})"
+    nested = re.search(r"Problem with given class_path '[\w.]+': Parser key \"([\w.]+)\": (.*?)(?: - Expected a|$)",
+                       detail)
+    if nested:
+        key, detail = f"{key}.init_args.{nested.group(1)}", nested.group(2)
+    expected = re.findall(r"Expected a <class '(\w+)'>", detail)
+    given = re.search(r"(?:Given value|Got value): (.*?)(?: Given value type|$)", detail)
+    if expected:
+        what = " or ".join(dict.fromkeys("null" if e == "NoneType" else e for e in expected))
+        return f"{where_set(key, argv)}: {key}: expected {what}, got {given.group(1).strip() if given else '?'}"
+    return f"{where_set(key, argv)}: {key}: {detail}"

@@ -18,7 +18,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from finegrained.cli.recipe import config_hash, expand_config_args, format_overrides, recipe_overrides
+from finegrained.cli.recipe import (RecipeError, config_hash, describe_config_error, expand_config_args,
+                                    format_overrides, recipe_overrides)
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import (AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, checkpoint_selection,
                                 completed_epochs, read_checkpoint_file)
@@ -101,6 +102,18 @@ class FineGrainedCLI(LightningCLI):
                        f"({os.path.join(checkpoint.dirpath or '<log dir>/checkpoints', 'last.ckpt')}); best.ckpt "
                        "is not written, since choosing it would choose on the test set. Set val_fraction > 0 to "
                        "choose by held-out validation (or --select_on_test true for the published code's choice)")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads --ckpt_path's hyper-parameters right after parsing, with a plain torch.load: check the file
+        # first, so that an empty, truncated or foreign file is one line naming it.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+            if "hyper_parameters" not in checkpoint:
+                raise ValueError(f"{ckpt_path}: not a FineGrainedClassifier checkpoint (no 'hyper_parameters' entry); "
+                                 f"expected a checkpoint written by finegrained fit")
 
     def _recipe_overrides(self, subcommand: str) -> Dict[str, Any]:
         """What this command line changes from its recipe(s) that changes what the run computes
@@ -261,6 +274,8 @@ def run_lightning_cli(args: Optional[List[str]] = None) -> FineGrainedCLI:
     saved_argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "finegrained"] + expand_config_args(argv)
     try:
         return _build_cli(argv)
+    except argparse.ArgumentError as err:  # the parser refused a setting: which one, where, and what it expected
+        raise RecipeError(describe_config_error(str(err), argv)) from None
     finally:
         sys.argv = saved_argv
 

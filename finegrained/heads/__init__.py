@@ -16,13 +16,17 @@ substitute for ONNX, which has no eigensolver; :func:`onnx_substitutes` switches
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
+import numbers
 from typing import Dict, Iterator, List, Optional, Type
 
 from torch import nn
 
 from finegrained.heads.base import PoolingHead
 
-__all__ = ["PoolingHead", "register_head", "available_heads", "head_display_name", "build_head", "onnx_substitutes"]
+__all__ = ["PoolingHead", "register_head", "available_heads", "head_display_name", "build_head", "head_arguments",
+           "check_head_arguments", "onnx_substitutes"]
 
 _REGISTRY: Dict[str, Type[PoolingHead]] = {}
 _DISPLAY_NAMES: Dict[str, str] = {}
@@ -74,17 +78,70 @@ def build_head(name: str, in_channels: int, num_classes: Optional[int] = None, c
     only to heads that use the class token (``uses_class_token``, SoT); the others ignore them.
 
     Raises:
-        ValueError: for an unknown name (the message lists the known ones), or a logit-producing
-            head without ``num_classes``.
+        ValueError: for an unknown name (the message lists the known ones), an argument the head does not have or
+            a value of the wrong type or range (the message lists the head's arguments), a value the layers cannot
+            be built with, or a logit-producing head without ``num_classes``.
     """
     cls = _head_class(name)
+    check_head_arguments(name, kwargs)
     if cls.uses_class_token:
         kwargs["class_token_dim"] = class_token_dim
     if cls.produces_logits:
         if num_classes is None:
             raise ValueError(f"head {name!r} computes class scores itself and needs num_classes")
-        return cls(in_channels, num_classes=num_classes, **kwargs)
-    return cls(in_channels, **kwargs)
+        kwargs["num_classes"] = num_classes
+    try:
+        return cls(in_channels, **kwargs)
+    except (RuntimeError, ValueError) as err:  # a value the layers cannot be built with (sizes, ranges)
+        raise ValueError(f"head {name!r} cannot be built with head_kwargs {kwargs} on {in_channels} input channels: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+
+# Arguments the model passes itself, not head_kwargs.
+_GIVEN_BY_THE_MODEL = ("self", "in_channels", "num_classes", "class_token_dim")
+# Integer arguments that may be 0 (everything else counts something: channels, iterations, clusters, ...).
+_MAY_BE_ZERO = ("seed",)
+
+
+def head_arguments(name: str) -> Dict[str, inspect.Parameter]:
+    """The keyword arguments ``head_kwargs`` may set for head ``name``, with their defaults and annotations."""
+    parameters = inspect.signature(_head_class(name).__init__).parameters
+    return {k: p for k, p in parameters.items() if k not in _GIVEN_BY_THE_MODEL
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_head_arguments(name: str, kwargs: Dict) -> None:
+    """Refuse an argument head ``name`` does not have, or a value of the wrong type or out of range, in one line
+    that lists the head's arguments."""
+    accepted = head_arguments(name)
+    listing = ", ".join(f"{k}={p.default!r}" for k, p in accepted.items())
+    for key, value in kwargs.items():
+        if key not in accepted:
+            raise ValueError(f"head {name!r} has no argument {key!r}; its arguments: {listing or 'none'}")
+        default = accepted[key].default
+        annotation = str(accepted[key].annotation)
+        if value is None:
+            if default is None or "Optional" in annotation:
+                continue
+            raise ValueError(f"head {name!r}: {key} may not be null (default {default!r})")
+        expects = (bool if isinstance(default, bool) or annotation in ("bool", "<class 'bool'>") else
+                   int if isinstance(default, int) or "int" in annotation.replace("Sequence[int]", "") else
+                   float if isinstance(default, float) or "float" in annotation else
+                   str if isinstance(default, str) or "str" in annotation else None)
+        if expects is None:
+            continue
+        ok = (isinstance(value, bool) if expects is bool else
+              isinstance(value, numbers.Integral) and not isinstance(value, bool) if expects is int else
+              isinstance(value, numbers.Real) and not isinstance(value, bool) if expects is float else
+              isinstance(value, str))
+        if not ok:
+            raise ValueError(f"head {name!r}: {key} must be a{'n' if expects is int else ''} {expects.__name__}, got "
+                             f"{value!r}; its arguments: {listing}")
+        if expects is int and value < (0 if key in _MAY_BE_ZERO else 1):
+            raise ValueError(f"head {name!r}: {key} must be {'>= 0' if key in _MAY_BE_ZERO else 'a positive integer'}, "
+                             f"got {value}")
+        if expects is float and not math.isfinite(value):
+            raise ValueError(f"head {name!r}: {key} must be a finite number, got {value}")
 
 
 @contextlib.contextmanager
