@@ -8,7 +8,7 @@ Aircraft 512×512 and Cars 448×448).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import numpy as np
 import torch
@@ -82,3 +82,39 @@ def eval_transform(spec: Dict):
     """Test transform from :func:`preprocessing_spec` output."""
     return T.Compose([T.Resize(spec["resize"], interpolation=InterpolationMode.BILINEAR, antialias=True),
                       T.CenterCrop(spec["crop"])] + _to_normalized_tensor(spec["mean"], spec["std"]))
+
+
+def preprocessing_steps(spec: Dict) -> List[str]:
+    """The test-time preprocessing of ``spec`` as the ordered steps a client without this package follows with PIL and
+    numpy to get the same input tensor (export manifests carry them). Each step is what
+    :func:`datamodules.io.decode_cropped` and :func:`eval_transform` do."""
+    resize, crop = spec["resize"], spec["crop"]
+    if isinstance(resize, int):
+        target = (f"the shorter side to {resize} and the longer to int({resize} * longer / shorter) (truncated); "
+                  f"unchanged if already that size")
+        request = f"(ceil(W * {resize} / min(W, H)), ceil(H * {resize} / min(W, H)))"
+    else:
+        target = f"exactly {resize[1]} wide and {resize[0]} high"
+        request = f"({resize[1]}, {resize[0]})"
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    steps = [
+        "open the file with PIL (W x H stored pixels)",
+        f"with (rw, rh) = {request}" + (" (swapped when the EXIF orientation is 5 to 8)" if spec.get("exif_transpose")
+                                         else "") +
+        ": a JPEG with W > 2 * rw and H > 2 * rh is decoded at a reduced DCT scale, Image.draft('RGB', (rw, rh)), "
+        "before it is loaded",
+        "convert to RGB (Image.convert('RGB'); one 16-bit grey channel is first scaled to 8 bits: "
+        "(value * 255 + 32767) // 65535)",
+    ]
+    if spec.get("bottom_crop"):
+        steps.append(f"remove round({spec['bottom_crop']} * decoded width / W) rows at the bottom")
+    if spec.get("exif_transpose"):
+        steps.append("turn the image upright by its EXIF orientation (as PIL.ImageOps.exif_transpose)")
+    steps += [
+        f"resize with PIL Image.resize(..., Image.BILINEAR): {target}",
+        f"centre crop to {crop_w} wide and {crop_h} high: left = round((w - {crop_w}) / 2), top = round((h - "
+        f"{crop_h}) / 2) with Python's round (half to even); pad with zeros where the image is smaller",
+        "float32 array (h, w, 3) * (1 / (255 * std)) - mean / std, per channel, both as float32 constants; "
+        "transpose to (3, h, w) and stack images to (N, 3, h, w)",
+    ]
+    return steps

@@ -2,9 +2,14 @@
 
 The artifact maps images (B, 3, h, w), float32, preprocessed as the manifest says, to
 logits (B, num_classes): the network ``finegrained test`` evaluates, so with ``test_flip`` (the default)
-the mean of the logits of each image and its horizontal flip (the manifest's ``output.flip_averaged``). The manifest ``<FILE>.json`` beside it records the class names,
-the preprocessing, the model recipe and the sha256 of the artifact; the export checks the
-artifact against PyTorch and records the largest difference.
+the mean of the logits of each image and its horizontal flip (the manifest's ``output.flip_averaged``). The
+manifest ``<FILE>.json`` beside it records the class names, the preprocessing (its settings and the ordered steps
+that reproduce it with PIL and numpy alone), the model recipe and the sha256 of the artifact; the export checks
+the artifact against PyTorch and records the largest difference.
+
+The class names, the preprocessing settings and the flip averaging are also embedded in the artifact (ONNX model
+metadata ``finegrained.contract``; TorchScript extra file ``finegrained.json``), where the sha256 covers them:
+``predict-images`` refuses a manifest that says otherwise, so an edited manifest cannot relabel predictions.
 
 ONNX has no eigendecomposition, so heads built on one (``mpncov``, ``o2p``, ``g2de``) export
 their documented eigendecomposition-free substitute (:func:`finegrained.heads.onnx_substitutes`).
@@ -24,11 +29,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from datamodules.transforms import preprocessing_spec
+from datamodules.transforms import preprocessing_spec, preprocessing_steps
 from finegrained.heads import onnx_substitutes
 from finegrained.model import load_classifier
 
 FORMATS = ("onnx", "torchscript")
+CONTRACT_KEY = "finegrained.contract"  # ONNX metadata key; TorchScript extra file CONTRACT_FILE
+CONTRACT_FILE = "finegrained.json"
 PARITY_TOLERANCE = 1e-4
 # For checkpoints saved without a DataModule: the published 512 -> 448 ImageNet-normalised protocol.
 _DEFAULT_PREPROCESSING = preprocessing_spec(512, 448)
@@ -46,6 +53,33 @@ def manifest_path(artifact_path: str) -> str:
     return artifact_path + ".json"
 
 
+def contract(class_names, preprocessing: Dict[str, Any], flip_averaged: bool) -> Dict[str, Any]:
+    """What the artifact's outputs mean and how its inputs are made: embedded in the artifact, repeated in the
+    manifest."""
+    settings = {k: v for k, v in preprocessing.items() if k != "steps"}
+    settings.setdefault("exif_transpose", False)
+    settings.setdefault("bottom_crop", 0)
+    return {"class_names": list(class_names), "preprocessing": settings, "flip_averaged": bool(flip_averaged)}
+
+
+def contract_text(value: Dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def embedded_contract(path: str, fmt: str) -> Optional[Dict[str, Any]]:
+    """The contract embedded in the artifact at ``path``, or None when it holds none."""
+    if fmt == "onnx":
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        text = next((p.value for p in model.metadata_props if p.key == CONTRACT_KEY), None)
+    else:
+        files = {CONTRACT_FILE: ""}
+        torch.jit.load(path, map_location="cpu", _extra_files=files)
+        text = files[CONTRACT_FILE] or None
+    return json.loads(text) if text else None
+
+
 def _crop_hw(preprocessing: Dict[str, Any]):
     crop = preprocessing["crop"]
     return (crop, crop) if isinstance(crop, int) else tuple(crop)
@@ -56,6 +90,14 @@ def _run_onnx(path: str, images: torch.Tensor) -> np.ndarray:
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+
+
+def _embed_in_onnx(path: str, promised: Dict[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, {CONTRACT_KEY: contract_text(promised)})
+    onnx.save(model, path)
 
 
 def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Optional[int] = None,
@@ -72,8 +114,9 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
     # Export plain modules: the artifact holds the network as `finegrained test` evaluates it (flip
     # averaging included), not the Lightning trainer plumbing.
     network = model.inference_network().eval()
-    preprocessing = hp.get("preprocessing") or _DEFAULT_PREPROCESSING
     class_names = list(hp.get("class_names") or [str(i) for i in range(hp.num_classes)])
+    promised = contract(class_names, hp.get("preprocessing") or _DEFAULT_PREPROCESSING, network.test_flip)
+    preprocessing = promised["preprocessing"]
     height, width = _crop_hw(preprocessing)
     measured_on = "validation images" if images is not None else "random inputs"
     if images is None:
@@ -93,6 +136,7 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
             program = torch.onnx.export(network, (images[:2],), input_names=["images"], output_names=["logits"],
                                         dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
         program.save(out_path, external_data=False)
+        _embed_in_onnx(out_path, promised)
         exported = _run_onnx(out_path, images)
         if descriptions:
             substitute = {
@@ -106,7 +150,7 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
         reference = exact.numpy()
         with torch.no_grad():
             traced = torch.jit.trace(network, images[:2])
-        traced.save(out_path)
+        traced.save(out_path, _extra_files={CONTRACT_FILE: contract_text(promised)})
         exported = torch.jit.load(out_path)(images).detach().numpy()
     max_diff = float(np.abs(exported - reference).max())
     tolerance = PARITY_TOLERANCE
@@ -125,10 +169,10 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
         "file": os.path.basename(out_path),
         "sha256": sha256_file(out_path),
         "class_names": class_names,
-        "preprocessing": preprocessing,
+        "preprocessing": {**preprocessing, "steps": preprocessing_steps(preprocessing)},
         "input": {"name": "images", "shape": ["batch", 3, height, width], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["batch", len(class_names)],
-                   "flip_averaged": network.test_flip,
+                   "flip_averaged": network.test_flip, "probabilities": "softmax of the logits over the classes",
                    "computes": ("the mean of the logits of each image and its horizontal flip, as finegrained test"
                                 if network.test_flip else "the logits of each image, as finegrained test")},
         "model": {k: hp.get(k) for k in ("backbone", "backbone_weights", "last_stride", "head", "head_kwargs",

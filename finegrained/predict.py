@@ -2,7 +2,8 @@
 
 The artifact's manifest (``<FILE>.json``, written by :mod:`finegrained.export`) supplies the
 class names and the preprocessing; an artifact whose sha256 differs from its manifest is
-refused. Unreadable images are reported by name and skipped; the others are still predicted.
+refused, and so is a manifest whose class names, preprocessing or flip averaging differ from those embedded in the
+artifact. Unreadable images are reported by name and skipped; the others are still predicted.
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ from tqdm import tqdm
 from datamodules.io import IMAGE_EXTENSIONS, ImageLoadError, decode_cropped
 from datamodules.samples import safe_name
 from datamodules.transforms import eval_transform
-from finegrained.export import manifest_path, sha256_file
+from finegrained.export import contract, embedded_contract, manifest_path, sha256_file
 
 
 class ExportedModel:
-    """An exported artifact with its manifest: ``model(images (B,3,h,w)) -> logits (B, K)`` as numpy."""
+    """An exported artifact with its manifest: ``model(images (B,3,h,w)) -> logits (B, K)`` as numpy.
+
+    The manifest must describe what the artifact embeds (:func:`finegrained.export.embedded_contract`): the same
+    class names, preprocessing and flip averaging, and as many class names as the artifact has outputs.
+    """
 
     def __init__(self, path: str):
         mpath = manifest_path(path)
@@ -32,20 +37,24 @@ class ExportedModel:
         if not os.path.isfile(mpath):
             raise FileNotFoundError(f"manifest not found: {mpath} (written by 'finegrained export' "
                                     f"next to the model; it holds class names and preprocessing)")
-        with open(mpath) as f:
-            self.manifest = json.load(f)
+        self.manifest, self._manifest_path = read_manifest(mpath), mpath
         digest = sha256_file(path)
         if digest != self.manifest.get("sha256"):
             raise ValueError(f"{path} does not match its manifest {mpath}: sha256 {digest} != "
                              f"{self.manifest.get('sha256')}; re-export the model")
         self.class_names: List[str] = self.manifest["class_names"]
         self.preprocessing = self.manifest["preprocessing"]
+        _check_against_artifact(self.manifest, path, mpath)
         self.transform = eval_transform(self.preprocessing)
         if self.manifest["format"] == "onnx":
             import onnxruntime as ort
 
             self._session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
+            outputs = self._session.get_outputs()[0].shape
+            if len(outputs) == 2 and isinstance(outputs[1], int) and outputs[1] != len(self.class_names):
+                raise ValueError(f"{mpath}: {len(self.class_names)} class names for a model with {outputs[1]} "
+                                 f"outputs ({path}); re-export the model")
         else:
             self._module = torch.jit.load(path, map_location="cpu").eval()
             self._session = None
@@ -59,9 +68,59 @@ class ExportedModel:
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if self._session is not None:
-            return self._session.run(None, {self._input: images.numpy()})[0]
-        with torch.no_grad():
-            return self._module(images).numpy()
+            logits = self._session.run(None, {self._input: images.numpy()})[0]
+        else:
+            with torch.no_grad():
+                logits = self._module(images).numpy()
+        if logits.ndim != 2 or logits.shape[1] != len(self.class_names):
+            raise ValueError(f"{self._manifest_path}: {len(self.class_names)} class names but the model gives outputs "
+                             f"of shape {tuple(logits.shape)}; re-export the model")
+        return logits
+
+
+MANIFEST_FORMATS = ("onnx", "torchscript")
+REQUIRED_PREPROCESSING = ("resize", "crop", "mean", "std")
+
+
+def read_manifest(mpath: str) -> Dict:
+    """The manifest at ``mpath``, checked for what prediction needs (one clear error otherwise)."""
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"{mpath}: not a JSON manifest ({err}); expected the .json file finegrained export "
+                         f"writes") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") not in MANIFEST_FORMATS:
+        raise ValueError(f"{mpath}: format {manifest.get('format')!r}; expected one of {', '.join(MANIFEST_FORMATS)}")
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{mpath}: class_names must be a non-empty list of strings")
+    spec = manifest.get("preprocessing")
+    missing = [k for k in REQUIRED_PREPROCESSING if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise ValueError(f"{mpath}: preprocessing lacks {', '.join(missing)}; expected the preprocessing finegrained "
+                         f"export records (resize, crop, mean, std, ...)")
+    return manifest
+
+
+def _check_against_artifact(manifest: Dict, path: str, mpath: str) -> None:
+    """The manifest promises what the artifact embeds (class names, preprocessing, flip averaging)."""
+    embedded = embedded_contract(path, manifest["format"])
+    if embedded is None:
+        raise ValueError(f"{path}: holds no class names and preprocessing of its own (not written by this version of "
+                         f"finegrained export); re-export it so that its manifest can be checked")
+    stated = contract(manifest["class_names"], manifest["preprocessing"],
+                      (manifest.get("output") or {}).get("flip_averaged", embedded["flip_averaged"]))
+    for key in ("class_names", "preprocessing", "flip_averaged"):
+        if stated[key] != embedded[key]:
+            detail = ""
+            if key == "class_names" and len(stated[key]) == len(embedded[key]):
+                k = next(i for i, (a, b) in enumerate(zip(stated[key], embedded[key])) if a != b)
+                detail = f" (class {k}: {stated[key][k]!r} in the manifest, {embedded[key][k]!r} in the model)"
+            raise ValueError(f"{mpath}: {key} differ from those embedded in {path}{detail}; the manifest was edited "
+                             f"or belongs to another export: re-export the model")
 
 
 def labelled_folder(folder: str, class_names: Sequence[str]) -> Optional[Dict[str, int]]:

@@ -146,7 +146,7 @@ def test_predict_images_skips_a_decompression_bomb_and_keeps_the_other_predictio
     good = [write_image(str(tmp_path / "imgs" / f"{k}.jpg"), PALETTE[k], size=70, seed=k) for k in range(2)]
     bomb = write_bomb(tmp_path / "imgs" / "huge.png")
     csv_path = str(tmp_path / "pred.csv")
-    assert main(["predict-images", "--model", artifact, str(tmp_path / "imgs"), "--topk", "1", "--csv", csv_path]) == 1
+    assert main(["predict-images", "--model", artifact, str(tmp_path / "imgs"), "--topk", "1", "--csv", csv_path]) == 2
     err = capsys.readouterr().err
     assert f"error: {bomb}: image of 400000000 pixels" in err and "Traceback" not in err
     assert sorted(r["path"] for r in csv.DictReader(open(csv_path))) == good
@@ -159,7 +159,8 @@ def test_predict_images_turns_images_upright_as_the_manifest_says(onnx_model, tm
 
     ckpt, artifact = onnx_model
     manifest = json.load(open(artifact + ".json"))
-    assert manifest["preprocessing"] == load_classifier(ckpt).hparams.preprocessing  # copied unchanged
+    trained = load_classifier(ckpt).hparams.preprocessing
+    assert {k: manifest["preprocessing"][k] for k in trained} == trained  # copied unchanged, steps added
     assert manifest["preprocessing"]["exif_transpose"] is False
     photo = str(tmp_path / "photo.jpg")
     write_rotated_photo(photo)
@@ -169,15 +170,19 @@ def test_predict_images_turns_images_upright_as_the_manifest_says(onnx_model, tm
         stored, upright = transform(image.convert("RGB")), transform(ImageOps.exif_transpose(image).convert("RGB"))
     assert not torch.equal(stored, upright)
     torch.testing.assert_close(ExportedModel(artifact).preprocess(photo), stored, rtol=0, atol=0)
-    for key, value in (("exif_transpose", True), ("exif_transpose", None)):  # None: a manifest without the key
-        copy = tmp_path / f"{value}.onnx"
-        copy.write_bytes(open(artifact, "rb").read())
-        preprocessing = {k: v for k, v in spec.items() if k != key}
-        if value is not None:
-            preprocessing[key] = value
-        json.dump({**manifest, "preprocessing": preprocessing}, open(str(copy) + ".json", "w"))
-        expected = upright if value else stored
-        torch.testing.assert_close(ExportedModel(str(copy)).preprocess(photo), expected, rtol=0, atol=0)
+    # A manifest without the key (and an artifact saying false): the stored pixels.
+    copy = tmp_path / "without_key.onnx"
+    copy.write_bytes(open(artifact, "rb").read())
+    json.dump({**manifest, "preprocessing": {k: v for k, v in spec.items() if k != "exif_transpose"}},
+              open(str(copy) + ".json", "w"))
+    torch.testing.assert_close(ExportedModel(str(copy)).preprocess(photo), stored, rtol=0, atol=0)
+    # A model trained with exif_transpose exports it, and predict-images turns the photo upright.
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["preprocessing"]["exif_transpose"] = True
+    torch.save(checkpoint, tmp_path / "upright.ckpt")
+    export_classifier(str(tmp_path / "upright.ckpt"), "onnx", str(tmp_path / "upright.onnx"))
+    torch.testing.assert_close(ExportedModel(str(tmp_path / "upright.onnx")).preprocess(photo), upright, rtol=0,
+                               atol=0)
 
 
 def test_samples_by_class_and_predict_images_report_the_true_accuracy(onnx_model, tmp_path, capsys):
@@ -185,7 +190,7 @@ def test_samples_by_class_and_predict_images_report_the_true_accuracy(onnx_model
     back to its class, so its accuracy is the model's accuracy on those images."""
     from sklearn.metrics import accuracy_score
 
-    _, artifact = onnx_model
+    ckpt, _ = onnx_model
     classes = ["..", "a b", "a-b"]
     rows = []
     for split in ("train", "test"):
@@ -203,9 +208,10 @@ def test_samples_by_class_and_predict_images_report_the_true_accuracy(onnx_model
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     relabelled = str(model_dir / "m.onnx")  # the tiny model, its outputs named after these classes
-    open(relabelled, "wb").write(open(artifact, "rb").read())
-    manifest = json.load(open(artifact + ".json"))
-    json.dump({**manifest, "class_names": classes}, open(relabelled + ".json", "w"))
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["class_names"] = classes
+    torch.save(checkpoint, model_dir / "relabelled.ckpt")
+    export_classifier(str(model_dir / "relabelled.ckpt"), "onnx", relabelled)
 
     out = tmp_path / "deep" / "samples"
     assert main(["data", "samples", "--config", str(recipe), "--split", "test", "--n", "6", "--by-class",
@@ -220,3 +226,119 @@ def test_samples_by_class_and_predict_images_report_the_true_accuracy(onnx_model
     assert main(["predict-images", "--model", relabelled, str(out), "--topk", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"Accuracy on 6 labelled images: top-1 {accuracy_score(truth, predicted):.4f}," in printed
+
+
+# ---- the manifest: what it promises is what the artifact embeds -------------------------------------------------
+def _copy_export(artifact, folder, edit=None):
+    """A copy of the export in ``folder`` whose manifest ``edit`` changes (in place)."""
+    import json
+    import shutil
+
+    target = os.path.join(folder, os.path.basename(artifact))
+    shutil.copy(artifact, target)
+    manifest = json.load(open(artifact + ".json"))
+    if edit:
+        edit(manifest)
+    with open(target + ".json", "w") as f:
+        json.dump(manifest, f)
+    return target
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["class_names"].reverse(), "class_names differ from those embedded"),
+    (lambda m: m["preprocessing"].update(resize=96), "preprocessing differ from those embedded"),
+    (lambda m: m["output"].update(flip_averaged=not m["output"]["flip_averaged"]), "flip_averaged differ"),
+    (lambda m: m["class_names"].append("extra"), "class_names differ"),
+    (lambda m: m.pop("preprocessing"), "preprocessing lacks resize, crop, mean, std"),
+    (lambda m: m.update(format="tflite"), "format 'tflite'; expected one of onnx, torchscript"),
+    (lambda m: m.update(class_names="a,b"), "class_names must be a non-empty list of strings"),
+])
+def test_an_edited_manifest_is_refused_in_one_line(onnx_model, tmp_path, capsys, edit, message):
+    from finegrained.cli import entry_point
+
+    _, artifact = onnx_model
+    copy = _copy_export(artifact, str(tmp_path), edit)
+    image = write_image(str(tmp_path / "imgs" / "a.png"), PALETTE[0], size=70)
+    assert entry_point(["predict-images", "--model", copy, image]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {copy}") and message in err[0], err
+
+
+def test_the_contract_is_embedded_in_both_formats(trained_run, onnx_model, tmp_path):
+    from finegrained.export import embedded_contract
+
+    ckpt, artifact = onnx_model
+    script = str(tmp_path / "m.pt")
+    export_classifier(ckpt, "torchscript", script)
+    model = load_classifier(ckpt)
+    for path, fmt in ((artifact, "onnx"), (script, "torchscript")):
+        embedded = embedded_contract(path, fmt)
+        assert embedded["class_names"] == model.hparams.class_names
+        assert embedded["flip_averaged"] is True
+        assert embedded["preprocessing"]["resize"] == model.hparams.preprocessing["resize"]
+        ExportedModel(path)  # its own manifest agrees
+    os.makedirs(tmp_path / "edited")
+    swapped = _copy_export(script, str(tmp_path / "edited"), lambda m: m["class_names"].reverse())
+    with pytest.raises(ValueError, match="class_names differ"):
+        ExportedModel(swapped)
+
+
+def _readme_client():
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    after = text.split("**A client with only onnxruntime, PIL and numpy.**", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _client_images(folder):
+    """JPEGs large enough to be draft-decoded, one rotated by EXIF, a PNG with alpha, grey and palette images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k, (w, h) in enumerate([(640, 480), (300, 700), (97, 131)]):
+        pixels = np.clip(np.array(PALETTE[k])[None, None] + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+        paths.append(os.path.join(folder, f"photo{k}.jpg"))
+        Image.fromarray(pixels).save(paths[-1], quality=92)
+    rotated = Image.open(paths[0])
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    paths.append(os.path.join(folder, "rotated.jpg"))
+    rotated.save(paths[-1], exif=exif, quality=92)
+    rgba = np.concatenate([rng.integers(0, 255, (90, 110, 3)), np.full((90, 110, 1), 200)], axis=2).astype(np.uint8)
+    paths.append(os.path.join(folder, "alpha.png"))
+    Image.fromarray(rgba, "RGBA").save(paths[-1])
+    paths.append(os.path.join(folder, "grey.jpg"))
+    Image.fromarray(rng.integers(0, 255, (200, 150), dtype=np.uint8), "L").save(paths[-1])
+    paths.append(os.path.join(folder, "palette.png"))
+    Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).convert("P").save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("upright_and_banner", [False, True])
+def test_the_readme_client_reproduces_predict_images(trained_run, tmp_path, upright_and_banner):
+    """The README's client, run as a script with onnxruntime, PIL and numpy, prints the class and probability
+    predict-images writes, also for a model whose preprocessing removes a banner and turns images upright."""
+    import subprocess
+    import sys
+
+    _, ckpt, _ = trained_run
+    if upright_and_banner:
+        checkpoint = torch.load(ckpt, weights_only=True)
+        checkpoint["hyper_parameters"]["preprocessing"].update(bottom_crop=7, exif_transpose=True)
+        ckpt = str(tmp_path / "edited.ckpt")
+        torch.save(checkpoint, ckpt)
+    artifact = str(tmp_path / "model.onnx")
+    export_classifier(ckpt, "onnx", artifact)
+    images = _client_images(str(tmp_path / "imgs"))
+    rows, failures = predict_images(artifact, images, topk=1, csv_path=str(tmp_path / "p.csv"))
+    assert not failures
+    (tmp_path / "client.py").write_text(_readme_client())
+    done = subprocess.run([sys.executable, str(tmp_path / "client.py"), artifact] + images, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = [line.rsplit(" ", 2) for line in done.stdout.strip().splitlines()]
+    assert [p[0] for p in printed] == images
+    for (path, name, probability), row in zip(printed, rows):
+        assert (path, name) == (row["path"], row["class"])
+        assert float(probability) == pytest.approx(row["probability"], abs=2e-6), path

@@ -65,4 +65,4 @@ def predict_images_command(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     _, failures = predict_images(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size,
                                  csv_path=args.csv)
-    return 1 if failures else 0
+    return 2 if failures else 0  # bad input: each unreadable image had its error line, the others were predicted
