@@ -46,7 +46,8 @@ def first_readable(dataset: SkippableDataset, index: int) -> Tuple[Image.Image, 
             return dataset.load_image(candidate), candidate
         except ImageLoadError as err:
             if not dataset.skip_corrupt:
-                raise
+                raise ImageLoadError(f"{err} (data.init_args.skip_corrupt true skips unreadable images; "
+                                     f"finegrained data verify lists them all)") from err
             name = dataset.sample_name(candidate)
             if name not in dataset.skipped:
                 dataset.skipped.add(name)

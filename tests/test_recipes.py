@@ -132,3 +132,16 @@ def test_recipe_runs_one_step(recipe, replicas, tmp_path):
                  "--data.init_args.resize_size", str(side + 8), "--data.init_args.crop_size", str(side),
                  "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
                  "--trainer.default_root_dir", str(tmp_path), "--runs_csv", str(tmp_path / "runs.csv")]) == 0
+
+
+def test_the_own_folder_recipe_writes_apart_from_the_demo_and_fits(image_folder, tmp_path):
+    own, demo = load_recipe("recipes/my_folder.yaml"), load_recipe("recipes/demo.yaml")
+    paths = lambda r: {r["runs_csv"], r["trainer"]["default_root_dir"], r["checkpoint"]["dirpath"]}  # noqa: E731
+    assert paths(own) == {"runs/my/runs.csv", "runs/my", "runs/my/checkpoints"}
+    assert not paths(own) & paths(demo)
+    assert own["data"]["class_path"] == "datamodules.ImageFolderDataModule"
+    assert main(["fit", "--config", "recipes/my_folder.yaml", "--data.init_args.root", image_folder,
+                 "--data.init_args.resize_size", "72", "--data.init_args.crop_size", "64",
+                 "--data.init_args.num_workers", "0", "--model.backbone", "resnet18", "--model.backbone_weights",
+                 "null", "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path),
+                 "--checkpoint.dirpath", str(tmp_path / "ck"), "--runs_csv", str(tmp_path / "runs.csv")]) == 0

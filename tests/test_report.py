@@ -185,7 +185,24 @@ def test_fit_logs_to_tensorboard_and_csv_with_a_learning_rate_per_group(trained_
     assert groups <= set(metrics.columns) and "val_top1" in metrics.columns
     history = torch.load(ckpt, weights_only=True)["callbacks"]
     kept = next(state["history"] for key, state in history.items() if "RunArtifacts" in key)
-    assert groups <= set(kept[-1])  # the report's curves come from the checkpoint
+    # The report's curves come from the checkpoint: one learning rate per group, under the group's name.
+    assert {key for key in kept[-1] if key.startswith("lr-")} == {"lr-backbone", "lr-head", "lr-classifier"}
+
+
+@pytest.mark.parametrize("columns", [["lr-backbone", "lr-head"], ["lr-SGD/backbone", "lr-SGD/head"],
+                                     ["lr-SGD/backbone", "lr-SGD/head", "lr-backbone", "lr-head"]])
+def test_the_learning_rate_plot_draws_each_group_once(tmp_path, monkeypatch, columns):
+    import pandas as pd
+
+    from finegrained.results import plots
+
+    drawn = []
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(
+        sorted(line.get_label() for line in fig.axes[2].get_lines())) or real(fig, path))
+    history = pd.DataFrame({"epoch": [0, 1], "train_loss_epoch": [1.0, 0.5], **{c: [0.1, 0.01] for c in columns}})
+    plots.plot_training_curves(history, str(tmp_path / "curves.png"))
+    assert drawn == [["backbone", "head"]]
 
 
 # ---- the output folder: never delete what the tool did not write ------------------------------------------

@@ -153,6 +153,7 @@ def test_a_corrupt_image_is_one_line_also_from_a_worker(image_folder, trained_ru
     line = _one_line_error(capsys, _fit(recipe, tmp_path, "--data.init_args.root", image_folder,
                                         "--data.init_args.num_workers", str(workers)))
     assert "not a readable image" in line and image_folder in line
+    assert "skip_corrupt true skips unreadable images; finegrained data verify lists them all" in line
 
 
 def test_a_label_out_of_range_is_one_line(tmp_path, capsys, trained_run):
@@ -287,3 +288,29 @@ def test_a_bad_setting_in_a_base_recipe_names_the_base(tmp_path, capsys):
     assert entry_point(["fit", "--config", str(tmp_path / "recipe.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and err[-1].endswith(f"base.yaml: model.lr: expected float, got fast"), err
+
+
+def test_the_datamodules_messages_are_shown(image_folder, trained_run, tmp_path, capsys):
+    """Which split validates, files that are not images: the DataModules' log messages reach the user."""
+    from finegrained.cli import main
+
+    recipe, _, _ = trained_run
+    (tmp_path / "data").mkdir()
+    import shutil
+
+    shutil.copytree(image_folder, tmp_path / "data" / "f")
+    (tmp_path / "data" / "f" / "train" / "class_0" / "notes.txt").write_text("not an image")
+    assert main(_fit(recipe, tmp_path, "--data.init_args.root", str(tmp_path / "data" / "f"))) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "ignoring 1 file(s) that are not images" in err and "notes.txt" in err
+
+
+def test_help_lists_every_command(capsys):
+    from finegrained.cli import TOOLS, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for command in list(TOOLS) + ["fit", "validate", "test", "predict"]:
+        assert command in text, command
+    assert "report" in text

@@ -12,7 +12,7 @@ Tools around trained models and data::
     finegrained export --ckpt CKPT --format onnx|torchscript --out FILE
     finegrained predict-images --model FILE IMG_OR_DIR... [--topk 5] [--csv OUT.csv]
     finegrained data samples --config RECIPE --split test --n 8 --out DIR
-    finegrained tables [--runs latest|best|all|ID,...] [--plots]
+    finegrained tables [--runs latest|best|all|ID,...] [--modified mark|hide] [--plots]
     finegrained report --ckpt CKPT [--config RECIPE] [--split test] --out DIR
     finegrained bench-table [--heads all] [--epochs 10]
     finegrained bench heads|loader|step [--quick]
@@ -23,6 +23,7 @@ One module per command family: :mod:`~finegrained.cli.train` (LightningCLI), :mo
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -58,12 +59,60 @@ TOOLS: Dict[str, Callable[[List[str]], int]] = {
 }
 
 
+class _FirstProcess(logging.Filter):
+    """Messages of the first process only (under DDP every process runs the same DataModule code)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+        return getattr(rank_zero_only, "rank", 0) == 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (a redirect set later is honoured)."""
+
+    finegrained_messages = True
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _MessageFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def show_package_messages() -> None:
+    """Print the ``datamodules`` and ``finegrained`` loggers' messages (info and up) on stderr, as Lightning's own:
+    which split validates, what a hold-out took, which files were skipped. Python's default shows none of the
+    info messages and prints warnings without saying where they come from."""
+    for name in ("datamodules", "finegrained"):
+        logger = logging.getLogger(name)
+        if any(getattr(h, "finegrained_messages", False) for h in logger.handlers):
+            continue
+        handler = _StderrHandler()
+        handler.setFormatter(_MessageFormatter())
+        handler.addFilter(_FirstProcess())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; exceptions propagate (for use from Python; the command line uses :func:`entry_point`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    show_package_messages()
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
-    run_lightning_cli(args)
+    run_lightning_cli(args, other_commands=list(TOOLS))
     return 0
 
 

@@ -267,26 +267,28 @@ def _config_paths(argv: List[str]) -> List[str]:
     return paths + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
-def run_lightning_cli(args: Optional[List[str]] = None) -> FineGrainedCLI:
+def run_lightning_cli(args: Optional[List[str]] = None, other_commands: Optional[List[str]] = None) -> FineGrainedCLI:
+    """``finegrained fit | validate | test | predict``; ``other_commands`` are listed in ``--help``."""
     argv = list(sys.argv[1:] if args is None else args)
     # LightningCLI reads sys.argv; give it the expanded recipes there (passing them as ``args``
     # besides a different sys.argv makes it warn about a possible mistake).
     saved_argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "finegrained"] + expand_config_args(argv)
     try:
-        return _build_cli(argv)
+        return _build_cli(argv, other_commands or [])
     except argparse.ArgumentError as err:  # the parser refused a setting: which one, where, and what it expected
         raise RecipeError(describe_config_error(str(err), argv)) from None
     finally:
         sys.argv = saved_argv
 
 
-def _build_cli(argv: List[str]) -> FineGrainedCLI:
+def _build_cli(argv: List[str], other_commands: List[str]) -> FineGrainedCLI:
+    others = " | ".join(other_commands)
     return FineGrainedCLI(
         FineGrainedClassifier,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "The ``finegrained`` command."
-                       + " Also: finegrained export | predict-images | data | tables | bench | bench-table (see finegrained <cmd> --help)."},
+        parser_kwargs={"description": "The finegrained command: fit | validate | test | predict (LightningCLI, "
+                       "below)" + (f"; also {others} (see finegrained <command> --help)" if others else "") + "."},
         recipe_paths=[p for p in _config_paths(argv) if os.path.isfile(p)],
     )

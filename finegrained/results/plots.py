@@ -26,7 +26,10 @@ def plot_training_curves(history: pd.DataFrame, path: str) -> str:
     """``history``: one row per epoch with columns such as train_loss_epoch, val_loss, train_top1, val_top1, and
     ``lr-<group>`` (the learning rate of each parameter group, drawn in a third panel when present)."""
     plt = _pyplot()
-    lr_columns = [c for c in history.columns if c.startswith("lr-") and history[c].notna().any()]
+    # One curve per group: "lr-backbone", or the monitor's "lr-SGD/backbone" where a history holds only that.
+    lr_columns = list({c.rsplit("/", 1)[-1].removeprefix("lr-"): c for c in sorted(
+        (c for c in history.columns if c.startswith("lr-") and history[c].notna().any()), key=lambda c: -c.count("/"))
+    }.values())
     fig, axes = plt.subplots(1, 3 if lr_columns else 2, figsize=(15 if lr_columns else 10, 4))
     ax_loss, ax_acc = axes[0], axes[1]
     epochs = history["epoch"] + 1
@@ -41,7 +44,7 @@ def plot_training_curves(history: pd.DataFrame, path: str) -> str:
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     if lr_columns:
         for column in lr_columns:
-            axes[2].plot(epochs, history[column], marker="o", label=column[len("lr-"):])
+            axes[2].plot(epochs, history[column], marker="o", label=column.rsplit("/", 1)[-1].removeprefix("lr-"))
         axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning rate per parameter group", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)

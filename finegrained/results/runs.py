@@ -127,7 +127,9 @@ class RunArtifacts(pl.Callback):
         if trainer.sanity_checking:
             return
         row = {"epoch": trainer.current_epoch}
-        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        # Learning rates are recorded below, one per parameter group under its own name; LearningRateMonitor's
+        # copies ("lr-SGD/backbone") would draw every group twice.
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and not k.startswith("lr-")})
         for optimizer in trainer.optimizers:  # the learning rate of every parameter group, for the curves
             for k, group in enumerate(optimizer.param_groups):
                 row[f"lr-{group.get('name', k)}"] = float(group["lr"])
