@@ -35,6 +35,10 @@ class FineGrainedDataModule(pl.LightningDataModule):
             the split takes its place, so a bad file in hour 20 does not cost the run.
     """
 
+    # The dataset's name as people write it, and its id in run records and results/reference.csv ("cub", ...).
+    dataset_name = "images"
+    dataset_id = "custom"
+
     def __init__(self, batch_size: int = 32, num_workers: int = 2,
                  resize_size: Union[int, List[int]] = 512, crop_size: Union[int, List[int]] = 448,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,

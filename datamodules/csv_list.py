@@ -43,6 +43,7 @@ class CSVDataModule(AnnotatedDataModule):
     """
 
     dataset_name = "CSV lists"
+    dataset_id = "csv"
 
     def __init__(self, image_root: str, train_csv: str, test_csv: str, val_csv: Optional[str] = None,
                  class_names: Optional[List[str]] = None, val_fraction: float = 0.0, seed: int = 0,

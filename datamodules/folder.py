@@ -97,6 +97,9 @@ class ImageFolderDataModule(FineGrainedDataModule):
         **kwargs: loader and transform settings of :class:`FineGrainedDataModule`.
     """
 
+    dataset_name = "image folder"
+    dataset_id = "folder"
+
     def __init__(self, root: str, val_fraction: float = 0.1, seed: int = 0, follow_external_links: bool = False,
                  exif_transpose: bool = False, **kwargs):
         super().__init__(**kwargs)

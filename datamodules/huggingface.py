@@ -94,6 +94,9 @@ class HuggingFaceDataModule(FineGrainedDataModule):
         **kwargs: loader and transform settings of :class:`~datamodules.base.FineGrainedDataModule`.
     """
 
+    dataset_name = "Hugging Face dataset"
+    dataset_id = "huggingface"
+
     def __init__(self, path: str, image_column: str = "image", label_column: str = "label",
                  train_split: str = "train", test_split: str = "test", val_split: Optional[str] = None,
                  val_fraction: float = 0.0, seed: int = 0, **kwargs):

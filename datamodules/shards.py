@@ -152,7 +152,9 @@ def write_shards(datamodule: FineGrainedDataModule, out_dir: str, size: int = 51
         os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
     datasets = {"train": datamodule.train_dataset, "val": datamodule.val_dataset, "test": datamodule.test_dataset}
-    index = {"classes": list(datamodule.class_names), "size": size, "splits": {}}
+    index = {"classes": list(datamodule.class_names), "size": size, "splits": {},
+             "dataset_id": getattr(datamodule, "dataset_id", "custom"),
+             "dataset_name": getattr(datamodule, "dataset_name", type(datamodule).__name__)}
     written: List[str] = []
     try:
         for split in splits:
@@ -328,6 +330,15 @@ class ShardDataModule(FineGrainedDataModule):
     @property
     def class_names(self) -> List[str]:
         return list(self._index["classes"])
+
+    @property
+    def dataset_id(self) -> str:
+        """The id of the dataset the shards were written from (``custom`` when the index does not say)."""
+        return str(self._index.get("dataset_id", "custom"))
+
+    @property
+    def dataset_name(self) -> str:
+        return f"{self._index.get('dataset_name', 'dataset')} (shards)"
 
     def build_datasets(self):
         index = self._index

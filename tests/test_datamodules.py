@@ -106,3 +106,23 @@ def test_fashion_mnist_missing_offline_gives_clear_error(tmp_path, monkeypatch):
     dm = FashionMNISTDataModule(data_dir=str(tmp_path / "cache"), download=False)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         dm.prepare_data()
+
+
+def test_the_benchmarks_record_the_ids_of_the_reference_tables():
+    """Run records name datasets by these ids, which are the keys of results/reference.csv."""
+    import pandas as pd
+
+    import datamodules
+
+    reference = set(pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv"))["dataset"])
+    assert datamodules.CUB200DataModule.dataset_id == "cub"
+    assert datamodules.StanfordCarsDataModule.dataset_id == "cars"
+    aircraft = datamodules.FGVCAircraftDataModule.__new__(datamodules.FGVCAircraftDataModule)
+    for level, expected in (("variant", "aircraft"), ("family", "aircraft_family")):
+        aircraft.annotation_level = level
+        assert aircraft.dataset_id == expected
+    assert {"cub", "aircraft", "cars"} <= reference
+    for name in datamodules.__all__:
+        cls = getattr(datamodules, name)
+        if isinstance(cls, type) and issubclass(cls, datamodules.FineGrainedDataModule):
+            assert isinstance(getattr(cls, "dataset_name", None), (str, property)), name

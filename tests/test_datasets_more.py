@@ -280,6 +280,7 @@ def test_shards_are_webdataset_tars_holding_every_image_and_label(shards):
     original = _setup(Food101DataModule(str(food), **SMALL))
     dm = _setup(ShardDataModule(str(out), **SMALL))
     assert dm.class_names == FOOD_CLASSES and dm.val_dataset is dm.test_dataset
+    assert (dm.dataset_id, dm.dataset_name) == ("food101", "Food-101 (shards)")  # the run records' dataset
     assert dm.train_dataset.targets == original.train_dataset.targets
     from PIL import Image
 
