@@ -22,7 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.base import FineGrainedDataModule
-from datamodules.io import ImageLoadError
+from datamodules.datasets import first_readable
+from datamodules.io import ImageLoadError, decode_bytes, load_rgb
 from datamodules.splits import stratified_holdout
 
 log = logging.getLogger(__name__)
@@ -30,33 +31,49 @@ log = logging.getLogger(__name__)
 
 class HuggingFaceImageDataset(Dataset):
     """Rows ``indices`` of one split of a ``datasets.Dataset``: (transformed image, label), ``targets``,
-    ``classes`` and ``load_image(i)`` like the other datasets here."""
+    ``classes`` and ``load_image(i)`` like the other datasets here.
+
+    Images are decoded from the stored bytes by :mod:`datamodules.io` (not by ``datasets``), so they follow the
+    same rules as image files: errors name the split and row, decompression bombs are refused, 16-bit grey is
+    scaled, and ``skip_corrupt`` skips unreadable rows."""
 
     def __init__(self, table, image_column: str, label_column: str, classes: List[str], transform=None,
                  indices: Optional[List[int]] = None, name: str = "split"):
-        self.table, self.image_column, self.label_column = table, image_column, label_column
+        import datasets
+
+        self.image_column, self.label_column = image_column, label_column
+        feature = table.features.get(image_column)
+        # The encoded image ({"bytes", "path"}) rather than datasets' own decoding into PIL.
+        self.table = table.cast_column(image_column, datasets.Image(decode=False)) if isinstance(
+            feature, datasets.Image) else table
         self.classes, self.transform, self.name = list(classes), transform, name
         self.indices = list(range(len(table))) if indices is None else list(indices)
         labels = table[label_column]
         self.targets = [int(labels[i]) for i in self.indices]
         self.skip_corrupt = False
+        self.skipped: set = set()
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def sample_name(self, index: int) -> str:
+        return f"{self.name} row {self.indices[index]}"
+
     def load_image(self, index: int) -> Image.Image:
-        row = self.indices[index]
-        try:
-            image = self.table[row][self.image_column]
-            if not isinstance(image, Image.Image):
-                raise TypeError(f"column {self.image_column!r} holds {type(image).__name__}, not an Image feature")
-            return image.convert("RGB")
-        except (OSError, TypeError, ValueError) as err:
-            raise ImageLoadError(f"{self.name} row {row}: cannot decode {self.image_column!r} ({err})") from err
+        name = self.sample_name(index)
+        value = self.table[self.indices[index]][self.image_column]
+        if isinstance(value, Image.Image):  # a column datasets decodes itself
+            return value.convert("RGB")
+        if not isinstance(value, dict) or not (value.get("bytes") or value.get("path")):
+            raise ImageLoadError(f"{name}: column {self.image_column!r} holds {type(value).__name__}, not an image; "
+                                 f"expected an Image feature")
+        if value.get("bytes"):
+            return decode_bytes(value["bytes"], name)
+        return load_rgb(value["path"])
 
     def __getitem__(self, index: int):
-        image = self.load_image(index)
-        return (self.transform(image) if self.transform else image), self.targets[index]
+        image, read = first_readable(self, index)
+        return (self.transform(image) if self.transform else image), self.targets[read]
 
 
 def load_splits(path: str):

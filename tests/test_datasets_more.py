@@ -421,3 +421,35 @@ def test_two_gloo_processes_read_the_dataset_once_in_a_lightning_fit(shards, tmp
     for epoch in (0, 1):
         parts = [_torch.load(tmp_path / "read" / f"epoch{epoch}_rank{r}.pt") for r in (0, 1)]
         assert sorted(parts[0] + parts[1]) == list(range(12)) and len(parts[0]) == len(parts[1]) == 6
+
+
+def test_huggingface_images_decode_as_files_do(tmp_path, caplog):
+    """Rows are decoded by datamodules.io: an unreadable row names split and row (skip_corrupt skips it), and a
+    16-bit grey image is scaled to 8 bits, as for image files."""
+    import io
+    import logging
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from datamodules import HuggingFaceDataModule, ImageLoadError
+
+    grey16 = np.array([[0, 257 * 10], [65535, 257 * 200]], dtype=np.uint16).repeat(20, 0).repeat(20, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(grey16).save(buffer, format="PNG")
+    good = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(good, format="PNG")
+    images = [{"bytes": good.getvalue(), "path": None}, {"bytes": b"not an image", "path": None},
+              {"bytes": buffer.getvalue(), "path": None}]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    split = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0]}, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "saved"))
+    dm = _setup(HuggingFaceDataModule(str(tmp_path / "saved"), **SMALL))
+    assert np.array_equal(np.asarray(dm.train_dataset.load_image(2))[:, :, 0][::20, ::20], [[0, 10], [255, 200]])
+    with pytest.raises(ImageLoadError, match=r"saved \[train\] row 1: not a readable image.*skip_corrupt"):
+        dm.train_dataset[1]
+    skipping = _setup(HuggingFaceDataModule(str(tmp_path / "saved"), skip_corrupt=True, **SMALL))
+    caplog.set_level(logging.WARNING)
+    image, label = skipping.train_dataset[1]
+    assert label == 0 and "[train] row 1 (" in caplog.text and "skip_corrupt: skipping" in caplog.text
