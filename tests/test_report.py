@@ -291,8 +291,8 @@ def test_finegrained_test_refuses_a_checkpoint_of_other_class_names(evil_run, tm
     recipe = _folder_recipe(tmp_path, [EVIL, "other", "plain"])
     with open(recipe, "a") as f:
         f.write(f"model: {{backbone: resnet18, backbone_weights: null, last_stride: 1, head: isqrt, "
-                f"head_kwargs: {{reduction: 8}}}}\ntrainer: {{accelerator: cpu, logger: false, default_root_dir: {tmp_path}}}}}\n"
-                f"runs_csv: ''\n")
+                f"head_kwargs: {{reduction: 8}}}}\ntrainer: {{accelerator: cpu, logger: false, "
+                f"default_root_dir: {tmp_path}}}\nruns_csv: ''\n")
     assert entry_point(["test", "--config", recipe, "--ckpt_path", ckpt]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the checkpoint's class 1 is 'a<b & c' but the data's is 'other'"), err

@@ -129,7 +129,7 @@ def select_runs(runs: pd.DataFrame, how: str = "latest", modified: str = "mark")
     if how == "best":
         return runs.sort_values("top1").groupby(keys, as_index=False).tail(1)
     keys += ["dataset", "method", "backbone", "head_dim", "overrides"]
-    return runs.groupby(keys, as_index=False)[["top1", "top5", "mean_class_acc"]].mean()
+    return runs.groupby(keys, as_index=False, dropna=False)[["top1", "top5", "mean_class_acc"]].mean()
 
 
 def _our_value(run: pd.Series, metric: str) -> float:
