@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
 
 from finegrained.metrics import accuracy_metrics
-from tests.conftest import run_finegrained, write_image
+from tests.conftest import run_finegrained, write_image, write_tiny_recipe
 
 
 def sklearn_accuracies(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -76,35 +76,12 @@ def test_all_right_and_all_wrong_sets():
     assert collection_accuracies([(wrong, labels)]) == {"top1": 0.0, "mean_class_acc": 0.0, "top5": 0.0}
 
 
-SIX_CLASS_RECIPE = """
-seed_everything: 0
-runs_csv: {root}/runs.csv
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_epochs: 3
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {root}
-checkpoint:
-  dirpath: {root}/checkpoints
-model:
-  backbone: efficientnet_lite0
-  backbone_weights: imagenet
-  last_stride: 1
-  head: isqrt
-  head_kwargs: {{reduction: 8}}
-  lr: 0.01
-  lr_mult: {{backbone: 1.0, head: 10.0, classifier: 10.0}}
-data:
-  class_path: datamodules.ImageFolderDataModule
-  init_args:
-    root: {data}
-    batch_size: 4
-    num_workers: 0
-    resize_size: 40
-    crop_size: 32
-"""
+# The tiny recipe of conftest, with a pretrained backbone and three epochs, so that the first test batch is right.
+SIX_CLASS_SETTINGS = ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches",
+                      "1.0", "--trainer.limit_test_batches", "1.0", "--model.backbone", "efficientnet_lite0",
+                      "--model.backbone_weights", "imagenet", "--model.head_kwargs", "{reduction: 8}",
+                      "--model.lr_mult", "{backbone: 1.0, head: 10.0, classifier: 10.0}",
+                      "--data.init_args.resize_size", "40", "--data.init_args.crop_size", "32"]
 
 
 SIX_COLOURS = [(230, 30, 30), (30, 200, 30), (30, 40, 230), (240, 220, 20), (170, 30, 210), (20, 210, 220)]
@@ -138,11 +115,10 @@ def test_printed_recorded_and_logged_accuracies_equal_sklearn_on_the_saved_logit
     from datamodules import ImageFolderDataModule
 
     data = six_colour_folder(tmp_path / "data")
-    recipe = tmp_path / "six.yaml"
-    recipe.write_text(SIX_CLASS_RECIPE.format(root=tmp_path / "run", data=data))
-    run_finegrained(["fit", "--config", str(recipe)])
+    recipe = write_tiny_recipe(str(tmp_path), data)
+    run_finegrained(["fit", "--config", recipe] + SIX_CLASS_SETTINGS)
     checkpoint = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    out = run_finegrained(["test", "--config", str(recipe), "--ckpt_path", checkpoint]).stdout
+    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", checkpoint] + SIX_CLASS_SETTINGS).stdout
 
     dm = ImageFolderDataModule(data, batch_size=4, num_workers=0, resize_size=40, crop_size=32)
     dm.setup()
