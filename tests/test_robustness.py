@@ -287,7 +287,7 @@ def test_a_bad_setting_in_a_base_recipe_names_the_base(tmp_path, capsys):
                                          "  init_args: {root: /nowhere}\n")
     assert entry_point(["fit", "--config", str(tmp_path / "recipe.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and err[-1].endswith(f"base.yaml: model.lr: expected float, got fast"), err
+    assert err[-1].startswith("error: ") and err[-1].endswith("base.yaml: model.lr: expected float, got fast"), err
 
 
 def test_the_datamodules_messages_are_shown(image_folder, trained_run, tmp_path, capsys):

@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-import torch
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -110,10 +109,12 @@ class FineGrainedCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
-            if "hyper_parameters" not in checkpoint:
-                raise ValueError(f"{ckpt_path}: not a FineGrainedClassifier checkpoint (no 'hyper_parameters' entry); "
-                                 f"expected a checkpoint written by finegrained fit")
+            checkpoint = read_checkpoint_file(ckpt_path, mmap=True)  # mapped: nothing is read twice
+            missing = [key for key in ("state_dict", "hyper_parameters", "pytorch-lightning_version")
+                       if not isinstance(checkpoint, dict) or key not in checkpoint]
+            if missing:
+                raise ValueError(f"{ckpt_path}: not a FineGrainedClassifier checkpoint (no {', '.join(missing)} "
+                                 f"entry); expected a checkpoint written by finegrained fit")
 
     def _recipe_overrides(self, subcommand: str) -> Dict[str, Any]:
         """What this command line changes from its recipe(s) that changes what the run computes
