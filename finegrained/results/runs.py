@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -114,7 +115,9 @@ class RunArtifacts(pl.Callback):
     # -- fit ---------------------------------------------------------------------------------
     def record_recipe(self, recipes: List[str], overrides: Dict[str, Any]) -> None:
         """The fit's recipe files and its overrides; a resumed fit adds its own to those the checkpoint holds."""
-        self.recipes, self._session_overrides = list(recipes), dict(overrides)
+        # Plain JSON values only: the checkpoint is read back with weights_only=True, which refuses other objects.
+        self.recipes = [str(path) for path in recipes]
+        self._session_overrides = json.loads(json.dumps(dict(overrides), default=str))
 
     def on_fit_start(self, trainer, pl_module):
         self._fit_started = time.perf_counter()
