@@ -296,3 +296,22 @@ def test_finegrained_test_refuses_a_checkpoint_of_other_class_names(evil_run, tm
     assert entry_point(["test", "--config", recipe, "--ckpt_path", ckpt]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the checkpoint's class 1 is 'a<b & c' but the data's is 'other'"), err
+
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "{victim}", "images/../../victim.txt", "./index.html"])
+def test_an_edited_marker_cannot_make_report_delete_outside_its_folder(evil_run, tmp_path, capsys, entry):
+    import json
+
+    recipe, ckpt, _ = evil_run
+    out = tmp_path / "report"
+    assert _report_cli(ckpt, recipe, out) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    marker = out / ".finegrained-report.json"
+    listed = json.loads(marker.read_text())
+    listed["files"].append(entry.format(victim=victim))
+    marker.write_text(json.dumps(listed))
+    before = _all_files(out)
+    assert _report_cli(ckpt, recipe, out) == 2
+    assert "is not a file inside" in capsys.readouterr().err
+    assert victim.read_text() == "a user's file" and _all_files(out) == before

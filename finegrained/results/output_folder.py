@@ -51,6 +51,12 @@ def previous_output(out_dir: str, command: str) -> List[str]:
                 owned = [str(p) for p in json.load(f)["files"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise OutputFolderError(f"{marker}: not a marker this tool wrote ({err}); move the folder aside") from None
+        # The marker is a file like any other: it may only name files inside the folder (it is never followed out).
+        outside = [p for p in owned if os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] in ("..", "")
+                   or os.path.normpath(p) != p]
+        if outside:
+            raise OutputFolderError(f"{marker}: lists {outside[0]!r}, which is not a file inside {out_dir}; expected "
+                                    f"the marker finegrained {command} writes (nothing was changed)")
     foreign = [p for p in _files_below(out_dir) if p not in owned and p != os.path.basename(marker)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
