@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
 from typing import Any, Dict, Optional
@@ -32,6 +33,7 @@ import torch
 from datamodules.transforms import preprocessing_spec, preprocessing_steps
 from finegrained.heads import onnx_substitutes
 from finegrained.model import load_classifier
+from finegrained.resume import replacing, write_atomically
 
 FORMATS = ("onnx", "torchscript")
 CONTRACT_KEY = "finegrained.contract"  # ONNX metadata key; TorchScript extra file CONTRACT_FILE
@@ -128,46 +130,46 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
         exact_features = [model.head(m) for m in maps]
         exact = network.average([model.classifier(f) for f in exact_features])
     substitute = None
-    if fmt == "onnx":
-        with torch.no_grad(), onnx_substitutes(network) as descriptions:
-            features = [model.head(m) for m in maps]
-            reference = network.average([model.classifier(f) for f in features]).numpy()
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(network, (images[:2],), input_names=["images"], output_names=["logits"],
-                                        dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
-        program.save(out_path, external_data=False)
-        _embed_in_onnx(out_path, promised)
-        exported = _run_onnx(out_path, images)
-        if descriptions:
-            substitute = {
-                "description": "; ".join(descriptions),
-                "measured_on": f"{len(images)} {measured_on}",
-                "logits_max_abs_error": float((torch.as_tensor(reference) - exact).abs().max()),
-                "features_max_abs_error": float((features[0] - exact_features[0]).abs().max()),
-                "features_max_abs": float(exact_features[0].abs().max()),
-            }
-    else:
-        reference = exact.numpy()
-        with torch.no_grad():
-            traced = torch.jit.trace(network, images[:2])
-        traced.save(out_path, _extra_files={CONTRACT_FILE: contract_text(promised)})
-        exported = torch.jit.load(out_path)(images).detach().numpy()
+    previous_export(out_path)  # a file of the user's at --out is refused before any work
+    # Written beside the target and renamed over it once checked: a full disk, a failed check or a kill leaves the
+    # previous export (or nothing), never a partial file at --out.
+    with replacing(out_path, f"{fmt} model") as tmp:
+        if fmt == "onnx":
+            with torch.no_grad(), onnx_substitutes(network) as descriptions:
+                features = [model.head(m) for m in maps]
+                reference = network.average([model.classifier(f) for f in features]).numpy()
+                batch = torch.export.Dim("batch", min=1)
+                program = torch.onnx.export(network, (images[:2],), input_names=["images"], output_names=["logits"],
+                                            dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
+            program.save(tmp, external_data=False)
+            _embed_in_onnx(tmp, promised)
+            exported = _run_onnx(tmp, images)
+            if descriptions:
+                substitute = {
+                    "description": "; ".join(descriptions),
+                    "measured_on": f"{len(images)} {measured_on}",
+                    "logits_max_abs_error": float((torch.as_tensor(reference) - exact).abs().max()),
+                    "features_max_abs_error": float((features[0] - exact_features[0]).abs().max()),
+                    "features_max_abs": float(exact_features[0].abs().max()),
+                }
+        else:
+            reference = exact.numpy()
+            with torch.no_grad():
+                traced = torch.jit.trace(network, images[:2])
+            # Saved to memory first: TorchScript's own file writer aborts the process on a full disk.
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer, _extra_files={CONTRACT_FILE: contract_text(promised)})
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+            exported = torch.jit.load(tmp)(images).detach().numpy()
+        _check_parity(fmt, out_path, exported, reference, exact, substitute)
+        digest = sha256_file(tmp)
     max_diff = float(np.abs(exported - reference).max())
-    tolerance = PARITY_TOLERANCE
-    if substitute:
-        # An iterative substitute amplifies float32 rounding, and two runtimes round differently:
-        # each is about as far from the exact model as PyTorch's substitute is, so they may be twice
-        # that apart. What users need, the artifact's distance to the exact model, is recorded too.
-        tolerance += 2 * substitute["logits_max_abs_error"]
-        substitute["artifact_vs_eig_logits_max_abs_error"] = float(np.abs(exported - exact.numpy()).max())
-    if not max_diff <= tolerance:
-        raise RuntimeError(f"exported {fmt} model differs from PyTorch by {max_diff:.3g} "
-                           f"(tolerance {tolerance:.3g}); {out_path} is not trustworthy")
 
     manifest = {
         "format": fmt,
         "file": os.path.basename(out_path),
-        "sha256": sha256_file(out_path),
+        "sha256": digest,
         "class_names": class_names,
         "preprocessing": {**preprocessing, "steps": preprocessing_steps(preprocessing)},
         "input": {"name": "images", "shape": ["batch", 3, height, width], "dtype": "float32"},
@@ -183,7 +185,43 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     path = manifest_path(out_path)
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_atomically(path, json.dumps(manifest, indent=2).encode(), "manifest")
     manifest["manifest_path"] = path
     return manifest
+
+
+def _check_parity(fmt: str, out_path: str, exported: np.ndarray, reference: np.ndarray, exact: torch.Tensor,
+                  substitute: Optional[Dict[str, Any]]) -> None:
+    """The artifact computes what PyTorch computes (≤ 1e-4; with an eigendecomposition substitute, within twice its
+    distance to the exact model more), else a RuntimeError and no export."""
+    max_diff = float(np.abs(exported - reference).max())
+    tolerance = PARITY_TOLERANCE
+    if substitute:
+        # An iterative substitute amplifies float32 rounding, and two runtimes round differently:
+        # each is about as far from the exact model as PyTorch's substitute is, so they may be twice
+        # that apart. What users need, the artifact's distance to the exact model, is recorded too.
+        tolerance += 2 * substitute["logits_max_abs_error"]
+        substitute["artifact_vs_eig_logits_max_abs_error"] = float(np.abs(exported - exact.numpy()).max())
+    if not max_diff <= tolerance:
+        raise RuntimeError(f"exported {fmt} model differs from PyTorch by {max_diff:.3g} "
+                           f"(tolerance {tolerance:.3g}); {out_path} was not written")
+
+
+def previous_export(out_path: str) -> None:
+    """Refuse an ``out_path`` (or its manifest) that holds a file which is not an export this tool wrote: a
+    previous export (its manifest names the file and the file still has the recorded sha256) may be replaced."""
+    mpath = manifest_path(out_path)
+    if not os.path.lexists(out_path) and not os.path.lexists(mpath):
+        return
+    if os.path.isdir(out_path):
+        raise ValueError(f"{out_path}: is a folder; expected the path of the file to export to")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+        ours = (isinstance(manifest, dict) and manifest.get("file") == os.path.basename(out_path)
+                and os.path.isfile(out_path) and manifest.get("sha256") == sha256_file(out_path))
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{out_path}: already exists and is not an export of finegrained (no manifest {mpath} "
+                         f"that matches it); choose another --out or remove the file (nothing was changed)")

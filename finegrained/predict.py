@@ -8,6 +8,7 @@ artifact. Unreadable images are reported by name and skipped; the others are sti
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from datamodules.io import IMAGE_EXTENSIONS, ImageLoadError, decode_cropped
 from datamodules.samples import safe_name
 from datamodules.transforms import eval_transform
 from finegrained.export import contract, embedded_contract, manifest_path, sha256_file
+from finegrained.resume import write_atomically
 
 
 class ExportedModel:
@@ -49,7 +51,11 @@ class ExportedModel:
         if self.manifest["format"] == "onnx":
             import onnxruntime as ort
 
-            self._session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime's own exception types
+                raise ValueError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0][:200]}); "
+                                 f"re-export it") from err
             self._input = self._session.get_inputs()[0].name
             outputs = self._session.get_outputs()[0].shape
             if len(outputs) == 2 and isinstance(outputs[1], int) and outputs[1] != len(self.class_names):
@@ -107,7 +113,11 @@ def read_manifest(mpath: str) -> Dict:
 
 def _check_against_artifact(manifest: Dict, path: str, mpath: str) -> None:
     """The manifest promises what the artifact embeds (class names, preprocessing, flip averaging)."""
-    embedded = embedded_contract(path, manifest["format"])
+    try:
+        embedded = embedded_contract(path, manifest["format"])
+    except Exception as err:  # protobuf, zip or TorchScript errors: the file's content, not the code
+        raise ValueError(f"{path}: not a readable {manifest['format']} model (the format its manifest {mpath} "
+                         f"states); re-export it") from err
     if embedded is None:
         raise ValueError(f"{path}: holds no class names and preprocessing of its own (not written by this version of "
                          f"finegrained export); re-export it so that its manifest can be checked")
@@ -162,6 +172,23 @@ def collect_images(inputs: Iterable[str], class_names: Sequence[str] = ()) -> Li
     return images
 
 
+PREDICTION_FIELDS = ["path", "rank", "class", "index", "probability"]
+
+
+def check_predictions_csv(csv_path: str) -> None:
+    """``--csv`` may name a new file or predictions written before (same header); any other file is refused."""
+    if not os.path.lexists(csv_path):
+        return
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        header = []
+    if header[:len(PREDICTION_FIELDS)] != PREDICTION_FIELDS:
+        raise ValueError(f"{csv_path}: already exists and is not a predictions file of finegrained predict-images "
+                         f"(header {','.join(PREDICTION_FIELDS)}); choose another --csv (nothing was changed)")
+
+
 def predict_images(model_path: str, inputs: Iterable[str], topk: int = 5, batch_size: int = 16,
                    csv_path: str | None = None, out=None) -> Tuple[List[Dict], List[Tuple[str, str]]]:
     """Predict the top-k classes of every image; print one line per image and optionally write a CSV.
@@ -174,6 +201,10 @@ def predict_images(model_path: str, inputs: Iterable[str], topk: int = 5, batch_
     ``true_class`` for labelled images); failures hold ``(path, message)`` for images that could not be read.
     """
     out = out or sys.stdout
+    if topk < 1 or batch_size < 1:
+        raise ValueError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
+    if csv_path:
+        check_predictions_csv(csv_path)
     model = ExportedModel(model_path)
     images = collect_images(inputs, model.class_names)
     topk = min(topk, len(model.class_names))
@@ -207,12 +238,12 @@ def predict_images(model_path: str, inputs: Iterable[str], topk: int = 5, batch_
         print(f"Accuracy on {len(truth)} labelled images: top-1 {accuracy_score(truth, predicted):.4f}, "
               f"mean per-class {balanced_accuracy_score(truth, predicted):.4f}", file=out)
     if csv_path:
-        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-        fields = ["path", "rank", "class", "index", "probability"] + (["true_class"] if truth else [])
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        fields = PREDICTION_FIELDS + (["true_class"] if truth else [])
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(csv_path, text.getvalue().encode("utf-8"), "predictions")
         print(f"wrote {csv_path}", file=out)
     if failures:
         print(f"{len(failures)} of {len(images)} images could not be read (listed above)", file=sys.stderr)

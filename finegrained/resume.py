@@ -23,6 +23,8 @@ metrics equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import io
 import os
@@ -30,7 +32,7 @@ import pickle
 import random
 import re
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -61,11 +63,13 @@ def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) ->
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # A global (function or class) the safe unpickler refuses; random bytes give "Unsupported operand" instead.
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
         if refused:
+            what = f" ({refused.group(1)})"
             raise CheckpointFileError(
-                f"{path}: holds a pickled Python object ({refused.group(1)}), which is refused: checkpoints are read "
-                f"with weights_only=True (tensors and containers only)") from None
+                f"{path}: holds a pickled Python object{what}, which is refused: checkpoints are read with "
+                f"weights_only=True (tensors and containers only)") from None
         raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
                                   f"expected a checkpoint written by finegrained fit") from err
     except MemoryError:
@@ -75,11 +79,12 @@ def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) ->
                                   f"expected a checkpoint written by finegrained fit") from err
 
 
-def _temporary_name(path: str) -> str:
+def temporary_name(path: str) -> str:
+    """``<path>.tmp-<host>-<pid>``: beside the target (a rename is atomic only within one file system)."""
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
-def _remove_stale_temporaries(path: str) -> None:
+def remove_stale_temporaries(path: str) -> None:
     """Remove ``<path>.tmp-<this host>-<pid>`` files whose process is gone (a kill during a write)."""
     prefix = f"{path}.tmp-{socket.gethostname()}-"
     for stale in glob.glob(glob.escape(prefix) + "*"):
@@ -97,6 +102,44 @@ def _remove_stale_temporaries(path: str) -> None:
             pass
 
 
+# Errors of the disk being written, as opposed to errors of what is being read or computed.
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+@contextlib.contextmanager
+def replacing(path, what: str = "file") -> Iterator[str]:
+    """Yield a temporary path beside ``path`` to write ``what`` into; when the block ends, it replaces ``path``
+    (atomically, flushed to disk). If the block or the write fails (a full disk, an interrupt), the temporary file
+    is removed and ``path`` is left as it was; a disk error names ``path``."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError) and err.errno in _WRITE_ERRORS:
+            failed = OSError(f"{path}: could not write the {what} ({err.strerror or err}); the previous file, if "
+                             f"any, is unchanged")
+            failed.errno = err.errno
+            raise failed from err
+        raise
+
+
+def write_atomically(path, data: bytes, what: str = "file") -> None:
+    """Write ``data`` to ``path`` through :func:`replacing`."""
+    with replacing(path, what) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written beside their target and renamed over it; read with :func:`read_checkpoint_file`."""
 
@@ -106,30 +149,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        _remove_stale_temporaries(path)
         # Serialised in memory first (as Lightning does), so a failing disk raises an OSError from write(), not an
         # error from inside torch's zip writer.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        tmp = _temporary_name(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as err:
-            # A full disk, a permission error or an interrupt: leave the previous checkpoint and no partial file.
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            if isinstance(err, OSError):
-                raise OSError(err.errno, f"{path}: could not write the checkpoint ({err.strerror or err}); the "
-                                         f"previous file, if any, is unchanged") from err
-            raise
+        write_atomically(path, buffer.getbuffer(), "checkpoint")
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: Optional[bool] = None) -> Dict[str, Any]:
         path = os.fspath(path)

@@ -16,7 +16,7 @@ from finegrained.cli import main
 from finegrained.export import export_classifier
 from finegrained.model import load_classifier
 from finegrained.predict import ExportedModel, predict_images
-from tests.conftest import write_image, PALETTE
+from tests.conftest import PALETTE, REPO_ROOT, write_image
 
 
 def test_console_script_help():
@@ -135,7 +135,7 @@ def test_predict_refuses_tampered_artifact(onnx_model, tmp_path):
 def test_data_samples_command(trained_run, tmp_path):
     recipe, _, _ = trained_run
     assert main(["data", "samples", "--config", recipe, "--split", "test", "--n", "4", "--out", str(tmp_path / "s")]) == 0
-    files = sorted(os.listdir(tmp_path / "s"))
+    files = sorted(f for f in os.listdir(tmp_path / "s") if not f.startswith("."))  # its marker file aside
     assert len(files) == 4 and files[0].startswith("00_class_0") and files[1].startswith("01_class_1")
 
 
@@ -217,7 +217,8 @@ def test_samples_by_class_and_predict_images_report_the_true_accuracy(onnx_model
     assert main(["data", "samples", "--config", str(recipe), "--split", "test", "--n", "6", "--by-class",
                  "--out", str(out)]) == 0
     capsys.readouterr()
-    assert os.listdir(tmp_path / "deep") == ["samples"] and len(os.listdir(out)) == 3
+    assert os.listdir(tmp_path / "deep") == ["samples"]
+    assert sorted(os.listdir(out)) == [".finegrained-samples.json", "a-b", "a-b-806c5cd3", "class-9608161c"]
     model = ExportedModel(relabelled)
     files = sorted(glob.glob(str(out / "*" / "*.png")), key=os.path.basename)
     assert len(files) == 6
@@ -342,3 +343,99 @@ def test_the_readme_client_reproduces_predict_images(trained_run, tmp_path, upri
     for (path, name, probability), row in zip(printed, rows):
         assert (path, name) == (row["path"], row["class"])
         assert float(probability) == pytest.approx(row["probability"], abs=2e-6), path
+
+
+# ---- exports and predictions never overwrite a user's file, never leave a partial one ----------------------------
+def test_export_refuses_a_users_file_and_replaces_its_own(trained_run, tmp_path, capsys):
+    from finegrained.cli import entry_point
+
+    _, ckpt, _ = trained_run
+    users = tmp_path / "model.onnx"
+    users.write_bytes(b"a user's model")
+    (tmp_path / "other.onnx.json").write_text("a user's notes")
+    for out in (users, tmp_path / "other.onnx"):
+        assert entry_point(["export", "--ckpt", ckpt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: already exists and is not an export"), err
+    assert users.read_bytes() == b"a user's model" and (tmp_path / "other.onnx.json").read_text() == "a user's notes"
+    ours = tmp_path / "ours.onnx"
+    for _ in range(2):  # a previous export of this tool is replaced
+        assert entry_point(["export", "--ckpt", ckpt, "--out", str(ours)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "other.onnx.json", "ours.onnx", "ours.onnx.json"]
+
+
+_FULL_DISK_EXPORT = r"""
+import resource, signal, sys
+from finegrained.cli import entry_point
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as a full disk fails
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+sys.exit(entry_point(["export", "--ckpt", sys.argv[1], "--format", sys.argv[2], "--out", sys.argv[3]]))
+"""
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "m.onnx"), ("torchscript", "m.pt")])
+def test_an_export_that_cannot_be_written_leaves_the_previous_one_and_no_partial_file(trained_run, tmp_path, fmt,
+                                                                                       name):
+    _, ckpt, _ = trained_run
+    out = tmp_path / name
+    export_classifier(ckpt, fmt, str(out))
+    before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_EXPORT, ckpt, fmt, str(out)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert errors[0].startswith(f"error: {out}: could not write the {fmt} model"), errors
+    assert {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("damage", ["other format", "random bytes"])
+def test_an_unreadable_artifact_is_one_line(onnx_model, tmp_path, capsys, damage):
+    from finegrained.cli import entry_point
+    from finegrained.export import sha256_file
+
+    _, artifact = onnx_model
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(os.urandom(4096) if damage == "random bytes" else open(artifact, "rb").read())
+    manifest = json.load(open(artifact + ".json"))
+    manifest["sha256"] = sha256_file(str(copy))
+    if damage == "other format":
+        manifest["format"] = "torchscript"
+    json.dump(manifest, open(str(copy) + ".json", "w"))
+    image = write_image(str(tmp_path / "a.png"), PALETTE[0], size=70)
+    assert entry_point(["predict-images", "--model", str(copy), image]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {copy}: not a readable"), err
+
+
+def test_predict_images_never_overwrites_a_users_csv(onnx_model, tmp_path, capsys):
+    from finegrained.cli import entry_point
+
+    _, artifact = onnx_model
+    image = write_image(str(tmp_path / "a.png"), PALETTE[0], size=70)
+    users = tmp_path / "results.csv"
+    users.write_text("name,score\nmine,1\n")
+    assert entry_point(["predict-images", "--model", artifact, image, "--csv", str(users)]) == 2
+    assert "already exists and is not a predictions file" in capsys.readouterr().err
+    assert users.read_text() == "name,score\nmine,1\n"
+    ours = tmp_path / "predictions.csv"
+    for _ in range(2):  # its own predictions are replaced
+        assert entry_point(["predict-images", "--model", artifact, image, "--csv", str(ours)]) == 0
+    assert entry_point(["predict-images", "--model", artifact, image, "--topk", "0"]) == 2
+    assert "--topk and --batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_data_samples_refuses_a_users_folder_and_never_mixes_old_and_new(trained_run, tmp_path, capsys):
+    from finegrained.cli import entry_point
+
+    recipe, _, _ = trained_run
+    users = tmp_path / "mine"
+    (users / "a-b").mkdir(parents=True)
+    (users / "a-b" / "0002.png").write_text("precious")
+    argv = ["data", "samples", "--config", recipe, "--split", "test", "--by-class"]
+    assert entry_point(argv + ["--n", "6", "--out", str(users)]) == 2
+    assert "holds files finegrained samples did not write" in capsys.readouterr().err
+    assert (users / "a-b" / "0002.png").read_text() == "precious"
+    out = tmp_path / "samples"
+    assert entry_point(argv + ["--n", "6", "--out", str(out)]) == 0
+    assert entry_point(argv + ["--n", "3", "--out", str(out)]) == 0
+    assert len(glob.glob(str(out / "*" / "*.png"))) == 3  # the second call's samples only

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from typing import List
 
 from pytorch_lightning import LightningDataModule
@@ -25,6 +26,7 @@ def datamodule_from_config(config_path: str) -> LightningDataModule:
 
 def data_command(argv: List[str]) -> int:
     from datamodules.samples import save_samples
+    from finegrained.results.output_folder import owned_output
 
     parser = argparse.ArgumentParser(prog="finegrained data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,7 +34,8 @@ def data_command(argv: List[str]) -> int:
     samples.add_argument("--config", required=True, help="recipe whose data: section to use")
     samples.add_argument("--split", choices=["train", "val", "test"], default="test")
     samples.add_argument("--n", type=int, default=8)
-    samples.add_argument("--out", required=True)
+    samples.add_argument("--out", required=True, help="a new or empty folder, or one a previous data samples wrote "
+                                                      "(its samples are replaced)")
     samples.add_argument("--by-class", action="store_true",
                          help="write a labelled folder OUT/<class>/NNNN.png (predict-images then reports accuracy)")
     verify = sub.add_parser("verify", help="decode every image; print counts per split and class; list problems")
@@ -77,8 +80,11 @@ def data_command(argv: List[str]) -> int:
     datamodule.prepare_data()
     datamodule.setup("test")
     dataset = getattr(datamodule, f"{args.split}_dataset")
-    for path in save_samples(dataset, args.out, args.n, by_class=args.by_class):
-        print(path)
+    # A folder of the user's is refused; samples written before are replaced, never mixed with the new ones.
+    with owned_output(args.out, "samples") as staging:
+        written = [os.path.relpath(p, staging) for p in save_samples(dataset, staging, args.n, by_class=args.by_class)]
+    for path in written:
+        print(os.path.join(args.out, path))
     return 0
 
 
