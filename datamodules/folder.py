@@ -3,8 +3,9 @@
 Classes are the sorted folder names of ``root/train`` (as torchvision's ImageFolder), and the images of a
 class are every image file below its folder in torchvision's order (folders by path, files by name).
 ``val`` may also be spelled ``valid``/``validation``; without it, a stratified
-``val_fraction`` of train is held out (scikit-learn, fixed seed). Without ``test``,
-the validation set doubles as the test set and a warning says so.
+``val_fraction`` of train is held out (scikit-learn, fixed seed), and with ``val_fraction`` 0 the test split
+serves as validation (the published protocol). Without ``test``, the validation set doubles as the test set and a
+warning says so. Which split validates is logged.
 
 Symbolic links are followed within the dataset root. A folder link that leads back into a folder already
 walked (a loop, or a second way to the same images) is an error naming the link; so is a link whose target lies
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -86,7 +86,8 @@ def walk_class_folder(folder: str, roots: Sequence[str], follow_external_links: 
 class ImageFolderDataModule(FineGrainedDataModule):
     """Args:
         root: folder holding ``train/`` (and optionally ``val/`` and ``test/``).
-        val_fraction: share of train held out for validation when there is no val folder.
+        val_fraction: share of train held out for validation when there is no val folder (0: the test split
+            validates).
         seed: seed of that split.
         follow_external_links: follow symbolic links (to images or folders) whose target lies outside ``root``, as
             in a subset built from links to images kept elsewhere. Off (default): such a link is an error naming
@@ -166,17 +167,27 @@ class ImageFolderDataModule(FineGrainedDataModule):
 
     def build_datasets(self) -> Tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
         classes = self.class_names
-        train = self._samples(self._split_dir("train"))
+        train_dir = self._split_dir("train")
+        train = self._samples(train_dir)
         val_dir, test_dir = self._split_dir("val"), self._split_dir("test")
+        test = self._samples(test_dir) if test_dir is not None else None
         if val_dir is not None:
             val = self._samples(val_dir)
-        else:
+            log.info("%s: validation on %s (%d images)", self.root, val_dir, len(val))
+        elif self.val_fraction > 0:
             train, val, _, _ = stratified_holdout(train, [label for _, label in train], classes,
-                                                  self.val_fraction, self.seed, repr(self._split_dir("train")))
-        if test_dir is not None:
-            test = self._samples(test_dir)
+                                                  self.val_fraction, self.seed, repr(train_dir))
+            log.info("%s: validation on %d images held out from %s (stratified, val_fraction %g, seed %d); %d "
+                     "train", self.root, len(val), train_dir, self.val_fraction, self.seed, len(train))
+        elif test is not None:
+            val = test
+            log.info("%s: the test split (%s) serves as validation set (val_fraction 0, no val/ folder); the "
+                     "reported model is then the last epoch", self.root, test_dir)
         else:
-            warnings.warn(f"{self.root!r} has no test/ folder: the validation split is used as test set")
+            raise ValueError(f"{self.root}: no val/ and no test/ folder, and val_fraction 0 holds nothing out: "
+                             f"expected a val/ or test/ folder, or val_fraction > 0")
+        if test is None:
+            log.warning("%s has no test/ folder: the validation split is used as test set", self.root)
             test = val
         # Large JPEGs are draft-decoded, as in every loader.
         decode = dict(resize=self.preprocessing["resize"], exif_transpose=self.preprocessing["exif_transpose"])

@@ -126,3 +126,31 @@ def test_the_benchmarks_record_the_ids_of_the_reference_tables():
         cls = getattr(datamodules, name)
         if isinstance(cls, type) and issubclass(cls, datamodules.FineGrainedDataModule):
             assert isinstance(getattr(cls, "dataset_name", None), (str, property)), name
+
+
+@pytest.mark.parametrize("splits, val_fraction, says", [
+    (("train", "val", "test"), 0.1, "validation on {root}/val (9 images)"),
+    (("train", "test"), 0.1, "validation on 3 images held out from {root}/train"),
+    (("train", "test"), 0.0, "the test split ({root}/test) serves as validation set"),
+])
+def test_an_image_folder_says_which_split_validates(tmp_path, caplog, splits, val_fraction, says):
+    import logging
+
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "f", n_classes=3, per_class=3, splits=splits)
+    caplog.set_level(logging.INFO, logger="datamodules")
+    dm = ImageFolderDataModule(root, val_fraction=val_fraction, batch_size=2, num_workers=0, resize_size=40,
+                               crop_size=32)
+    dm.setup()
+    assert says.format(root=root) in caplog.text
+    assert (dm.val_dataset is dm.test_dataset) == (val_fraction == 0 and "val" not in splits)
+    assert len(dm.train_dataset) == (6 if "val" not in splits and val_fraction else 9)
+
+
+def test_an_image_folder_with_nothing_to_validate_on_is_one_clear_error(tmp_path):
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "f", n_classes=2, per_class=3, splits=("train",))
+    with pytest.raises(ValueError, match="no val/ and no test/ folder, and val_fraction 0 holds nothing out"):
+        ImageFolderDataModule(root, val_fraction=0, num_workers=0).setup()
