@@ -120,6 +120,39 @@ TRAINING_ONLY_DATA = ("data.init_args.batch_size", "data.init_args.hflip", "data
                       "data.init_args.val_fraction", "data.init_args.shuffle_block")
 
 
+# The project's recipes (one per published row and dataset, and the demo): a recipe that inherits from one of them
+# through base: is compared with it, so that a user's file cannot make a shortened run look like the protocol.
+PROJECT_RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
+
+
+def is_project_recipe(path: str) -> bool:
+    folder = os.path.realpath(PROJECT_RECIPES)
+    relative = os.path.relpath(os.path.realpath(path), folder)
+    return not relative.startswith("..") and "_base" not in relative.split(os.sep)
+
+
+def reference_recipe(path: str, _seen: Optional[List[str]] = None) -> str:
+    """The recipe a run of ``path`` is compared with: ``path`` itself, or the project recipe it derives from (the
+    nearest one up its ``base:`` chain, the last base first, as the last base wins)."""
+    if is_project_recipe(path):
+        return path
+    seen = (_seen or []) + [os.path.realpath(path)]
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return path
+    bases = raw.get(BASE_KEY, []) if isinstance(raw, dict) else []
+    for base in reversed([bases] if isinstance(bases, str) else bases or []):
+        base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+        if os.path.realpath(base_path) in seen or not os.path.isfile(base_path):
+            continue
+        found = reference_recipe(base_path, seen)
+        if is_project_recipe(found):
+            return found
+    return path
+
+
 def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

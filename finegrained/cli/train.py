@@ -18,7 +18,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from finegrained.cli.recipe import (RecipeError, config_hash, describe_config_error, expand_config_args,
-                                    format_overrides, recipe_overrides)
+                                    format_overrides, recipe_overrides, recipe_text, reference_recipe)
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import (AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, checkpoint_selection,
                                 completed_epochs, read_checkpoint_file)
@@ -39,8 +39,10 @@ def default_loggers(root: str) -> list:
 class FineGrainedCLI(LightningCLI):
     """LightningCLI with a best/last checkpoint callback and the data -> model links."""
 
-    def __init__(self, *args, recipe_paths: Optional[List[str]] = None, **kwargs):
+    def __init__(self, *args, recipe_paths: Optional[List[str]] = None, command_line: Optional[List[str]] = None,
+                 **kwargs):
         self.recipe_paths = recipe_paths or []
+        self.command_line = list(command_line or [])
         self._test_started = 0.0
         self.overrides: Dict[str, Any] = {}
         super().__init__(*args, **kwargs)
@@ -99,8 +101,10 @@ class FineGrainedCLI(LightningCLI):
         checkpoint.monitor, checkpoint.save_top_k = None, 0
         rank_zero_info("validation is the test set (the published protocol): the result is the last epoch "
                        f"({os.path.join(checkpoint.dirpath or '<log dir>/checkpoints', 'last.ckpt')}); best.ckpt "
-                       "is not written, since choosing it would choose on the test set. Set val_fraction > 0 to "
-                       "choose by held-out validation (or --select_on_test true for the published code's choice)")
+                       "is not written, since choosing it would choose on the test set. To choose by validation, "
+                       "give the data a validation split apart from its test split (val_fraction > 0 or a val/ "
+                       "folder; for a folder without test/, add one), or --select_on_test true for the published "
+                       "code's choice")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -122,6 +126,11 @@ class FineGrainedCLI(LightningCLI):
         files alone."""
         argv = sys.argv[1:]  # the recipes as LightningCLI read them (base: already merged)
         config_args = [arg for i, flag in enumerate(argv[:-1]) if flag == "--config" for arg in (flag, argv[i + 1])]
+        # A recipe file derived from a project recipe is compared with that project recipe.
+        references = [reference_recipe(p) if os.path.isfile(p) else p for p in _config_paths(self.command_line)]
+        if references != _config_paths(self.command_line):
+            config_args = [a for path in references for a in ("--config", recipe_text(path) if os.path.isfile(path)
+                                                              else path)]
         try:
             recipe = self.parser.parse_args([subcommand] + config_args)[subcommand]
         except (argparse.ArgumentError, SystemExit):  # the recipe alone is incomplete: keep the command line
@@ -292,4 +301,5 @@ def _build_cli(argv: List[str], other_commands: List[str]) -> FineGrainedCLI:
         parser_kwargs={"description": "The finegrained command: fit | validate | test | predict (LightningCLI, "
                        "below)" + (f"; also {others} (see finegrained <command> --help)" if others else "") + "."},
         recipe_paths=[p for p in _config_paths(argv) if os.path.isfile(p)],
+        command_line=argv,
     )
