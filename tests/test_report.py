@@ -279,7 +279,7 @@ data:
 def test_report_refuses_data_of_other_classes(evil_run, tmp_path, capsys, classes, message):
     _, ckpt, _ = evil_run
     assert _report_cli(ckpt, _folder_recipe(tmp_path, classes), tmp_path / "r") == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r").exists()
 

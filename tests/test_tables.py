@@ -58,6 +58,7 @@ def split_cell(cell):
 
 
 def test_tables_paper_column_equals_reference(tmp_path, capsys):
+    (tmp_path / "none.csv").write_text(",".join(RUN_FIELDS) + "\n")  # no runs yet
     assert main(["tables", "--reference", REFERENCE, "--runs-csv", str(tmp_path / "none.csv"),
                  "--out", str(tmp_path / "tables")]) == 0
     ref = load_reference(REFERENCE)
@@ -168,12 +169,14 @@ def test_bench_table_on_real_images_uses_its_cache(tmp_path, capsys):
     assert again["top1"].iloc[0] == table["top1"].iloc[0]
 
 
-def test_committed_tables_are_exactly_what_the_code_writes(tmp_path):
-    """`finegrained tables` on a fresh clone must leave results/tables/ unchanged."""
-    root = os.path.join(os.path.dirname(__file__), "..", "results")
+def test_committed_tables_are_exactly_what_the_code_writes(tmp_path, monkeypatch):
+    """`finegrained tables` on a fresh clone (no run records yet) must leave results/tables/ unchanged."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "results"))
     out = tmp_path / "tables"
-    assert main(["tables", "--reference", os.path.join(root, "reference.csv"),
-                 "--runs-csv", os.path.join(root, "runs.csv"), "--out", str(out)]) == 0
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "runs.csv").write_text(",".join(RUN_FIELDS) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["tables", "--reference", os.path.join(root, "reference.csv"), "--out", str(out)]) == 0
     written = sorted(os.listdir(out))
     assert written, "no tables written"
     for name in written:
@@ -232,15 +235,24 @@ def test_fit_test_tables_on_the_three_benchmarks(tmp_path, capsys):
     cars, _, _ = write_cars(str(tmp_path / "cars"), n_train=6, n_test=6)
     sizes = ["--data.init_args.resize_size", "[36, 36]", "--data.init_args.crop_size", "32"]
 
-    # CUB through a recipe of the user's that inherits the project's and makes it small: it follows *its* recipe.
+    # CUB through a recipe of the user's own (not derived from a project recipe) that it follows: shown plainly.
+    import yaml
+
+    from finegrained.cli.recipe import load_recipe
+
+    standalone = load_recipe(f"{REPO}/recipes/cub/isqrt_resnet50.yaml")
+    standalone["trainer"]["max_epochs"] = 1
+    standalone["model"]["backbone_weights"] = None
+    standalone["data"]["init_args"].update(root=cub, resize_size=36, crop_size=32, batch_size=2)
     own = tmp_path / "cub_small.yaml"
-    own.write_text(f"base: [{REPO}/recipes/cub/isqrt_resnet50.yaml]\n"
-                   "trainer: {max_epochs: 1}\n"
-                   f"model: {{backbone_weights: null}}\n"
-                   f"data: {{init_args: {{root: {cub}, resize_size: 36, crop_size: 32, batch_size: 2}}}}\n")
+    own.write_text(yaml.safe_dump(standalone))
     plain = _fit_and_test(str(own), tmp_path, "cub_plain")
-    modified = _fit_and_test(f"{REPO}/recipes/cub/isqrt_resnet50.yaml", tmp_path, "cub_modified",
-                             SMALL + sizes + ["--data.init_args.root", cub])
+    # A file that inherits from the project's recipe and shortens it is compared with the project's recipe: marked.
+    derived = tmp_path / "cub_derived.yaml"
+    derived.write_text(f"base: [{REPO}/recipes/cub/isqrt_resnet50.yaml]\ntrainer: {{max_epochs: 1}}\n"
+                       f"model: {{backbone_weights: null}}\n"
+                       f"data: {{init_args: {{root: {cub}, resize_size: [36, 36], crop_size: 32, batch_size: 2}}}}\n")
+    modified = _fit_and_test(str(derived), tmp_path, "cub_modified")
     air = _fit_and_test(f"{REPO}/recipes/aircraft/isqrt_resnet50.yaml", tmp_path, "aircraft",
                         SMALL + sizes + ["--data.init_args.root", aircraft])
     car = _fit_and_test(f"{REPO}/recipes/cars/isqrt_resnet50.yaml", tmp_path, "cars",
@@ -287,3 +299,15 @@ def test_records_without_overrides_are_not_shown_as_following_their_recipe(tmp_p
     runs = read_runs(str(path))
     assert list(runs["overrides"].fillna("")) == ["not recorded", ""]
     assert select_runs(runs, "all", modified="hide")["method"].tolist() == ["gap"]
+
+
+def test_tables_name_a_missing_or_unreadable_runs_file(tmp_path, capsys):
+    from finegrained.cli import entry_point
+
+    (tmp_path / "binary.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    for path, message in ((tmp_path / "typo.csv", "run records not found"),
+                          (tmp_path / "binary.csv", "not a CSV of run records")):
+        assert entry_point(["tables", "--reference", REFERENCE, "--runs-csv", str(path), "--out",
+                            str(tmp_path / "t")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {path}: {message}"), err

@@ -117,7 +117,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line; for an error re-raised from a DataLoader worker, its original message."""
+    """The message of ``error`` on one line; for an error re-raised from a DataLoader worker, its original message;
+    for a YAML syntax error, ``<file>: line N, column M: <problem>``."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: {error.problem} (YAML syntax)"
     text = str(error)
     if "Original Traceback" in text:
         text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1], count=1)

@@ -16,7 +16,8 @@ def tables_command(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="finegrained tables",
                                      description="Regenerate results/tables/*.md and *.tex: the papers' numbers "
                                                  "beside ours from the run records.")
-    parser.add_argument("--reference", default="results/reference.csv")
+    parser.add_argument("--reference", default=None,
+                        help="the papers' numbers (default: results/reference.csv here, else the project's)")
     parser.add_argument("--runs-csv", default="results/runs.csv", help="run records written by finegrained test")
     parser.add_argument("--runs", default="latest",
                         help="which runs count: latest (per recipe), best (per recipe), all (mean), or run ids a,b,c")
@@ -27,10 +28,12 @@ def tables_command(argv: List[str]) -> int:
                              "or leave them out. A run that follows its recipe is always preferred for a cell")
     parser.add_argument("--plots", action="store_true", help="also draw accuracy versus representation dimension")
     args = parser.parse_args(argv)
-    reference = load_reference(args.reference)
+    if args.runs_csv != parser.get_default("runs_csv") and not os.path.isfile(args.runs_csv):
+        raise FileNotFoundError(f"{args.runs_csv}: run records not found (expected the CSV finegrained test appends to)")
+    reference = load_reference(args.reference or _project_file("results/reference.csv"))
     every_run = read_runs(args.runs_csv)
     runs = select_runs(every_run, args.runs, modified=args.modified)
-    paths = write_tables(reference, runs, args.out)
+    paths = write_tables(reference, runs, args.out, runs_source=args.runs_csv)
     with open(os.path.join(args.out, "finegrained.md")) as f:
         print(f.read())
     changed = int((every_run["overrides"].fillna("") != "").sum()) if len(every_run) else 0
@@ -43,6 +46,14 @@ def tables_command(argv: List[str]) -> int:
         path = plot_accuracy_vs_dim(accuracy_vs_dim_points(reference, runs), os.path.join(args.out, "accuracy_vs_dim.png"))
         print(f"wrote {path}")
     return 0
+
+
+def _project_file(relative: str) -> str:
+    """``relative`` in the current folder if it is there, else in the project this package belongs to."""
+    if os.path.isfile(relative):
+        return relative
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(project, relative)
 
 
 def _recipe_beside(checkpoint: str) -> str:
@@ -73,7 +84,7 @@ def report_command(argv: List[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="which images are drawn")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.ckpt):
-        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+        raise FileNotFoundError(f"{args.ckpt}: checkpoint not found")
     config = args.config or _recipe_beside(args.ckpt)
     if not config:
         raise ValueError(f"no --config given and no config.yaml saved beside {args.ckpt}: pass the recipe whose "

@@ -38,7 +38,9 @@ NOT_RECORDED = "not recorded"
 
 
 def git_commit(cwd: Optional[str] = None) -> str:
-    """HEAD's hash (with ``-dirty`` for uncommitted changes), or ``unknown`` outside a repository."""
+    """HEAD's hash (with ``-dirty`` for uncommitted changes) of the repository holding this package (or ``cwd``),
+    or ``unknown`` when it is not in one (an installed copy)."""
+    cwd = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
@@ -86,7 +88,11 @@ def read_runs(path: str) -> pd.DataFrame:
     """The run records at ``path`` (an empty frame with the right columns if there is none)."""
     if not os.path.isfile(path):
         return pd.DataFrame(columns=RUN_FIELDS)
-    runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str, "overrides": str})
+    try:
+        runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str, "overrides": str})
+    except (ValueError, pd.errors.ParserError) as err:  # not text, not CSV
+        raise ValueError(f"{path}: not a CSV of run records ({str(err).splitlines()[0][:120]}); expected the file "
+                         f"finegrained test appends to") from None
     if "overrides" not in runs.columns:
         runs["overrides"] = NOT_RECORDED
     runs["overrides"] = runs["overrides"].fillna("")
@@ -106,6 +112,7 @@ class RunArtifacts(pl.Callback):
         self.recipes: List[str] = []  # the fit's recipe files and what its command line changed from them
         self.overrides: Dict[str, Any] = {}
         self._session_overrides: Dict[str, Any] = {}
+        self._epoch_lr: Dict[str, float] = {}
         self.train_wall_s = 0.0
         self._fit_started: Optional[float] = None
         self._test_started: Optional[float] = None
@@ -126,16 +133,20 @@ class RunArtifacts(pl.Callback):
     def _elapsed(self) -> float:
         return self.train_wall_s + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
 
+    def on_train_epoch_start(self, trainer, pl_module):
+        # The learning rate each group trains this epoch with: read now, since an epoch schedule has already
+        # moved on to the next epoch's by the time the epoch-end hooks run.
+        self._epoch_lr = {f"lr-{group.get('name', k)}": float(group["lr"])
+                          for optimizer in trainer.optimizers for k, group in enumerate(optimizer.param_groups)}
+
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
         row = {"epoch": trainer.current_epoch}
-        # Learning rates are recorded below, one per parameter group under its own name; LearningRateMonitor's
+        # Learning rates come from the epoch's start, one per parameter group under its own name; LearningRateMonitor's
         # copies ("lr-SGD/backbone") would draw every group twice.
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and not k.startswith("lr-")})
-        for optimizer in trainer.optimizers:  # the learning rate of every parameter group, for the curves
-            for k, group in enumerate(optimizer.param_groups):
-                row[f"lr-{group.get('name', k)}"] = float(group["lr"])
+        row.update(self._epoch_lr)
         self.history.append(row)
 
     @staticmethod

@@ -66,6 +66,8 @@ TITLES = {"finegrained": "Fine-grained top-1 accuracy (%)", "fgvc_comparison": "
 
 
 def load_reference(path: str = "results/reference.csv") -> pd.DataFrame:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the papers' numbers not found (expected results/reference.csv of the project)")
     reference = pd.read_csv(path, dtype={"dim": str, "backbone": str, "dataset": str, "value": str},
                             keep_default_na=False)
     required = {"method", "backbone", "dim", "dataset", "metric", "value", "source", "table"}
@@ -280,8 +282,10 @@ def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: st
     return pd.DataFrame(records)
 
 
-def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> List[str]:
-    """Write ``<table>.md`` and ``<table>.tex`` for every table of the reference; returns the paths."""
+def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str,
+                 runs_source: str = "results/runs.csv") -> List[str]:
+    """Write ``<table>.md`` and ``<table>.tex`` for every table of the reference (``runs_source``: where the runs
+    were read, named in the caption); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for table in dict.fromkeys(reference["table"]):
@@ -300,7 +304,7 @@ def write_tables(reference: pd.DataFrame, runs: pd.DataFrame, out_dir: str) -> L
         path = os.path.join(out_dir, f"{table}.md")
         with open(path, "w") as f:
             f.write(f"### {title}\n\nCells: paper / ours (ours − paper). Paper: {sources}. "
-                    f"Ours: results/runs.csv. {DASH} = no number.\n\n")
+                    f"Ours: {runs_source}. {DASH} = no number.\n\n")
             f.write(md.to_markdown(index=False) + "\n")
             if svm:
                 f.write(f"\nSVM numbers (one-vs-all linear SVMs on l2-normalised features), compared with our "
