@@ -315,3 +315,18 @@ def test_an_edited_marker_cannot_make_report_delete_outside_its_folder(evil_run,
     assert _report_cli(ckpt, recipe, out) == 2
     assert "is not a file inside" in capsys.readouterr().err
     assert victim.read_text() == "a user's file" and _all_files(out) == before
+
+
+def test_the_kept_learning_rates_are_those_each_epoch_trained_with(trained_run, tmp_path):
+    """Cosine over 2 epochs from 0.01: epoch 0 trains at 0.01 and epoch 1 at 0.005 (not the next epoch's rate)."""
+    from finegrained.cli import main
+
+    recipe, _, _ = trained_run
+    assert main(["fit", "--config", recipe, "--trainer.max_epochs", "2", "--model.scheduler", "cosine",
+                 "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck"),
+                 "--runs_csv", ""]) == 0
+    history = next(state["history"] for key, state in torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)[
+        "callbacks"].items() if "RunArtifacts" in key)
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert [row["lr-backbone"] for row in history] == pytest.approx([0.01, 0.005])
+    assert [row["lr-classifier"] for row in history] == pytest.approx([0.05, 0.025])  # classifier ×5
