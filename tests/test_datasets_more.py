@@ -24,11 +24,11 @@ def _setup(dm):
     return dm
 
 
-def _at_level(module, tmp_path, base, level):
+def _at_level(module, tmp_path, base, level, **kwargs):
     """The DataModule set up with ``root`` at the download's parent, the dataset folder, or the folder ``level``
     inside it."""
     root = {"parent": str(tmp_path), "dataset": base}.get(level) or os.path.join(base, level)
-    return _setup(module(root, **SMALL))
+    return _setup(module(root, **SMALL, **kwargs))
 
 
 def _relative(samples, base):
@@ -98,7 +98,7 @@ def test_dogs_errors_name_the_file(tmp_path):
 def test_flowers_agree_with_torchvision(tmp_path, level):
     from torchvision.datasets import Flowers102
 
-    dm = _at_level(Flowers102DataModule, tmp_path, write_flowers(str(tmp_path)), level)
+    dm = _at_level(Flowers102DataModule, tmp_path, write_flowers(str(tmp_path)), level, train_split="train")
     assert dm.class_names[0] == "pink primrose" and len(dm.class_names) == 102
     with mock.patch.object(Flowers102, "_check_integrity", return_value=True):  # it checks the real files' MD5
         for split, dataset in (("train", dm.train_dataset), ("val", dm.val_dataset), ("test", dm.test_dataset)):
@@ -106,6 +106,22 @@ def test_flowers_agree_with_torchvision(tmp_path, level):
             assert [os.path.abspath(p) for p in reference._image_files] == [p for p, _ in dataset.samples]
             assert reference._labels == dataset.targets  # imagelabels - 1
     assert dm.val_dataset is not dm.test_dataset and len(dm.val_dataset) == 8  # the official validation split
+
+
+def test_flowers_train_on_train_and_val_by_default(tmp_path):
+    """The transfer protocol: trnid + valid (2,040 images in the real set) to train, the test split to test."""
+    from torchvision.datasets import Flowers102
+
+    base = write_flowers(str(tmp_path))
+    dm = _setup(Flowers102DataModule(base, **SMALL))
+    with mock.patch.object(Flowers102, "_check_integrity", return_value=True):
+        expected = [os.path.abspath(p) for split in ("train", "val")
+                    for p in Flowers102(str(tmp_path), split=split)._image_files]
+        test = [os.path.abspath(p) for p in Flowers102(str(tmp_path), split="test")._image_files]
+    assert [p for p, _ in dm.train_dataset.samples] == expected
+    assert [p for p, _ in dm.test_dataset.samples] == test and dm.val_dataset is dm.test_dataset
+    with pytest.raises(ValueError, match="train_split must be 'trainval' or 'train'"):
+        Flowers102DataModule(base, train_split="all")
 
 
 # ---- Oxford-IIIT Pet ---------------------------------------------------------------------------------------------

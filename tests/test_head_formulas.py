@@ -128,12 +128,14 @@ def test_srsop():
 
 
 class _BlockSignSqrt(torch.autograd.Function):
-    """Reference for improved B-CNN: NS forward; backward = Newton–Schulz sign iteration of the block
-    matrix [[Z, G], [0, −Z]]/‖Z‖_F, whose sign is [[I, 2X], [0, −I]] with Z X + X Z = G."""
+    """Reference for improved B-CNN (the authors' matrix-sqrt code): Z = NS(A/‖A‖_F)·√‖A‖_F forward;
+    backward = Newton–Schulz sign iteration of the block matrix [[Z, G], [0, −Z]]/‖Z‖_F, whose sign is
+    [[I, 2X], [0, −I]] with Z X + X Z = G, and X is the gradient of A."""
 
     @staticmethod
     def forward(ctx, a, n, nb):
-        z = plain_ns(a, n, lambda m: torch.ones((), dtype=m.dtype))
+        norm = a.norm()
+        z = plain_ns(a / norm, n, lambda m: torch.ones((), dtype=m.dtype)) * norm.sqrt()
         ctx.save_for_backward(z)
         ctx.nb = nb
         return z
@@ -155,9 +157,7 @@ def test_improved_bcnn(iterations):
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
 
     def ref(xb):
-        a = plain_cov(xb, centred=False)
-        norm = a.norm()
-        z = _BlockSignSqrt.apply(a / norm, iterations, iterations) * norm.sqrt()
+        z = _BlockSignSqrt.apply(plain_cov(xb, centred=False), iterations, iterations)
         return l2(ssqrt(z.flatten(), 1e-5))
 
     check(build_head("improved_bcnn", 4, iterations=iterations, backward_iterations=iterations), per_image(ref), x)
@@ -402,7 +402,7 @@ def test_gmsop_aux_loss():
     assert load_balance_loss(balanced).item() == 0.0
     skewed = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     importance = torch.tensor([2.0, 0.0, 0.0, 0.0])
-    expected = 100 * importance.var(correction=0) / importance.mean() ** 2
+    expected = 100 * importance.var(correction=1) / importance.mean() ** 2  # MATLAB's std (N − 1)
     torch.testing.assert_close(load_balance_loss(skewed), expected)
     head = build_head("gmsop", 8, components=4, top_k=2, mid_channels=8, out_channels=4).train()
     head(torch.randn(3, 8, 4, 4))

@@ -11,7 +11,7 @@ own SR-SOP block with BN (feature f), followed by noisy top-K gating:
 
 and a load-balance loss on the batch importance I = Σ_batch ω,
 
-    L_B = w · (std(I) / mean(I))²     (population std),
+    L_B = w · (std(I) / mean(I))²     (std with N − 1, MATLAB's std, as the official ``Balance_loss.m``),
 
 exposed as ``head.aux_loss`` after each training forward; :class:`finegrained.model.FineGrainedClassifier`
 adds it to the training loss. Defaults from the paper: N = 16, K = 8, w = 100, W_g and W_n
@@ -36,9 +36,16 @@ from finegrained.ops import float32_matrices
 
 
 def load_balance_loss(gates: Tensor, weight: float = 100.0) -> Tensor:
-    """w · (std/mean)² of the per-component importance Σ_batch ω; ``gates`` is (B, N)."""
+    """w · (std/mean)² of the per-component importance Σ_batch ω; ``gates`` is (B, N).
+
+    The standard deviation divides by N − 1, as MATLAB's ``std`` in the official ``Balance_loss.m`` (GM-SOP
+    repository, ``matlab/+dagnn/Balance_loss.m``), whose hand-written derivative is the gradient of this formula.
+    A single component has nothing to balance: 0.
+    """
     importance = gates.sum(dim=0)
-    return weight * importance.var(correction=0) / importance.mean().square().clamp_min(1e-12)
+    if importance.numel() < 2:
+        return importance.sum() * 0
+    return weight * importance.var(correction=1) / importance.mean().square().clamp_min(1e-12)
 
 
 def top_k_gates(logits: Tensor, k: int, random_ties: bool = False) -> Tensor:

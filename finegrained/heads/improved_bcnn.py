@@ -5,8 +5,9 @@ Lin & Maji, "Improved Bilinear Pooling with CNNs", BMVC 2017.
     A = (1/M)·X·Xᵀ (uncentred, as B-CNN)  ->  Z = NS(A/‖A‖_F)·√‖A‖_F  ->  sign(z)√(|z| + ε)  ->  l2
 
 The square root uses the coupled Newton–Schulz iteration (5 iterations, the paper's choice), and
-its backward solves the Lyapunov equation Z·X + X·Z = ∂l/∂Z with the coupled Newton–Schulz sign
-iteration (5 iterations, the paper's choice) instead of differentiating the unrolled forward.
+its backward is the authors' (``lyap_newton_schulz``, msubhransu/matrix-sqrt ``matrix_sqrt.py``): the
+Lyapunov equation Z·X + X·Z = ∂l/∂Z solved by the coupled Newton–Schulz sign iteration (5 iterations) from
+Z/‖Z‖_F, X returned as the gradient of A, instead of differentiating the unrolled forward or the normalisation.
 Frobenius pre-normalisation is the paper's (iSQRT-COV uses the trace instead).
 
 Shapes: (B, C, H, W) -> (B, C²); VGG-16 relu5_3 gives 262,144 values.

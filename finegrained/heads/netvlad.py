@@ -8,10 +8,12 @@ recognition", CVPR 2016.
 
 Defaults: K = 64 clusters (paper; 512 × 64 = 32,768 values on VGG-16, the seed table's 32K).
 :meth:`NetVLADHead.init_centroids` (the data-dependent initialisation) sets c by k-means on
-l2-normalised descriptors (scikit-learn) and, as the official code does (``addLayers.m``), α from the
-data: α = −log(0.01) / mean(s₁ − s₂), with s₁ ≥ s₂ the two largest similarities x̂ᵀc_k of a descriptor,
-so that the nearest centre gets 100 times the weight of the next on average; then w and b. Until then
-centres start random on the unit sphere with α = ``alpha`` (100).
+l2-normalised descriptors (scikit-learn) and α from the data by the official rule for these weights (the
+``vladv2`` branch of ``addLayers.m``, Relja/netvlad): α = −log(0.01) / mean(d₂² − d₁²), with d₁² ≤ d₂² the
+squared distances of a descriptor to its two nearest centres. The assignment logits 2αc_kᵀx̂ − α‖c_k‖² equal
+−α‖x̂ − c_k‖² up to a term common to all k, so the nearest centre's weight is exp(α(d₂² − d₁²)) times the
+second's: 100 times, in the mean of the exponent. Then w and b. Until then centres start random on the unit
+sphere with α = ``alpha`` (100).
 
 Shapes: (B, C, H, W) -> (B, K·C).
 """
@@ -64,8 +66,9 @@ class NetVLADHead(PoolingHead):
         kmeans = KMeans(n_clusters=self.clusters, n_init=3, random_state=seed).fit(descriptors)
         centres = torch.as_tensor(kmeans.cluster_centers_)
         if self.alpha_from_data:
-            top2 = (torch.as_tensor(descriptors) @ centres.T).topk(2, dim=1).values
-            gap = float((top2[:, 0] - top2[:, 1]).mean())
+            squared = torch.cdist(torch.as_tensor(descriptors), centres).square()  # (N, K)
+            nearest = squared.topk(2, dim=1, largest=False).values  # d₁², d₂² per descriptor
+            gap = float((nearest[:, 1] - nearest[:, 0]).mean())
             self.alpha = -math.log(0.01) / max(gap, torch.finfo(torch.float64).eps)
         self.centroids.copy_(centres.to(self.centroids.dtype))
         self._tie_assignment_to_centroids()

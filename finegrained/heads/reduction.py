@@ -8,12 +8,11 @@ from torch import nn
 def channel_reduction(in_channels: int, out_channels: int, batch_norm: bool = True) -> nn.Sequential:
     """1×1 conv (no bias) [+ BN] + ReLU, Kaiming fan_out init as in the official iSQRT-COV code.
 
-    MPN-COV and iSQRT-COV use the BN form; GM-SOP's SR-SOP components use conv + ReLU only.
+    MPN-COV and iSQRT-COV use the BN form; GM-SOP's SR-SOP components use conv + ReLU only, also without a bias
+    (``Conv_nobn`` with ``bias = false`` in the official ``examples/GM/cnn_init_resnet_GM.m``).
     """
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=not batch_norm)
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
     layers = [conv, nn.BatchNorm2d(out_channels)] if batch_norm else [conv]
     return nn.Sequential(*layers, nn.ReLU(inplace=True))
 

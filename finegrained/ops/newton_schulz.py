@@ -6,8 +6,8 @@
 * :func:`isqrt_cov` -- covariance, Newton–Schulz and compensation fused in one autograd.Function
   with a lean backward (:class:`_ISqrtCov`).
 * :func:`sqrtm_newton_schulz_lyapunov` -- improved B-CNN's square root (Lin & Maji, BMVC 2017):
-  Frobenius pre-normalisation, Newton–Schulz forward, coupled-Lyapunov backward
-  (:func:`lyapunov_newton_schulz`, also the backward of the Padé square root in :mod:`finegrained.ops.pade`).
+  Frobenius pre-normalisation, Newton–Schulz forward, the authors' coupled-Lyapunov backward
+  (:func:`root_with_lyapunov_backward`, also the backward of the Padé square root in :mod:`finegrained.ops.pade`).
 * :func:`inv_newton_schulz` -- iSICE's inverse, the square of the Newton–Schulz inverse square root.
 
 Shapes: (B, d, d) matrices; :func:`isqrt_cov` takes (B, C, H, W) or (B, C, M) features.
@@ -126,38 +126,59 @@ def lyapunov_newton_schulz(z: Tensor, g: Tensor, iterations: int = 5, normalise:
     return 0.5 * q
 
 
-class _LyapunovBackwardRoot(torch.autograd.Function):
+class _RootWithLyapunovBackward(torch.autograd.Function):
+    """Σ -> S = f(Σ/‖Σ‖_F)·√‖Σ‖_F for an approximate square root f; the backward returns the solution X of
+    S X + X S = ∂l/∂S as ∂l/∂Σ (the authors' backward, see :func:`root_with_lyapunov_backward`)."""
+
     @staticmethod
-    def forward(ctx, a, root_fn, backward_iterations, normalise):
-        root = root_fn(a)
-        ctx.save_for_backward(root)
-        ctx.backward_iterations, ctx.normalise = backward_iterations, normalise
-        return root
+    def forward(ctx, sigma, unit_root, backward_iterations, normalise_root):
+        a, norm = unit_frobenius(sigma)
+        root = unit_root(a)
+        ctx.save_for_backward(root, norm)
+        ctx.backward_iterations, ctx.normalise_root = backward_iterations, normalise_root
+        return root * norm.sqrt()
 
     @staticmethod
     @first_order_only("a square root with the Lyapunov backward (improved B-CNN, MPA-Lya)")
     def backward(ctx, grad):
-        (root,) = ctx.saved_tensors
-        return lyapunov_newton_schulz(root, grad, ctx.backward_iterations, ctx.normalise), None, None, None
+        root, norm = ctx.saved_tensors  # root: f(Σ/‖Σ‖_F), eigenvalues in [0, 1]
+        scale = norm.sqrt()
+        if ctx.normalise_root:  # matrix-sqrt: the iteration starts from S/‖S‖_F, with G/‖S‖_F
+            x = lyapunov_newton_schulz(root * scale, grad, ctx.backward_iterations, normalise=True)
+        else:  # FastDifferentiableMatSqrt: from S/√‖Σ‖_F (the normalised root itself), with G/√‖Σ‖_F
+            x = lyapunov_newton_schulz(root, grad / scale, ctx.backward_iterations, normalise=False)
+        return x, None, None, None
 
 
-def root_with_lyapunov_backward(a: Tensor, root_fn, backward_iterations: int, normalise: bool = True) -> Tensor:
-    """``root_fn(a)`` (an approximate A^{1/2}, (B, d, d)) whose backward is not the unrolled approximation but
-    the exact square root's derivative: the Lyapunov equation solved by :func:`lyapunov_newton_schulz`
-    (improved B-CNN with a Newton–Schulz forward, MPA-Lya / MTP-Lya with a Padé or Taylor one). Outside autograd
-    (inference, export) it is ``root_fn(a)`` itself."""
-    if torch.is_grad_enabled() and a.requires_grad:
-        return _LyapunovBackwardRoot.apply(a, root_fn, backward_iterations, normalise)
-    return root_fn(a)
+def root_with_lyapunov_backward(sigma: Tensor, unit_root, backward_iterations: int, normalise_root: bool) -> Tensor:
+    """Σ^{1/2} ≈ ``unit_root``(Σ/‖Σ‖_F)·√‖Σ‖_F whose gradient is the authors' Lyapunov backward, not autograd
+    through the approximation: ∂l/∂Σ = X with S X + X S = ∂l/∂S, by :func:`lyapunov_newton_schulz`, returned
+    directly as the gradient of Σ (the normalisation and the compensation are not differentiated separately;
+    at convergence X is the exact derivative of Σ^{1/2}).
+
+    * ``normalise_root=True``: the iteration starts from S/‖S‖_F (``lyap_newton_schulz`` of
+      msubhransu/matrix-sqrt, ``matrix_sqrt.py``: improved B-CNN);
+    * ``normalise_root=False``: from S/√‖Σ‖_F, the root of the normalised matrix (``MPA_Lya.backward`` of
+      KingJamesSong/FastDifferentiableMatSqrt, ``torch_utils.py``).
+
+    Args:
+        sigma: (B, d, d) symmetric positive semi-definite.
+        unit_root: maps (B, d, d) with eigenvalues in [0, 1] to an approximation of its square root.
+    Returns:
+        (B, d, d). Outside autograd (inference, export) the forward alone.
+    """
+    if torch.is_grad_enabled() and sigma.requires_grad:
+        return _RootWithLyapunovBackward.apply(sigma, unit_root, backward_iterations, normalise_root)
+    a, norm = unit_frobenius(sigma)
+    return unit_root(a) * norm.sqrt()
 
 
 @full_precision
 def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_iterations: int = 5) -> Tensor:
-    """Improved B-CNN's matrix square root: A/‖A‖_F -> Newton–Schulz -> × √‖A‖_F.
-
-    The backward through the normalised square root Z is not the unrolled forward: it solves the
-    Lyapunov equation Z X + X Z = ∂l/∂Z with :func:`lyapunov_newton_schulz`. The pre-normalisation
-    and the compensation are differentiated by autograd.
+    """Improved B-CNN's matrix square root (Lin & Maji, BMVC 2017; code msubhransu/matrix-sqrt):
+    A/‖A‖_F -> Newton–Schulz -> × √‖A‖_F, with the authors' backward: the Lyapunov equation
+    S X + X S = ∂l/∂S solved by :func:`lyapunov_newton_schulz` from S/‖S‖_F, X returned as ∂l/∂A
+    (:func:`root_with_lyapunov_backward`).
 
     Args:
         sigma: (B, d, d) symmetric positive semi-definite.
@@ -167,9 +188,8 @@ def sqrtm_newton_schulz_lyapunov(sigma: Tensor, iterations: int = 5, backward_it
         (B, d, d) approximation of Σ^{1/2}.
     """
     check_square(sigma)
-    a, norm = unit_frobenius(sigma)
-    root = root_with_lyapunov_backward(a, functools.partial(newton_schulz, iterations=iterations), backward_iterations)
-    return root * norm.sqrt()
+    return root_with_lyapunov_backward(sigma, functools.partial(newton_schulz, iterations=iterations),
+                                       backward_iterations, normalise_root=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,19 +294,33 @@ def newton_schulz_divided_differences(lam: Tensor, iterations: int, scale: Tenso
         p = p * q * q
 
 
-def _adjoint_eigh(a: Tensor, grad: Tensor, root: Tensor, scale: Tensor, iterations: int):
-    """(scale·(∂A + ∂Aᵀ), ⟨G_Y, Y_N⟩, ⟨∂A, A⟩) for G_Y = root·grad, through A = U Λ Uᵀ.
+def newton_schulz_scalar(lam: Tensor, iterations: int) -> Tensor:
+    """f(λ) = NS_N(λ), the Newton–Schulz iteration on eigenvalues: y₀ = p₀ = λ, q = 3/2 − p/2, y ← y q,
+    p ← p q². Y_N(A) = U f(Λ) Uᵀ for A = U Λ Uᵀ, since every iterate is a polynomial in A. (B, d) -> (B, d)."""
+    y, p = lam, lam
+    for k in range(iterations):
+        q = 1.5 - 0.5 * p
+        y = y * q
+        if k < iterations - 1:
+            p = p * q * q
+    return y
 
-    None if the solver fails.
 
-    Y_N = U f(Λ) Uᵀ with f the scalar iteration, so ∂A = U (D ∘ Uᵀ G_Y U) Uᵀ with D the divided
-    differences of f (Daleckii–Krein): the exact gradient of the Newton–Schulz output, in one ``eigh``
-    and four matmuls. ``root`` and ``scale`` are (B,) and ride on D's vectors, not on (B, d, d) passes.
-    """
+def _eigh(a: Tensor):
+    """(λ, U) of the symmetric A, or None if the solver fails."""
     try:
-        lam, u = torch.linalg.eigh(a)
+        return torch.linalg.eigh(a)
     except torch.linalg.LinAlgError:
         return None
+
+
+def _adjoint_eigh(lam: Tensor, u: Tensor, grad: Tensor, root: Tensor, scale: Tensor, iterations: int):
+    """(scale·(∂A + ∂Aᵀ), ⟨G_Y, Y_N⟩, ⟨∂A, A⟩) for G_Y = root·grad, through A = U Λ Uᵀ.
+
+    Y_N = U f(Λ) Uᵀ with f the scalar iteration, so ∂A = U (D ∘ Uᵀ G_Y U) Uᵀ with D the divided
+    differences of f (Daleckii–Krein): the exact gradient of the Newton–Schulz output, in four matmuls
+    once A is decomposed. ``root`` and ``scale`` are (B,) and ride on D's vectors, not on (B, d, d) passes.
+    """
     values, d = newton_schulz_divided_differences(lam, iterations, scale * root)
     h = u.transpose(1, 2).bmm(grad).bmm(u)
     h_diag = h.diagonal(dim1=1, dim2=2)
@@ -297,6 +331,13 @@ def _adjoint_eigh(a: Tensor, grad: Tensor, root: Tensor, scale: Tensor, iteratio
 
 
 _fallback_reported = []
+
+
+def _report_fallback() -> None:
+    if not _fallback_reported:
+        _fallback_reported.append(True)
+        logging.getLogger(__name__).warning(
+            "isqrt_cov: eigh failed; using the Newton-Schulz iteration and its adjoint for this batch (logged once)")
 
 
 class _ISqrtCov(torch.autograd.Function):
@@ -315,9 +356,11 @@ class _ISqrtCov(torch.autograd.Function):
       symmetric state may be replaced by its symmetric part; the adjoint of φ at P for a symmetric G is
       φ'(P)*[G] = ¼(9G − 6(W + Wᵀ) + V + Vᵀ + P W), W = G P, V = W P (three matmuls where autograd
       spends four), and Y_k q_k costs two: 6N − 5 matmuls against autograd's 6N − 4.
-    * ``"eigh"``: keeps X and A only; ∂A = U (D ∘ Uᵀ G U) Uᵀ from one ``eigh`` of A and the divided
-      differences D of the scalar iteration (:func:`newton_schulz_divided_differences`). If ``eigh``
-      fails, the Newton–Schulz adjoint runs instead (its iterates recomputed), logged once.
+    * ``"eigh"``: one ``eigh`` of A = U Λ Uᵀ serves both passes. Forward: Y_N = U f(Λ) Uᵀ with f the scalar
+      iteration (:func:`newton_schulz_scalar`; the same values as the matrix iteration, one matmul instead of
+      3N − 3); backward: ∂A = U (D ∘ Uᵀ G U) Uᵀ with D the divided differences of f
+      (:func:`newton_schulz_divided_differences`). Keeps X, Λ and U. If ``eigh`` fails, the matrix iteration
+      and the Newton–Schulz adjoint run instead, logged once.
 
     The trace terms of pre-normalisation and post-compensation are added to the diagonal in one
     batched operation (iSQRT-COV, Li et al., CVPR 2018).
@@ -331,32 +374,33 @@ class _ISqrtCov(torch.autograd.Function):
         del centred
         trace = safe_normaliser(batch_trace(scatter).div_(m))  # tr Σ
         a = scatter.div_((trace * m).view(-1, 1, 1))  # Σ / tr Σ in one pass
-        out, y, ps = _iterates(a, iterations)
-        if route == "eigh":
-            ctx.save_for_backward(x, a, trace)
-        else:
-            ctx.save_for_backward(x, a, trace, y, *ps)  # y = Y_{N−1} (A when N = 1)
+        spectrum = _eigh(a) if route == "eigh" else None
+        if route == "eigh" and spectrum is None:
+            _report_fallback()
+            route = "newton_schulz"
         ctx.iterations, ctx.route = iterations, route
+        if spectrum is not None:
+            lam, u = spectrum
+            values = newton_schulz_scalar(lam, iterations) * trace.sqrt().view(-1, 1)
+            ctx.save_for_backward(x, trace, lam, u)
+            return torch.bmm(u * values.unsqueeze(1), u.transpose(1, 2))
+        out, y, ps = _iterates(a, iterations)
+        ctx.save_for_backward(x, a, trace, y, *ps)  # y = Y_{N−1} (A when N = 1)
         return out.mul_(trace.sqrt().view(-1, 1, 1))
 
     @staticmethod
     @first_order_only("isqrt_cov")
     def backward(ctx, grad_out):
-        x, a, trace, *kept = ctx.saved_tensors
-        n, m = ctx.iterations, x.shape[-1]
-        root, scale = trace.sqrt(), 1.0 / (trace * m)  # C = √tr · Y_N;  ∂Σ/M = ∂A / (tr·M) + trace terms
-        spectral = _adjoint_eigh(a, grad_out, root, scale, n) if ctx.route == "eigh" else None
-        if spectral is not None:
-            g_sym, inner_out, inner_a = spectral
+        n = ctx.iterations
+        if ctx.route == "eigh":
+            x, trace, lam, u = ctx.saved_tensors
         else:
-            if ctx.route == "eigh":  # the solver failed: the Newton–Schulz adjoint is always available
-                if not _fallback_reported:
-                    _fallback_reported.append(True)
-                    logging.getLogger(__name__).warning(
-                        "isqrt_cov: eigh failed in backward; using the Newton-Schulz adjoint (logged once)")
-                _, y_last, ps = _iterates(a, n)
-            else:
-                y_last, ps = kept[0], kept[1:]
+            x, a, trace, y_last, *ps = ctx.saved_tensors
+        m = x.shape[-1]
+        root, scale = trace.sqrt(), 1.0 / (trace * m)  # C = √tr · Y_N;  ∂Σ/M = ∂A / (tr·M) + trace terms
+        if ctx.route == "eigh":
+            g_sym, inner_out, inner_a = _adjoint_eigh(lam, u, grad_out, root, scale, n)
+        else:
             g_a, inner_out = _adjoint_newton_schulz(a, y_last, ps, grad_out * root.view(-1, 1, 1), n)
             inner_a = (g_a * a).sum(dim=(1, 2))
             g_sym = (g_a + g_a.transpose(1, 2)).mul_(scale.view(-1, 1, 1))

@@ -8,10 +8,11 @@ R = I − Â, and √Â = √(I − R) by
 * MPA (default): the [5/5] Padé approximant of √(1 − z), Q(R)⁻¹P(R), one (Cholesky) linear solve;
 * MTP: its degree-10 Taylor polynomial, I − Σ_k |C(½, k)| R^k.
 
-Then √A = √Â · √‖A‖_F. The backward does not differentiate the approximant: it solves the Lyapunov
-equation S X + X S = ∂l/∂S for S = √Â by 8 coupled Newton–Schulz sign iterations
-(:func:`finegrained.ops.newton_schulz.lyapunov_newton_schulz`), which is the derivative of the exact
-square root; the Frobenius normalisation and the compensation are differentiated by autograd.
+Then √A = √Â · √‖A‖_F. The backward is the authors' (``MPA_Lya.backward``, KingJamesSong/FastDifferentiableMatSqrt,
+``torch_utils.py``): it does not differentiate the approximant, the normalisation or the compensation, but
+solves the Lyapunov equation √A X + X √A = ∂l/∂√A by 8 coupled Newton–Schulz sign iterations started from √Â
+(:func:`finegrained.ops.newton_schulz.root_with_lyapunov_backward`) and returns X as ∂l/∂A: the derivative of
+the exact square root once the iteration has converged.
 
 Shapes: (B, d, d) -> (B, d, d).
 """
@@ -24,7 +25,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from finegrained.ops.covariance import check_square, unit_frobenius
+from finegrained.ops.covariance import check_square
 from finegrained.ops.newton_schulz import inv_newton_schulz, root_with_lyapunov_backward
 from finegrained.ops.precision import full_precision
 
@@ -107,7 +108,6 @@ def sqrtm_pade(sigma: Tensor, method: str = "mpa", backward_iterations: int = 8,
         (B, d, d) approximation of Σ^{1/2}.
     """
     check_square(sigma)
-    a, norm = unit_frobenius(sigma)
     forward = functools.partial(sqrt_unit, method=method, inverse_iterations=inverse_iterations)
     # Â's root has eigenvalues in [0, 1] already: the sign iteration starts from it as it is.
-    return root_with_lyapunov_backward(a, forward, backward_iterations, normalise=False) * norm.sqrt()
+    return root_with_lyapunov_backward(sigma, forward, backward_iterations, normalise_root=False)

@@ -103,6 +103,29 @@ def tensor_sketch_gram(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -
 
 
 @full_precision
+def tensor_sketch_gram_dense(x: Tensor, hashes: Tensor, signs: Tensor, out_dim: int) -> Tensor:
+    """:func:`tensor_sketch_gram` with matmul and gather instead of a scatter, for ONNX (which has no index_add).
+
+    TS[k] = Σ_i s₁(i) R_i[(k − h₁(i)) mod d] with R = G P₂ (P₂ the dense second count sketch): row i's sketch
+    of the second index, shifted by its first bin. No FFT, so a bin that no channel pair reaches, or whose pairs
+    are all 0 (dead channels), is exactly 0 as in the eager path; an FFT would leave ±1e-17 there, which the
+    signed square root sign(z)√(|z| + ε) turns into a jump of 2√ε.
+
+    Args:
+        x: (B, C, H, W) or (B, C, M). hashes, signs: (2, C).
+    Returns:
+        (B, out_dim), equal to :func:`tensor_sketch_gram` up to rounding, with the same exact zeros.
+    """
+    g = gram(x)  # (B, C, C)
+    second = F.one_hot(hashes[1], out_dim).to(g.dtype) * signs[1].to(g.dtype).unsqueeze(-1)  # (C, d)
+    rows = g @ second  # (B, C, d)
+    bins = torch.arange(out_dim, device=g.device)
+    shift = (bins.unsqueeze(0) - hashes[0].unsqueeze(1)).remainder(out_dim)  # (C, d)
+    shifted = torch.gather(rows, 2, shift.unsqueeze(0).expand(rows.shape[0], -1, -1))
+    return (shifted * signs[0].to(g.dtype).view(1, -1, 1)).sum(dim=1)
+
+
+@full_precision
 def random_maclaurin(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """Random Maclaurin features of the degree-2 polynomial kernel, averaged over positions.
 
@@ -137,10 +160,13 @@ class CountSketches(nn.Module):
         """[TS_2, …, TS_orders] of ``x`` (B, C, H, W).
 
         Eager PyTorch scatters: order 2 (CBP) from the Gram matrix without any FFT, higher orders
-        (KP) by hashed count sketches and FFTs. Exports use the dense matrices, because ONNX has no
-        index_add and a matmul exports everywhere.
+        (KP) by hashed count sketches and FFTs. Exports use dense matrices, because ONNX has no
+        index_add and a matmul exports everywhere: order 2 still from the Gram matrix without an FFT
+        (:func:`tensor_sketch_gram_dense`), so that its exact zeros are those of the eager path.
         """
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            if orders == 2:
+                return [tensor_sketch_gram_dense(x, self.hashes, self.signs, self.out_dim)]
             return tensor_sketch(x, self.matrices(x.dtype), orders=orders)
         if orders == 2:  # CBP: from the Gram matrix, no FFT (same values)
             return [tensor_sketch_gram(x, self.hashes, self.signs, self.out_dim)]
