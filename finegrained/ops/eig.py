@@ -114,6 +114,11 @@ class _SymmetricEigFunction(torch.autograd.Function):
 
     K entries of equal (or numerically equal) eigenvalues are set to 0, never ±inf: this is the
     rule of the MPN-COV code, and it keeps the gradient finite on repeated eigenvalues.
+
+    Departure from the official code, on purpose: for a rank-deficient Σ (fewer positions than channels) the
+    official ``EIG.m`` zeroes the eigenvectors of the (numerically) zero eigenvalues and the backward then drops
+    every term that involves them. Here they are kept: K_ij = 1/λ_i between a kept and a zero eigenvalue, so the
+    gradient is the exact one (it equals finite differences; the official one was 45 % off in our test).
     """
 
     @staticmethod
