@@ -65,7 +65,7 @@ def test_the_spectral_forward_is_the_newton_schulz_forward():
 
 
 def test_the_backward_is_chosen_per_device_in_one_place():
-    from finegrained.ops.newton_schulz import isqrt_backward_route
+    from finegrained.ops.isqrt import isqrt_backward_route
     assert isqrt_backward_route(torch.device("cpu")) == "eigh"
     assert isqrt_backward_route(torch.device("cuda")) == "newton_schulz"
     with pytest.raises(ValueError, match="backward must be"):
@@ -74,7 +74,7 @@ def test_the_backward_is_chosen_per_device_in_one_place():
 
 def test_divided_differences_of_the_scalar_iteration():
     """D_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) for distinct, f'(λ) for equal eigenvalues; f = NS_N."""
-    from finegrained.ops.newton_schulz import newton_schulz_divided_differences
+    from finegrained.ops.isqrt import newton_schulz_divided_differences
 
     def scalar(lam, n):
         y, z = lam, torch.ones_like(lam)
@@ -110,7 +110,7 @@ def test_a_failing_eigh_falls_back_to_the_newton_schulz_iteration_and_adjoint(mo
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     import importlib
-    module = importlib.import_module("finegrained.ops.newton_schulz")  # the name is also the function's
+    module = importlib.import_module("finegrained.ops.isqrt")  # the name is also the function's
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     monkeypatch.setattr(module, "_fallback_reported", [])
     with caplog.at_level("WARNING"):

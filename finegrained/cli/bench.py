@@ -37,7 +37,7 @@ def bench_command(argv: List[str]) -> int:
     from finegrained.bench.loader import bench_loader
     from finegrained.bench.step import DEFAULT_BACKBONES, DEFAULT_HEADS, bench_step
     from finegrained.bench.timing import format_rows, write_csv
-    from finegrained.ops.newton_schulz import isqrt_backward_route
+    from finegrained.ops.isqrt import isqrt_backward_route
 
     parser = argparse.ArgumentParser(prog="finegrained bench",
                                      description="Medians over repeats, with ratios against baselines timed in the same run.")
@@ -80,7 +80,7 @@ def bench_command(argv: List[str]) -> int:
                 print(format_rows(check_parity(device)))
             rows = bench_heads(device, args.repeats, args.batch, args.channels, sides)
             print(f"isqrt head's backward on {device.type}: {isqrt_backward_route(device)} "
-                  "(finegrained.ops.newton_schulz.isqrt_backward_route)")
+                  "(finegrained.ops.isqrt.isqrt_backward_route)")
             if gpu:
                 print(format_rows(rows))  # the published GPU setting: bf16 autocast, matrix functions in float32
                 bf16 = bench_heads(device, args.repeats, args.batch, args.channels, sides, autocast=True)

@@ -6,9 +6,10 @@ module                      what it holds
 ``ops.precision``           the float32 rule under autocast (``full_precision``, ``float32_matrices``)
 ``ops.covariance``          ``covariance``, ``gram``, ``triu_vec``, ``signed_sqrt``, ``sym``
 ``ops.newton_schulz``       ``newton_schulz`` (the one iteration), ``sqrtm_newton_schulz`` (iSQRT-COV),
-                            the fused ``isqrt_cov``,
-                            ``sqrtm_newton_schulz_lyapunov`` and ``lyapunov_newton_schulz`` (improved B-CNN),
                             ``inv_newton_schulz`` (iSICE)
+``ops.isqrt``               the fused ``isqrt_cov`` (iSQRT-COV) with its lean backward
+``ops.lyapunov``            ``lyapunov_newton_schulz``, ``sqrtm_newton_schulz_lyapunov`` (improved B-CNN) and the
+                            Lyapunov backward of MPA-Lya
 ``ops.pade``                ``sqrtm_pade``: MPA-Lya / MTP-Lya (Padé or Taylor forward, Lyapunov backward)
 ``ops.sice``                ``sparse_inverse_covariance`` (iSICE's projected gradient)
 ``ops.svpn``                ``sv_power_normalise`` (SoT's singular-value power normalisation)
@@ -24,8 +25,9 @@ C (or d) for channels and M = H*W for positions.
 """
 from finegrained.ops.covariance import covariance, gram, signed_sqrt, sym, triu_indices_flat, triu_vec
 from finegrained.ops.eig import eig_log, eig_power
-from finegrained.ops.newton_schulz import (inv_newton_schulz, isqrt_cov, lyapunov_newton_schulz, newton_schulz,
-                                           sqrtm_newton_schulz, sqrtm_newton_schulz_lyapunov)
+from finegrained.ops.isqrt import isqrt_cov
+from finegrained.ops.lyapunov import lyapunov_newton_schulz, sqrtm_newton_schulz_lyapunov
+from finegrained.ops.newton_schulz import inv_newton_schulz, newton_schulz, sqrtm_newton_schulz
 from finegrained.ops.pade import sqrtm_pade
 from finegrained.ops.sice import sparse_inverse_covariance
 from finegrained.ops.svpn import sv_power_normalise

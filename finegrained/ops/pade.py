@@ -11,7 +11,7 @@ R = I − Â, and √Â = √(I − R) by
 Then √A = √Â · √‖A‖_F. The backward is the authors' (``MPA_Lya.backward``, KingJamesSong/FastDifferentiableMatSqrt,
 ``torch_utils.py``): it does not differentiate the approximant, the normalisation or the compensation, but
 solves the Lyapunov equation √A X + X √A = ∂l/∂√A by 8 coupled Newton–Schulz sign iterations started from √Â
-(:func:`finegrained.ops.newton_schulz.root_with_lyapunov_backward`) and returns X as ∂l/∂A: the derivative of
+(:func:`finegrained.ops.lyapunov.root_with_lyapunov_backward`) and returns X as ∂l/∂A: the derivative of
 the exact square root once the iteration has converged.
 
 Shapes: (B, d, d) -> (B, d, d).
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from finegrained.ops.covariance import check_square
-from finegrained.ops.newton_schulz import inv_newton_schulz, root_with_lyapunov_backward
+from finegrained.ops.lyapunov import root_with_lyapunov_backward
+from finegrained.ops.newton_schulz import inv_newton_schulz
 from finegrained.ops.precision import full_precision
 
 METHODS = ("mpa", "mtp")
