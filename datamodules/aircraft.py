@@ -82,6 +82,10 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
                 split_boxes.append((x1 - 1, y1 - 1, x2, y2))  # 1-based inclusive -> PIL box
         return samples, (split_boxes if self.bbox_crop else None)
 
+    @property
+    def has_official_validation(self) -> bool:
+        return self.train_split == "train"
+
     def read_splits(self):
         boxes = (read_id_map(os.path.join(self.dataset_dir, "images_box.txt"), 5, "'<id> <x1> <y1> <x2> <y2>'")
                  if self.bbox_crop else {})

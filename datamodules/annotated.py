@@ -154,6 +154,16 @@ class AnnotatedDataModule(FineGrainedDataModule):
         """Return (train, official val or None, test) as (samples, boxes-or-None)."""
         raise NotImplementedError
 
+    @property
+    def has_official_validation(self) -> bool:
+        """Whether the chosen splits include an official validation split (e.g. Aircraft's ``val`` with
+        ``train_split: train``)."""
+        return False
+
+    @property
+    def validation_is_test(self) -> bool:
+        return self.val_fraction <= 0 and not self.has_official_validation
+
     def build_datasets(self):
         classes = self.class_names
         train, val, test = self.read_splits()

@@ -71,7 +71,9 @@ class FineGrainedDataModule(pl.LightningDataModule):
     @property
     def validation_is_test(self) -> bool:
         """Whether validation runs on the test split (the published protocol, ``val_fraction = 0``, or a folder
-        without test/): a checkpoint chosen by validation would then be chosen on the test set."""
+        without test/): a checkpoint chosen by validation would then be chosen on the test set. Decided from the
+        settings and the layout, without reading the splits: every DataModule here says how; this fallback, for a
+        subclass that does not, builds the splits to compare them."""
         self.setup()
         return self.val_dataset is self.test_dataset
 
@@ -79,8 +81,7 @@ class FineGrainedDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             self.train_dataset, self.val_dataset, self.test_dataset = self.build_datasets()
             for dataset in (self.train_dataset, self.val_dataset, self.test_dataset):
-                if hasattr(dataset, "skip_corrupt"):
-                    dataset.skip_corrupt = self.skip_corrupt
+                dataset.skip_corrupt = self.skip_corrupt  # every dataset here honours it (datamodules.datasets)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         sampler = None

@@ -92,6 +92,10 @@ class CSVDataModule(AnnotatedDataModule):
             samples.append((full, target))
         return samples, None
 
+    @property
+    def has_official_validation(self) -> bool:
+        return bool(self.val_csv)
+
     def read_splits(self):
         val = self._read(self.val_csv) if self.val_csv else None
         return self._read(self.train_csv), val, self._read(self.test_csv)

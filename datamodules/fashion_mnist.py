@@ -124,6 +124,10 @@ class FashionMNISTDataModule(FineGrainedDataModule):
             f"(Debian package dataset-fashion-mnist: apt-get install dataset-fashion-mnist) or the "
             f"unpacked files in {raw_dir}, and the download failed (offline?).")
 
+    @property
+    def validation_is_test(self) -> bool:
+        return False  # validation images are held out from the official train set
+
     def build_datasets(self) -> Tuple[ArrayImageDataset, ArrayImageDataset, ArrayImageDataset]:
         official_train, official_test = self._load(train=True), self._load(train=False)
         images, labels = official_train.data.numpy(), official_train.targets.numpy()

@@ -56,6 +56,10 @@ class Flowers102DataModule(AnnotatedDataModule):
             raise ValueError(f"{path}: image {bad[0]} has label {labels[bad[0] - 1] + 1}, expected 1..102")
         return labels
 
+    @property
+    def has_official_validation(self) -> bool:
+        return self.train_split == "train"
+
     def read_splits(self):
         path = os.path.join(self.dataset_dir, "setid.mat")
         ids = read_mat(path, ["trnid", "valid", "tstid"])

@@ -165,6 +165,12 @@ class ImageFolderDataModule(FineGrainedDataModule):
                         ", ".join(others[:3]), ", ..." if len(others) > 3 else "")
         return samples
 
+    @property
+    def validation_is_test(self) -> bool:
+        # No test/ folder: the validation split tests too; else the test split validates unless val/ or a hold-out.
+        no_val = self._split_dir("val") is None and self.val_fraction <= 0
+        return self._split_dir("test") is None or no_val
+
     def build_datasets(self) -> Tuple[ImageListDataset, ImageListDataset, ImageListDataset]:
         classes = self.class_names
         train_dir = self._split_dir("train")

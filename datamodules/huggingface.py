@@ -143,6 +143,10 @@ class HuggingFaceDataModule(FineGrainedDataModule):
         labels = self._splits[self.train_split][self.label_column]
         return [str(k) for k in range(max(int(v) for v in labels) + 1)]
 
+    @property
+    def validation_is_test(self) -> bool:
+        return not self.val_split and self.val_fraction <= 0
+
     def build_datasets(self):
         classes = self.class_names
 

@@ -340,6 +340,10 @@ class ShardDataModule(FineGrainedDataModule):
     def dataset_name(self) -> str:
         return f"{self._index.get('dataset_name', 'dataset')} (shards)"
 
+    @property
+    def validation_is_test(self) -> bool:
+        return "val" not in self._index["splits"]
+
     def build_datasets(self):
         index = self._index
         splits = index["splits"]
