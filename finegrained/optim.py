@@ -1,19 +1,20 @@
-"""Optimisation of a :class:`~finegrained.model.FineGrainedClassifier`: parameter groups, optimisers,
-schedules and the two-stage protocol, in one place.
+"""Optimisation of a :class:`~finegrained.model.FineGrainedClassifier`: its settings (:class:`OptimSettings`),
+parameter groups, optimisers, schedules and the two-stage protocol's pieces, in one place.
 
 * Parts ``backbone``, ``head`` and ``classifier`` each get a parameter group with learning rate
   ``lr * lr_mult[part]``; the fine-tuning protocol of iSQRT-COV (Li et al., CVPR 2018) uses SGD with
   momentum 0.9 and the classifier at ×5 (:data:`DEFAULT_LR_MULT`).
 * Schedules: ``constant``, ``step`` (×``lr_gamma`` at each epoch in ``lr_steps``) or ``cosine`` (to 0
   over the run), torch's schedulers stepped once per epoch.
-* The two-stage protocol of B-CNN, CBP, G²DeNet and HIHCA: for ``stage1_epochs`` epochs the backbone is
-  frozen (weights and BatchNorm statistics: it runs in evaluation mode and without autograd, at learning
-  rate 0) and head and classifier train at ``stage1_lr``; the schedule then runs over the remaining
-  epochs, and the backbone joins with a fresh optimiser state. It works on several processes (DDP).
+* The pieces of the two-stage protocol of B-CNN, CBP, G²DeNet and HIHCA that
+  :class:`finegrained.callbacks.TwoStageFinetuning` puts together: stage 1's schedule (the backbone at learning
+  rate 0), its weight decay, the fresh optimiser state of the backbone at stage 2, the zero-valued loss term that
+  keeps a frozen backbone in a multi-process fit, and the classifier trained on cached features.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,21 +28,52 @@ SCHEDULERS = ("constant", "step", "cosine")
 STAGE1_ROUTES = ("frozen", "cached")
 
 
-def check_settings(optimizer: str, scheduler: str, lr_mult: Optional[Mapping[str, float]], stage1_epochs: int,
-                   weight_decay_mult: Optional[Mapping[str, float]] = None, stage1_route: str = "frozen") -> None:
-    """Raise ValueError for a setting this module does not know."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
-    for name, mult in (("lr_mult", lr_mult), ("weight_decay_mult", weight_decay_mult)):
-        unknown_parts = set(mult or {}) - set(PARTS)
-        if unknown_parts:
-            raise ValueError(f"{name} has unknown parts {sorted(unknown_parts)}; known: {sorted(PARTS)}")
-    if stage1_epochs < 0:
-        raise ValueError(f"stage1_epochs must be >= 0, got {stage1_epochs}")
-    if stage1_route not in STAGE1_ROUTES:
-        raise ValueError(f"unknown stage1_route {stage1_route!r}; known: {', '.join(STAGE1_ROUTES)}")
+@dataclass
+class OptimSettings:
+    """The optimiser and schedule of a fit (``model.optim`` in recipes).
+
+    Args:
+        optimizer: ``"sgd"`` (with ``momentum``), ``"adamw"`` or ``"adam"``.
+        lr: base learning rate; each part's is ``lr * lr_mult[part]``.
+        momentum: of SGD (the iSQRT-COV protocol: 0.9).
+        lr_mult: multipliers for ``backbone``, ``head`` and ``classifier`` (default :data:`DEFAULT_LR_MULT`).
+        weight_decay: L2 penalty on all parameters.
+        weight_decay_mult: multipliers of ``weight_decay`` per part (e.g. ``{"classifier": 0}``: the B-CNN and
+            G²DeNet code decays the backbone only).
+        scheduler: ``"constant"``, ``"step"`` (×``lr_gamma`` at each epoch in ``lr_steps``) or ``"cosine"`` (to 0
+            over ``trainer.max_epochs``).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 1.2e-3
+    momentum: float = 0.9
+    lr_mult: Optional[Dict[str, float]] = None
+    weight_decay: float = 1e-4
+    weight_decay_mult: Optional[Dict[str, float]] = None
+    scheduler: str = "constant"
+    lr_steps: Optional[List[int]] = None
+    lr_gamma: float = 0.1
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        for name, mult in (("lr_mult", self.lr_mult), ("weight_decay_mult", self.weight_decay_mult)):
+            unknown_parts = set(mult or {}) - set(PARTS)
+            if unknown_parts:
+                raise ValueError(f"{name} has unknown parts {sorted(unknown_parts)}; known: {sorted(PARTS)}")
+
+    @classmethod
+    def of(cls, settings: Union["OptimSettings", Mapping[str, Any], None]) -> "OptimSettings":
+        """Settings from themselves, a mapping (a checkpoint's hyper-parameters) or None (the defaults)."""
+        if isinstance(settings, cls):
+            return settings
+        return cls(**dict(settings or {}))
+
+    @property
+    def part_lr_mult(self) -> Dict[str, float]:
+        return {**DEFAULT_LR_MULT, **(self.lr_mult or {})}
 
 
 def parameter_groups(parts: Mapping[str, nn.Module], lr: float, lr_mult: Mapping[str, float],
@@ -69,47 +101,54 @@ def parameter_groups(parts: Mapping[str, nn.Module], lr: float, lr_mult: Mapping
     return groups
 
 
-def build_optimizer(groups: List[Dict[str, Any]], hp: Mapping[str, Any]) -> torch.optim.Optimizer:
-    if hp["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-    if hp["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    return torch.optim.Adam(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+def build_optimizer(groups: List[Dict[str, Any]], settings: OptimSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], epochs: int):
-    """torch's scheduler for ``hp["scheduler"]`` over ``epochs`` epochs, stepped once per epoch (constant: None)."""
-    if hp["scheduler"] == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp["lr_steps"] or []),
-                                                    gamma=hp["lr_gamma"])
-    if hp["scheduler"] == "cosine":
+def build_schedule(optimizer: torch.optim.Optimizer, settings: OptimSettings, epochs: int):
+    """torch's scheduler for ``settings.scheduler`` over ``epochs`` epochs, stepped once per epoch (constant: None)."""
+    if settings.scheduler == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(settings.lr_steps or []),
+                                                    gamma=settings.lr_gamma)
+    if settings.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     return None
 
 
-def configure_optimizers(parts: Mapping[str, nn.Module], hp: Mapping[str, Any], lr_mult: Mapping[str, float],
-                         max_epochs: Optional[int], parameter_lr_mult: Optional[Mapping[str, Mapping[str, float]]] = None):
-    """What ``LightningModule.configure_optimizers`` returns, for the settings ``hp`` (the model's hparams).
+def configure_optimizers(parts: Mapping[str, nn.Module], settings: OptimSettings, max_epochs: Optional[int],
+                         parameter_lr_mult: Optional[Mapping[str, Mapping[str, float]]] = None,
+                         stage1=None):
+    """What ``LightningModule.configure_optimizers`` returns for ``settings``.
 
-    The two-stage protocol is torch's ``SequentialLR``: stage 1 holds every group at a constant factor
-    (0 for the backbone, ``stage1_lr`` for head and classifier), then the schedule runs over the
-    remaining epochs, its milestones counted from the start of stage 2.
+    ``stage1`` (a :class:`finegrained.callbacks.TwoStageFinetuning`, or None) holds the first ``frozen_epochs``
+    epochs at its own factors (:func:`stage1_schedule`); the schedule then runs over the remaining epochs, its
+    milestones counted from the start of stage 2.
     """
-    groups = parameter_groups(parts, hp["lr"], lr_mult, hp["weight_decay"], hp.get("weight_decay_mult"),
-                              parameter_lr_mult)
-    opt = build_optimizer(groups, hp)
-    stage1 = hp["stage1_epochs"] if hp.get("stage1_route", "frozen") == "frozen" else 0
-    schedule = build_schedule(opt, hp, (max_epochs or 1) - stage1)
-    if stage1:
-        steps, gamma = list(hp.get("stage1_lr_steps") or []), hp.get("stage1_lr_gamma", 0.1)
-        factors = [0.0 if g["name"] == "backbone" else hp["stage1_lr"] / g["lr"] for g in groups]
-        first = torch.optim.lr_scheduler.LambdaLR(opt, [lambda epoch, f=f: f * stage1_decay(epoch, steps, gamma)
-                                                        for f in factors])
-        constant = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[])  # a schedule that never changes
-        schedule = torch.optim.lr_scheduler.SequentialLR(opt, [first, schedule or constant], milestones=[stage1])
+    groups = parameter_groups(parts, settings.lr, settings.part_lr_mult, settings.weight_decay,
+                              settings.weight_decay_mult, parameter_lr_mult)
+    opt = build_optimizer(groups, settings)
+    frozen = stage1.frozen_epochs if stage1 is not None else 0
+    schedule = build_schedule(opt, settings, (max_epochs or 1) - frozen)
+    if frozen:
+        schedule = stage1.schedule(opt, schedule)
     if schedule is None:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
+def stage1_schedule(optimizer: torch.optim.Optimizer, stage2, epochs: int, lr: float, steps, gamma: float):
+    """torch's ``SequentialLR``: for ``epochs`` epochs every group at a constant factor (0 for the backbone, ``lr``
+    for head and classifier, ×``gamma`` at each of ``steps``), then ``stage2`` (None: constant)."""
+    steps = list(steps or [])
+    factors = [0.0 if g["name"] == "backbone" else lr / g["lr"] for g in optimizer.param_groups]
+    first = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda epoch, f=f: f * stage1_decay(epoch, steps, gamma)
+                                                          for f in factors])
+    constant = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[])  # a schedule that never changes
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [first, stage2 or constant], milestones=[epochs])
 
 
 def stage1_decay(epoch: int, steps, gamma: float) -> float:
@@ -185,15 +224,3 @@ def train_on_cached_features(classifier: nn.Module, features: Tensor, labels: Te
         last = total / len(labels)
         schedule.step()
     return last
-
-
-def clip_activation_gradients(module: nn.Module, bound: float) -> list:
-    """Clamp the derivative of the loss with respect to the output of every layer of ``module`` to
-    [−bound, bound] as it flows back (G²DeNet's code clamps the back-propagated derivatives of every layer at
-    ±1, ``vl_GlbGaussian_nn.m``); parameter gradients are not clipped. Returns the hook handles."""
-
-    def clamp_output(layer, inputs, output):
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(lambda grad: grad.clamp(-bound, bound))
-
-    return [m.register_forward_hook(clamp_output) for m in module.modules() if not list(m.children())]

@@ -28,9 +28,7 @@ import errno
 import glob
 import io
 import os
-import pickle
 import random
-import re
 import socket
 from typing import Any, Dict, Iterator, Optional
 
@@ -40,43 +38,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file that cannot be read as a PyTorch checkpoint of tensors and containers."""
-
-
-def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``, with every way a file can be unreadable as one clear error.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointFileError: a folder, an empty, truncated or random file, or a pickle of other Python objects
-            than tensors and containers (refused: only weights are ever unpickled).
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    if os.path.isdir(path):
-        raise CheckpointFileError(f"{path}: is a folder; expected a checkpoint file (.ckpt)")
-    if os.path.getsize(path) == 0:
-        raise CheckpointFileError(f"{path}: file is empty (0 bytes); expected a checkpoint written by finegrained fit")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        # A global (function or class) the safe unpickler refuses; random bytes give "Unsupported operand" instead.
-        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
-        if refused:
-            what = f" ({refused.group(1)})"
-            raise CheckpointFileError(
-                f"{path}: holds a pickled Python object{what}, which is refused: checkpoints are read with "
-                f"weights_only=True (tensors and containers only)") from None
-        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
-                                  f"expected a checkpoint written by finegrained fit") from err
-    except MemoryError:
-        raise
-    except Exception as err:  # RuntimeError (zip), EOFError, KeyError, ...: the file's content, not the code
-        raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
-                                  f"expected a checkpoint written by finegrained fit") from err
+from finegrained.checkpoint_file import CheckpointFileError, read_checkpoint_file  # noqa: F401 (re-exported)
 
 
 def temporary_name(path: str) -> str:

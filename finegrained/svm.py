@@ -17,21 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from finegrained.features import head_features
+
 
 def _normalised(features: torch.Tensor) -> np.ndarray:
     return F.normalize(features.float(), dim=-1).numpy()
 
 
-def svm_accuracy(model, train: Dataset, test: Dataset, batch_size: int = 32, num_workers: int = 0,
-                 c: float = 1.0, seed: int = 0) -> Dict[str, float]:
-    """Train the SVMs on ``train`` (un-augmented images) and evaluate on ``test``; ``model`` gives the features
-    (:meth:`finegrained.model.FineGrainedClassifier.head_features`)."""
+def svm_accuracy(network, train: Dataset, test: Dataset, batch_size: int = 32, num_workers: int = 0,
+                 c: float = 1.0, seed: int = 0, device="cpu") -> Dict[str, float]:
+    """Train the SVMs on ``train`` (un-augmented images) and evaluate on ``test``; ``network`` (a
+    :class:`~finegrained.network.FineGrainedNetwork`) gives the features (:func:`finegrained.features.head_features`)."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.svm import LinearSVC
 
     def features(dataset):
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        return model.head_features(loader, flip=True)  # (N, 2, D), (N,)
+        return head_features(network, loader, device, flip=True)  # (N, 2, D), (N,)
 
     x, y = features(train)
     svm = LinearSVC(C=c, random_state=seed).fit(_normalised(x.flatten(0, 1)), y.repeat_interleave(2).numpy())

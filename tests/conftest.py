@@ -86,7 +86,8 @@ model:
   head: isqrt
   head_kwargs:
     reduction: 16
-  lr: 0.01
+  optim:
+    lr: 0.01
 data:
   class_path: datamodules.ImageFolderDataModule
   init_args:

@@ -242,10 +242,13 @@ def test_labelled_folder_accuracy_equals_finegrained_test_on_the_demo_images(tmp
 def _two_stage_lrs(scheduler, epochs=6, stage1=2, lr_steps=(2,)):
     from finegrained.optim import configure_optimizers
 
+    from finegrained.callbacks import TwoStageFinetuning
+    from finegrained.optim import OptimSettings
+
     parts = {name: torch.nn.Linear(2, 2) for name in ("backbone", "head", "classifier")}
-    hp = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "scheduler": scheduler,
-          "lr_steps": list(lr_steps), "lr_gamma": 0.1, "stage1_epochs": stage1, "stage1_lr": 1.0}
-    config = configure_optimizers(parts, hp, {"backbone": 1.0, "head": 1.0, "classifier": 5.0}, epochs)
+    settings = OptimSettings(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4, scheduler=scheduler,
+                             lr_steps=list(lr_steps), lr_gamma=0.1)
+    config = configure_optimizers(parts, settings, epochs, stage1=TwoStageFinetuning(epochs=stage1, lr=1.0))
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
     lrs = []
     for _ in range(epochs):
@@ -270,15 +273,16 @@ def test_two_stage_learning_rate_of_every_group_per_epoch():
             assert g == pytest.approx(e), (epoch, g, e)
 
 
-def _stage_model(tmp_path, **kwargs):
+def _stage_model(tmp_path):
     import torchvision
 
     from finegrained.model import FineGrainedClassifier
+    from finegrained.optim import OptimSettings
 
     weights = tmp_path / "pretrained.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     model = FineGrainedClassifier(num_classes=3, backbone="resnet18", backbone_weights=str(weights), last_stride=1,
-                                  head="isqrt", head_kwargs={"reduction": 8}, lr=0.01, **kwargs)
+                                  head="isqrt", head_kwargs={"reduction": 8}, optim=OptimSettings(lr=0.01))
     return model, {k: v.clone() for k, v in model.backbone.state_dict().items()}
 
 
@@ -286,13 +290,14 @@ def test_stage1_keeps_every_backbone_tensor_also_with_mid_epoch_validation(tmp_p
     import pytorch_lightning as pl
 
     from datamodules import ImageFolderDataModule
+    from finegrained.callbacks import TwoStageFinetuning
 
     dm = ImageFolderDataModule(image_folder, batch_size=2, num_workers=0, resize_size=72, crop_size=64)
     for epochs, changes in ((1, False), (2, True)):
-        model, pretrained = _stage_model(tmp_path, stage1_epochs=1, stage1_lr=0.1)
+        model, pretrained = _stage_model(tmp_path)
         trainer = pl.Trainer(max_epochs=epochs, val_check_interval=0.5, num_sanity_val_steps=0, accelerator="cpu",
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+                             enable_model_summary=False, callbacks=[TwoStageFinetuning(epochs=1, lr=0.1)])
         trainer.fit(model, dm)
         after = model.backbone.state_dict()
         same = [k for k in pretrained if torch.equal(after[k], pretrained[k])]
@@ -315,15 +320,16 @@ def test_two_stage_fit_runs_under_ddp_and_switches_to_stage_2(trained_run, tmp_p
     weights = tmp_path / "pretrained.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     run_finegrained([
-        "fit", "--config", recipe, "--model.backbone_weights", str(weights), "--model.stage1_epochs", "1",
-        "--model.stage1_lr", "0.1", "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "fit", "--config", recipe, "--model.backbone_weights", str(weights), "--stage1.epochs", "1",
+        "--stage1.lr", "0.1", "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath",
         str(tmp_path / "ck"), "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null",
         "--checkpoint.filename", "{epoch}", "--checkpoint.save_last", "false"])
     pretrained = torch.load(weights, weights_only=True)
     for epoch, changed in ((0, False), (1, True)):
         state = torch.load(tmp_path / "ck" / f"epoch={epoch}.ckpt", weights_only=True)["state_dict"]
-        backbone = {k[len("backbone.features."):]: v for k, v in state.items() if k.startswith("backbone.features.")}
+        backbone = {k[len("network.backbone.features."):]: v for k, v in state.items()
+                    if k.startswith("network.backbone.features.")}
         differs = [k for k, v in backbone.items() if not torch.equal(v, pretrained[k])]
         assert bool(differs) == changed, (epoch, differs[:3])
 
@@ -371,7 +377,7 @@ def test_older_run_records_gain_the_new_columns(tmp_path):
 def _fit_netvlad(recipe, tmp_path, *extra):
     from finegrained.cli import main
 
-    run = ["--config", recipe, "--model.head", "netvlad", "--model.head_kwargs", '{"clusters": 8}', "--model.lr", "0",
+    run = ["--config", recipe, "--model.head", "netvlad", "--model.head_kwargs", '{"clusters": 8}', "--model.optim.lr", "0",
            "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck"), "--runs_csv", ""]
     assert main(["fit", *run, *extra]) == 0
     return torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["state_dict"]
@@ -384,10 +390,10 @@ def test_fit_initialises_netvlad_centroids_by_kmeans(trained_run, tmp_path, capl
     recipe, _, _ = trained_run
     caplog.set_level(logging.INFO)
     state = _fit_netvlad(recipe, tmp_path, "--trainer.max_epochs", "1")
-    centroids = state["head.centroids"]
+    centroids = state["network.head.centroids"]
     assert (centroids >= -1e-6).all(), "centroids are not k-means centres of post-ReLU descriptors"
     assert any("k-means (8 centres)" in r.getMessage() for r in caplog.records)
-    weight = state["head.assign.weight"].flatten(1)  # w_k = 2α c_k: tied to the centroids by one positive factor
+    weight = state["network.head.assign.weight"].flatten(1)  # w_k = 2α c_k: tied to the centroids by one positive factor
     factor = (weight * centroids).sum() / centroids.square().sum()
     assert factor > 0 and torch.allclose(weight, factor * centroids, atol=1e-5)
 
@@ -399,11 +405,11 @@ def test_data_init_is_skipped_when_resuming_or_starting_from_a_checkpoint(traine
     first = _fit_netvlad(recipe, tmp_path / "a", "--trainer.max_epochs", "1")
     caplog.set_level(logging.INFO)
     resumed = _fit_netvlad(recipe, tmp_path / "a", "--trainer.max_epochs", "2", "--ckpt_path",
-                           str(tmp_path / "a" / "ck" / "last.ckpt"), "--model.data_init_seed", "5")
+                           str(tmp_path / "a" / "ck" / "last.ckpt"), "--data_init.seed", "5")
     started = _fit_netvlad(recipe, tmp_path / "b", "--trainer.max_epochs", "1", "--model.init_from",
-                           str(tmp_path / "a" / "ck" / "last.ckpt"), "--model.data_init_seed", "5")
+                           str(tmp_path / "a" / "ck" / "last.ckpt"), "--data_init.seed", "5")
     for state in (resumed, started):
-        torch.testing.assert_close(state["head.centroids"], first["head.centroids"])  # lr 0: nothing moves
+        torch.testing.assert_close(state["network.head.centroids"], first["network.head.centroids"])  # lr 0: nothing moves
     skipped = [r.getMessage() for r in caplog.records if "data-dependent initialisation skipped" in r.getMessage()]
     assert len(skipped) == 2
 
@@ -419,7 +425,7 @@ def test_data_init_is_identical_on_every_ddp_rank(trained_run, tmp_path):
     run_finegrained([
         "fit", "--config", recipe, *callback_args("SaveHeadPerRank", folder=str(tmp_path / "heads")),
         "--model.head", "netvlad", "--model.head_kwargs",
-        '{"clusters": 8}', "--model.lr", "0.01", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
+        '{"clusters": 8}', "--model.optim.lr", "0.01", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
         "--checkpoint.dirpath", str(tmp_path / "ck")])
     rank0, rank1 = (torch.load(tmp_path / "heads" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -534,8 +540,8 @@ def test_cached_stage1_trains_the_classifier_on_unaugmented_features_and_every_r
     out = run_finegrained([
         "fit", "--config", recipe, *callback_args("SaveHeadPerRank", folder=str(tmp_path / "states")),
         "--model.head", "gap", "--model.head_kwargs", "{}",
-        "--model.stage1_route", "cached", "--model.stage1_epochs", "20", "--model.stage1_lr", "0.5",
-        "--model.stage1_batch_size", "4", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
+        "--stage1.route", "cached", "--stage1.epochs", "20", "--stage1.lr", "0.5",
+        "--stage1.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
         "--checkpoint.dirpath", str(tmp_path / "ck")])
     assert __import__("re").search(r"stage 1 on cached features: \d+ images, 512-d, 20 epochs at lr 0.5",
@@ -563,11 +569,12 @@ def test_train_on_cached_features_learns_a_separable_problem():
 
 def test_weight_decay_and_learning_rate_per_part_and_per_head_parameter():
     from finegrained.model import FineGrainedClassifier
+    from finegrained.optim import OptimSettings
 
+    optim = OptimSettings(lr=1e-3, lr_mult={"classifier": 1000.0}, weight_decay=5e-4,
+                          weight_decay_mult={"classifier": 0.0})
     model = FineGrainedClassifier(num_classes=3, backbone="vgg16", backbone_weights=None, head="hihca",
-                                  head_kwargs={"filters": 16}, backbone_layers=["relu5_2", "relu5_3"], lr=1e-3,
-                                  lr_mult={"classifier": 1000.0}, weight_decay=5e-4,
-                                  weight_decay_mult={"classifier": 0.0})
+                                  head_kwargs={"filters": 16}, backbone_layers=["relu5_2", "relu5_3"], optim=optim)
     groups = {g["name"]: g for g in model.parameter_groups()}
     assert groups["head.layer_scales"]["lr"] == pytest.approx(1e-2) and groups["head"]["lr"] == pytest.approx(1e-3)
     assert groups["classifier"]["lr"] == pytest.approx(1.0) and groups["classifier"]["weight_decay"] == 0.0
@@ -603,7 +610,7 @@ def test_one_vs_all_hinge_as_in_the_lrbp_code():
 
 
 def test_activation_gradients_are_clamped_not_parameter_gradients():
-    from finegrained.optim import clip_activation_gradients
+    from finegrained.callbacks.activation_clipping import clip_activation_gradients
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     clip_activation_gradients(net, 1.0)
@@ -670,25 +677,34 @@ def test_svm_protocol_trains_one_vs_all_on_image_and_flip_and_averages_test_scor
 
     g = torch.Generator().manual_seed(0)
 
-    class Stub:
-        """head_features of 'datasets' that are tensors of features already: (N, 2, D)."""
+    class Stub(torch.nn.Module):
+        """A network whose features are the images: image i is (D, 1, 2), its two views side by side, so the
+        horizontal flip of head_features gives the second view."""
 
-        @staticmethod
-        def head_features(loader, flip):
-            assert flip
-            rows = torch.cat([batch for batch in loader])
-            return rows[:, :, :-1], rows[:, 0, -1].long()
+        def forward_features(self, images):
+            return images[..., 0].flatten(1)
 
     def data(n):
         labels = torch.arange(n) % 6
         x = torch.randn(n, 2, 8, generator=g) + torch.nn.functional.one_hot(labels, 8)[:, None].float() * 1.5
-        return torch.cat([x, labels[:, None, None].float().expand(n, 2, 1)], dim=2)
+        return x, labels
 
-    train, test = data(60), data(30)
-    result = svm_accuracy(Stub(), train, test)
-    norm = lambda t: torch.nn.functional.normalize(t, dim=-1).numpy()  # noqa: E731
-    svm = LinearSVC(C=1.0, random_state=0).fit(norm(train[:, :, :-1].flatten(0, 1)), np.repeat(np.arange(60) % 6, 2))
-    scores = (svm.decision_function(norm(test[:, 0, :-1])) + svm.decision_function(norm(test[:, 1, :-1]))) / 2
+    class Views(torch.utils.data.Dataset):
+        def __init__(self, x, labels):
+            self.x, self.labels = x, labels
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return self.x[i].T[:, None, :], int(self.labels[i])  # (8, 1, 2)
+
+    (train, train_labels), (test, test_labels) = data(60), data(30)
+    result = svm_accuracy(Stub(), Views(train, train_labels), Views(test, test_labels))
+    # head_features keeps features as float16 (memory): the reference starts from the same values.
+    norm = lambda t: torch.nn.functional.normalize(t.half().float(), dim=-1).numpy()  # noqa: E731
+    svm = LinearSVC(C=1.0, random_state=0).fit(norm(train.flatten(0, 1)), np.repeat(np.arange(60) % 6, 2))
+    scores = (svm.decision_function(norm(test[:, 0])) + svm.decision_function(norm(test[:, 1]))) / 2
     assert result["top1"] == pytest.approx(float((scores.argmax(1) == np.arange(30) % 6).mean()))
     assert 0 <= result["mean_class_acc"] <= 1 and "top5" in result
 

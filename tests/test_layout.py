@@ -14,8 +14,14 @@ from finegrained.heads import PoolingHead, available_heads, build_head, head_dis
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
-           "finegrained.pretrained", "finegrained.losses", "finegrained.metrics", "finegrained.svm",
-           "finegrained.export", "finegrained.predict", "finegrained.resume", "finegrained.linalg")
+           "finegrained.network", "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
+           "finegrained.data_contract", "finegrained.callbacks", "finegrained.pretrained", "finegrained.losses",
+           "finegrained.metrics", "finegrained.svm", "finegrained.export", "finegrained.predict", "finegrained.resume",
+           "finegrained.linalg")
+# The network and everything it needs work in any PyTorch training loop: no Lightning, no torchmetrics.
+WITHOUT_LIGHTNING = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.network",
+                     "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
+                     "finegrained.pretrained", "finegrained.optim", "finegrained.data_contract", "finegrained.svm")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
 
 
@@ -60,17 +66,27 @@ def _modules_in(prefix):
     return found
 
 
-# ---- what may import what (../shared/reference/architecture.md) ---------------------------------------
+# ---- what may import what (docstring of finegrained/__init__.py) ---------------------------------------
 @pytest.mark.parametrize("package, allowed", [
     ("finegrained.ops", ("finegrained.ops",)),
     ("finegrained.heads", ("finegrained.heads", "finegrained.ops")),
     ("finegrained.backbones", ("finegrained.backbones",)),
     ("finegrained.optim", ()),
-    ("finegrained.model", ("finegrained.model", "finegrained.heads", "finegrained.backbones", "finegrained.optim",
-                           "finegrained.pretrained", "finegrained.losses", "finegrained.metrics", "finegrained.resume")),
+    ("finegrained.model", ("finegrained.model", "finegrained.network", "finegrained.network_weights",
+                           "finegrained.callbacks", "finegrained.checkpoint_file", "finegrained.optim",
+                           "finegrained.losses", "finegrained.metrics")),
+    ("finegrained.network", ("finegrained.network", "finegrained.network_weights", "finegrained.heads",
+                             "finegrained.backbones")),
+    ("finegrained.network_weights", ("finegrained.backbones", "finegrained.checkpoint_file", "finegrained.pretrained")),
+    ("finegrained.callbacks", ("finegrained.callbacks", "finegrained.features", "finegrained.optim",
+                               "finegrained.data_contract", "finegrained.svm")),
+    ("finegrained.features", ()),
+    ("finegrained.checkpoint_file", ()),
+    ("finegrained.data_contract", ()),
+    ("finegrained.svm", ("finegrained.features",)),
     ("finegrained.pretrained", ()),
     ("finegrained.metrics", ()),
-    ("finegrained.resume", ()),
+    ("finegrained.resume", ("finegrained.checkpoint_file",)),
     ("finegrained.losses", ()),
     ("datamodules", ("datamodules",)),
 ])
@@ -87,10 +103,11 @@ def test_library_never_imports_tooling():
             assert not bad, f"library module {module} imports tooling {sorted(bad)}"
 
 
-def test_ops_and_heads_need_neither_lightning_nor_data():
-    for module in _modules_in("finegrained.ops") + _modules_in("finegrained.heads"):
-        bad = {n for n in MODULES[module] if n.split(".")[0] in ("pytorch_lightning", "lightning", "datamodules")}
-        assert not bad, f"{module} imports {sorted(bad)}: a head must work in any PyTorch model"
+def test_the_network_needs_neither_lightning_nor_data():
+    for module in [m for package in WITHOUT_LIGHTNING for m in _modules_in(package)]:
+        bad = {n for n in MODULES[module]
+               if n.split(".")[0] in ("pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "datamodules")}
+        assert not bad, f"{module} imports {sorted(bad)}: the network must work in any PyTorch training loop"
 
 
 def test_ops_import_nothing_but_torch_and_the_standard_library():

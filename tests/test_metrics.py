@@ -80,7 +80,7 @@ def test_all_right_and_all_wrong_sets():
 SIX_CLASS_SETTINGS = ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches",
                       "1.0", "--trainer.limit_test_batches", "1.0", "--model.backbone", "efficientnet_lite0",
                       "--model.backbone_weights", "imagenet", "--model.head_kwargs", "{reduction: 8}",
-                      "--model.lr_mult", "{backbone: 1.0, head: 10.0, classifier: 10.0}",
+                      "--model.optim.lr_mult", "{backbone: 1.0, head: 10.0, classifier: 10.0}",
                       "--data.init_args.resize_size", "40", "--data.init_args.crop_size", "32"]
 
 

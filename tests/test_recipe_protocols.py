@@ -1,5 +1,5 @@
 """Every recipe against the official training code: settings as data (value + source), from
-../shared/reference/protocols-official.md, compared with the merged recipe and with the optimiser the model builds.
+the official training code's files named below, compared with the merged recipe and with the optimiser the model builds.
 
 Sources: FMC = jiangtaoxie/fast-MPN-COV (c430c78); BC = the B-CNN authors' MatConvNet code (tsungyu/bcnn);
 UM = cvl-umass/bilinear-cnn; CB = gy20073/compact_bilinear_pooling (caffe-20160312/examples/compact_bilinear/);
@@ -31,80 +31,80 @@ CHOSEN = "chosen here (recipes/_base/protocol/timm_finetune.yaml)"
 # effective batch of the main stage (batch_size × accumulate_grad_batches), "input/<dataset>" the (resize, crop).
 PROTOCOLS = {
     "isqrt_resnet": {
-        "model.optimizer": ("sgd", FMC), "model.momentum": (0.9, FMC), "model.lr": (1.2e-3, FMC),
-        "model.lr_mult.classifier": (5.0, FMC), "model.weight_decay": (1e-4, FMC), "model.scheduler": ("constant", FMC),
+        "model.optim.optimizer": ("sgd", FMC), "model.optim.momentum": (0.9, FMC), "model.optim.lr": (1.2e-3, FMC),
+        "model.optim.lr_mult.classifier": (5.0, FMC), "model.optim.weight_decay": (1e-4, FMC), "model.optim.scheduler": ("constant", FMC),
         "trainer.max_epochs": (100, FMC), "batch": (10, FMC), "data.init_args.train_crop": ("center", FMC),
-        "model.test_flip": (True, FMC), "model.stage1_epochs": (0, FMC), "model.last_stride": (1, FMC),
+        "model.test_flip": (True, FMC), "stage1.epochs": (0, FMC), "model.last_stride": (1, FMC),
         "input/cub": ((448, 448), FMC), "input/aircraft": (([512, 512], 448), FMC), "input/cars": (([448, 448], 448), FMC),
     },
     "isqrt_vgg": {
-        "model.optimizer": ("sgd", FMC_VGG), "model.lr": (3e-3, FMC_VGG), "model.lr_mult.classifier": (20.0, FMC_VGG),
-        "model.weight_decay": (1e-4, FMC_VGG), "model.weight_decay_mult.classifier": (1.0, FMC_VGG),
-        "model.scheduler": ("step", FMC_VGG), "model.lr_steps": ([20], FMC_VGG), "model.lr_gamma": (0.1, FMC_VGG),
+        "model.optim.optimizer": ("sgd", FMC_VGG), "model.optim.lr": (3e-3, FMC_VGG), "model.optim.lr_mult.classifier": (20.0, FMC_VGG),
+        "model.optim.weight_decay": (1e-4, FMC_VGG), "model.optim.weight_decay_mult.classifier": (1.0, FMC_VGG),
+        "model.optim.scheduler": ("step", FMC_VGG), "model.optim.lr_steps": ([20], FMC_VGG), "model.optim.lr_gamma": (0.1, FMC_VGG),
         "trainer.max_epochs": (40, FMC_VGG), "batch": (10, FMC_VGG), "data.init_args.train_crop": ("center", FMC),
-        "model.test_flip": (True, FMC), "model.stage1_epochs": (0, FMC_VGG),
+        "model.test_flip": (True, FMC), "stage1.epochs": (0, FMC_VGG),
         "input/cub": ((448, 448), FMC), "input/aircraft": (([512, 512], 448), FMC), "input/cars": (([448, 448], 448), FMC),
     },
     "bcnn_matconvnet": {
-        "model.stage1_route": ("cached", BC + " (cached, un-augmented features)"), "model.stage1_epochs": (300, BC),
-        "model.stage1_lr": (1.0, BC), "model.stage1_weight_decay": (0.0, BC), "model.stage1_batch_size": (256, BC),
-        "model.optimizer": ("sgd", BC), "model.lr": (1e-3, BC), "model.lr_mult.classifier": (1000.0, BC),
-        "model.weight_decay": (5e-4, BC), "model.weight_decay_mult.classifier": (0.0, BC),
-        "model.scheduler": ("constant", BC), "trainer.max_epochs": (40, BC), "batch": (128, BC),
+        "stage1.route": ("cached", BC + " (cached, un-augmented features)"), "stage1.epochs": (300, BC),
+        "stage1.lr": (1.0, BC), "stage1.weight_decay": (0.0, BC), "stage1.batch_size": (256, BC),
+        "model.optim.optimizer": ("sgd", BC), "model.optim.lr": (1e-3, BC), "model.optim.lr_mult.classifier": (1000.0, BC),
+        "model.optim.weight_decay": (5e-4, BC), "model.optim.weight_decay_mult.classifier": (0.0, BC),
+        "model.optim.scheduler": ("constant", BC), "trainer.max_epochs": (40, BC), "batch": (128, BC),
         "trainer.accumulate_grad_batches": (8, "chosen here: 16 × 8 = 128"), "data.init_args.train_crop": ("center", BC),
         "svm": (True, BC + ": SVM test"), "model.test_flip": (True, BC + ": image + flip scores"),
         "input/cub": ((448, 448), BC), "input/aircraft": (([512, 512], 448), BC), "input/cars": (([448, 448], 448), BC),
     },
     "cbp_caffe": {
-        "model.stage1_route": ("frozen", CB1 + " (last layer on augmented images)"), "model.stage1_epochs": (320, CB1),
-        "model.stage1_lr": (1.0, CB1), "model.stage1_lr_steps": ([107, 160, 213, 267], CB1),
-        "model.stage1_lr_gamma": (0.25, CB1), "model.stage1_weight_decay": (5e-6, CB1),
-        "model.stage1_init_std": (1e-4, CB1), "model.stage1_init_bias": (0.0, CB1),
-        "model.lr": (1e-3, CB2), "model.lr_mult.classifier": (1.0, CB2), "model.weight_decay": (5e-4, CB2),
-        "model.scheduler": ("constant", CB2), "trainer.max_epochs": (320 + 27, CB2), "batch": (8, CB2),
+        "stage1.route": ("frozen", CB1 + " (last layer on augmented images)"), "stage1.epochs": (320, CB1),
+        "stage1.lr": (1.0, CB1), "stage1.lr_steps": ([107, 160, 213, 267], CB1),
+        "stage1.lr_gamma": (0.25, CB1), "stage1.weight_decay": (5e-6, CB1),
+        "stage1.init_std": (1e-4, CB1), "stage1.init_bias": (0.0, CB1),
+        "model.optim.lr": (1e-3, CB2), "model.optim.lr_mult.classifier": (1.0, CB2), "model.optim.weight_decay": (5e-4, CB2),
+        "model.optim.scheduler": ("constant", CB2), "trainer.max_epochs": (320 + 27, CB2), "batch": (8, CB2),
         "stage1_batch": (32, CB1 + ": batch 8 × iter_size 4"), "data.init_args.train_crop": ("random", CB2),
         "model.test_flip": (False, CB2 + ": centre crop, no flip"),
         "input/cub": (([512, 512], 448), CB2), "input/aircraft": (([512, 512], 448), CB2),
         "input/cars": (([512, 512], 448), CB2),
     },
     "g2de": {
-        "model.stage1_route": ("cached", MO), "model.stage1_epochs": (300, MO), "model.stage1_lr": (1.0, MO),
-        "model.stage1_weight_decay": (0.0, MO), "model.stage1_batch_size": (256, MO),
-        "model.stage1_init_std": (0.001, MO), "model.stage1_init_bias": (0.1, MO),
-        "model.lr": (1e-3, MO), "model.lr_mult.classifier": (1000.0, "recipes.md"), "model.weight_decay": (5e-4, MO),
-        "model.weight_decay_mult.classifier": (0.0, MO), "model.clip_activation_grad": (1.0, "MO vl_GlbGaussian_nn.m"),
-        "model.scheduler": ("constant", MO), "trainer.max_epochs": (100, MO), "batch": (16, MO),
+        "stage1.route": ("cached", MO), "stage1.epochs": (300, MO), "stage1.lr": (1.0, MO),
+        "stage1.weight_decay": (0.0, MO), "stage1.batch_size": (256, MO),
+        "stage1.init_std": (0.001, MO), "stage1.init_bias": (0.1, MO),
+        "model.optim.lr": (1e-3, MO), "model.optim.lr_mult.classifier": (1000.0, "recipes.md"), "model.optim.weight_decay": (5e-4, MO),
+        "model.optim.weight_decay_mult.classifier": (0.0, MO), "clip_activation_grad.bound": (1.0, "MO vl_GlbGaussian_nn.m"),
+        "model.optim.scheduler": ("constant", MO), "trainer.max_epochs": (100, MO), "batch": (16, MO),
         "data.init_args.train_crop": ("center", MO), "input/cub": ((448, 448), MO), "input/aircraft": ((448, 448), MO),
         "input/cars": ((448, 448), MO),
     },
     "hihca": {
         "model.backbone_layers": (["relu5_2", "relu5_3"], "HI hihca_model_hc.m"),
-        "model.stage1_route": ("cached", HI), "model.stage1_epochs": (300, "chosen here"),
-        "model.stage1_lr": (1.0, "chosen here"), "model.stage1_weight_decay": (0.0, "chosen here"),
-        "model.lr": (1e-3, HI), "model.scheduler": ("step", HI), "model.lr_steps": ([10], HI),
-        "model.lr_gamma": (0.1, HI), "model.weight_decay": (5e-4, HI), "trainer.max_epochs": (40, HI),
+        "stage1.route": ("cached", HI), "stage1.epochs": (300, "chosen here"),
+        "stage1.lr": (1.0, "chosen here"), "stage1.weight_decay": (0.0, "chosen here"),
+        "model.optim.lr": (1e-3, HI), "model.optim.scheduler": ("step", HI), "model.optim.lr_steps": ([10], HI),
+        "model.optim.lr_gamma": (0.1, HI), "model.optim.weight_decay": (5e-4, HI), "trainer.max_epochs": (40, HI),
         "batch": (16, HI), "data.init_args.train_crop": ("center", HI), "svm": (True, "HI hihca_test.m"),
     },
     "lrbp": {
         "model.head_kwargs.reduction": (100, LR), "model.head_kwargs.rank": (8, LR),
         "model.head_kwargs.freeze_reduction": (True, LR), "model.loss": ("one_vs_all_hinge", LR + ", my_nnloss.m"),
-        "model.lr": (0.01, LR), "model.scheduler": ("step", LR), "model.lr_steps": ([150], LR),
-        "model.lr_gamma": (0.01, LR + ": 0.01 then 1e-4"), "trainer.max_epochs": (200, LR),
-        "model.weight_decay": (5e-4, LR), "batch": (16, LR), "data.init_args.train_crop": ("center", LR),
-        "model.stage1_epochs": (0, LR),
+        "model.optim.lr": (0.01, LR), "model.optim.scheduler": ("step", LR), "model.optim.lr_steps": ([150], LR),
+        "model.optim.lr_gamma": (0.01, LR + ": 0.01 then 1e-4"), "trainer.max_epochs": (200, LR),
+        "model.optim.weight_decay": (5e-4, LR), "batch": (16, LR), "data.init_args.train_crop": ("center", LR),
+        "stage1.epochs": (0, LR),
     },
     "isice": {
-        "model.optimizer": ("adamw", IS), "model.lr": (1.2e-4, IS), "model.lr_mult.classifier": (5.0, IS),
-        "model.scheduler": ("step", IS), "model.lr_steps": ([15, 30], IS), "model.lr_gamma": (0.1, IS),
+        "model.optim.optimizer": ("adamw", IS), "model.optim.lr": (1.2e-4, IS), "model.optim.lr_mult.classifier": (5.0, IS),
+        "model.optim.scheduler": ("step", IS), "model.optim.lr_steps": ([15, 30], IS), "model.optim.lr_gamma": (0.1, IS),
         "trainer.max_epochs": (100, IS), "batch": (65, IS), "model.test_flip": (True, IS),
         "model.head_kwargs.sparsity": (0.01, IS), "model.head_kwargs.step_size": (1.0, IS),
         "model.head_kwargs.steps": (5, IS), "model.head_kwargs.inverse_iterations": (7, IS),
         "model.head_kwargs.reduction": (256, IS),
     },
     "timm_finetune": {
-        "model.optimizer": ("adamw", CHOSEN), "model.lr": (1e-4, CHOSEN), "model.lr_mult.head": (10.0, CHOSEN),
-        "model.lr_mult.classifier": (10.0, CHOSEN), "model.weight_decay": (0.05, CHOSEN),
-        "model.scheduler": ("cosine", CHOSEN), "trainer.max_epochs": (50, CHOSEN), "batch": (16, CHOSEN),
+        "model.optim.optimizer": ("adamw", CHOSEN), "model.optim.lr": (1e-4, CHOSEN), "model.optim.lr_mult.head": (10.0, CHOSEN),
+        "model.optim.lr_mult.classifier": (10.0, CHOSEN), "model.optim.weight_decay": (0.05, CHOSEN),
+        "model.optim.scheduler": ("cosine", CHOSEN), "trainer.max_epochs": (50, CHOSEN), "batch": (16, CHOSEN),
         "model.label_smoothing": (0.1, CHOSEN), "trainer.precision": ("bf16-mixed", CHOSEN),
         "model.backbone_weights": ("imagenet", CHOSEN), "model.last_stride": (2, CHOSEN),
     },
@@ -143,24 +143,34 @@ def setting(merged, key, dataset):
         resize = args.get("resize_size", _datamodule_default(merged, "resize_size"))
         crop = args.get("crop_size", _datamodule_default(merged, "crop_size"))
         return (list(resize) if isinstance(resize, (list, tuple)) else resize, crop)
-    if key.startswith(("model.lr_mult.", "model.weight_decay_mult.")):
+    if key.startswith(("model.optim.lr_mult.", "model.optim.weight_decay_mult.")):
         from finegrained.optim import DEFAULT_LR_MULT
 
-        name, part = key.split(".")[1:]
+        name, part = key.split(".")[2:]
         defaults = DEFAULT_LR_MULT if name == "lr_mult" else {}
-        return {**defaults, **(merged["model"].get(name) or {})}.get(part, 1.0)
+        return {**defaults, **(merged["model"].get("optim", {}).get(name) or {})}.get(part, 1.0)
     value = merged
     for part in key.split("."):
         if part not in value:
             if key.startswith("data.init_args."):
                 return _datamodule_default(merged, part)
-            if key.startswith("model."):
-                from finegrained.model import FineGrainedClassifier
-
-                return inspect.signature(FineGrainedClassifier.__init__).parameters[part].default
-            return {"svm": False}.get(key)
+            return _default(key)
         value = value[part]
     return value
+
+
+def _default(key):
+    """The value a setting the recipe leaves out takes: the constructor default of its owner."""
+    from finegrained.callbacks import ActivationGradientClipping, TwoStageFinetuning
+    from finegrained.model import FineGrainedClassifier
+    from finegrained.optim import OptimSettings
+
+    owners = {"model.optim": OptimSettings, "model": FineGrainedClassifier, "stage1": TwoStageFinetuning,
+              "clip_activation_grad": ActivationGradientClipping}
+    section, _, name = key.rpartition(".")
+    if section in owners:
+        return inspect.signature(owners[section].__init__).parameters[name].default
+    return {"svm": False}[key]
 
 
 def test_every_recipe_has_a_protocol():
@@ -198,20 +208,26 @@ def _model(merged):
     return FineGrainedClassifier(**config)
 
 
-def _stage_groups(model, merged, epoch):
-    """{group name: (lr, weight decay)} of the optimiser the model builds, at the start of ``epoch``."""
-    from finegrained.optim import configure_optimizers, stage_weight_decay
+def _stage1(merged):
+    from finegrained.callbacks import TwoStageFinetuning
 
-    hp = model.hparams
-    config = configure_optimizers(model.parts(), hp, model.lr_mult, merged["trainer"]["max_epochs"],
-                                  {"head": model.head.parameter_lr_mult})
+    return TwoStageFinetuning(**merged.get("stage1", {}))
+
+
+def _stage_groups(model, merged, epoch):
+    """{group name: (lr, weight decay)} of the optimiser the model and the two-stage callback build, at the start of
+    ``epoch`` (the callback's own epoch-start hook sets stage 1's weight decay)."""
+    from finegrained.optim import configure_optimizers
+
+    stage1 = _stage1(merged)
+    config = configure_optimizers(model.parts(), model.optim, merged["trainer"]["max_epochs"],
+                                  {"head": model.head.parameter_lr_mult}, stage1)
     optimizer = config["optimizer"] if isinstance(config, dict) else config
     scheduler = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
     for _ in range(epoch):
         optimizer.step()
         scheduler.step()
-    if hp.stage1_epochs and hp.stage1_route == "frozen":
-        stage_weight_decay(optimizer, epoch < hp.stage1_epochs, hp.stage1_weight_decay)
+    stage1.finetune_function(model, epoch, optimizer)
     return {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
 
 
@@ -244,8 +260,8 @@ def test_the_optimiser_each_stage_builds(row):
     model = _model(merged)
     for epoch, expected in GROUPS[ONE_ROW_PER_PROTOCOL[row]]:
         if epoch == "stage1":
-            hp = model.hparams
-            assert (hp.stage1_lr, hp.stage1_weight_decay, hp.stage1_batch_size, hp.stage1_epochs) == expected
+            stage1 = _stage1(merged)
+            assert (stage1.lr, stage1.weight_decay, stage1.batch_size, stage1.epochs) == expected
             continue
         got = _stage_groups(model, merged, epoch)
         for name, (lr, wd) in expected.items():

@@ -126,7 +126,7 @@ def test_recipe_runs_one_step(recipe, replicas, tmp_path):
     dataset = recipe.split(os.sep)[-2]
     # A data-dependent initialisation (k-means to 64 centres, PCA to 100 channels) needs more descriptors
     # than 3 replica images give at 64 px: 128 px gives 64 positions per image on VGG-16.
-    side = 128 if "data_init_images" in load_recipe(recipe)["model"] else 64
+    side = 128 if "data_init" in load_recipe(recipe) else 64
     assert main(["fit", "--config", recipe, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
                  "--model.backbone_weights", "null", "--data.init_args.root", replicas[dataset],
                  "--data.init_args.resize_size", str(side + 8), "--data.init_args.crop_size", str(side),

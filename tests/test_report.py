@@ -322,7 +322,7 @@ def test_the_kept_learning_rates_are_those_each_epoch_trained_with(trained_run, 
     from finegrained.cli import main
 
     recipe, _, _ = trained_run
-    assert main(["fit", "--config", recipe, "--trainer.max_epochs", "2", "--model.scheduler", "cosine",
+    assert main(["fit", "--config", recipe, "--trainer.max_epochs", "2", "--model.optim.scheduler", "cosine",
                  "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck"),
                  "--runs_csv", ""]) == 0
     history = next(state["history"] for key, state in torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)[

@@ -248,8 +248,10 @@ def test_a_bad_checkpoint_is_one_line_in_every_command(trained_run, tmp_path, ca
 # ---- recipes and head arguments ----------------------------------------------------------------------------
 RECIPE_CASES = {
     "typo key": ("model:\n  lrr: 0.1\n", [], "{recipe}: model.lrr is not a setting of finegrained fit (did you mean "
-                                              "model.lr?)"),
-    "wrong type": ("model:\n  lr: fast\n", [], "{recipe}: model.lr: expected float, got fast"),
+                                              "model.optim.lr?)"),
+    "a setting that moved": ("model:\n  stage1_epochs: 3\n", [], "{recipe}: model.stage1_epochs is not a setting of "
+                                                                   "finegrained fit (did you mean stage1.epochs?)"),
+    "wrong type": ("model:\n  optim:\n    lr: fast\n", [], "{recipe}: model.optim.lr: expected float, got fast"),
     "typo in the data's arguments": ("data:\n  init_args:\n    batch_sise: 3\n", [],
                                      "{recipe}: data.init_args.batch_sise is not an argument of "
                                      "datamodules.ImageFolderDataModule"),
@@ -282,12 +284,12 @@ def test_a_bad_setting_names_its_file_and_key_in_one_line(trained_run, tmp_path,
 def test_a_bad_setting_in_a_base_recipe_names_the_base(tmp_path, capsys):
     from finegrained.cli import entry_point
 
-    (tmp_path / "base.yaml").write_text("model:\n  lr: fast\n")
+    (tmp_path / "base.yaml").write_text("model:\n  optim:\n    lr: fast\n")
     (tmp_path / "recipe.yaml").write_text("base: [base.yaml]\ndata:\n  class_path: datamodules.ImageFolderDataModule\n"
                                          "  init_args: {root: /nowhere}\n")
     assert entry_point(["fit", "--config", str(tmp_path / "recipe.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and err[-1].endswith("base.yaml: model.lr: expected float, got fast"), err
+    assert err[-1].startswith("error: ") and err[-1].endswith("base.yaml: model.optim.lr: expected float, got fast"), err
 
 
 def test_the_datamodules_messages_are_shown(image_folder, trained_run, tmp_path, capsys):

@@ -26,7 +26,7 @@ def published_last_stride(backbone: str) -> int:
 def bench_step(device: torch.device, backbone: str = "resnet50", heads: Union[str, Sequence[str]] = DEFAULT_HEADS,
                size: int = 448, batch: int = 2, repeats: int = 3, autocast: bool = False) -> List[dict]:
     from finegrained.backbones import build_backbone
-    from finegrained.heads import build_head
+    from finegrained.network import FineGrainedNetwork
 
     heads = [heads] if isinstance(heads, str) else list(heads)
     rows = []
@@ -38,17 +38,16 @@ def bench_step(device: torch.device, backbone: str = "resnet50", heads: Union[st
         images = images.to(memory_format=torch.channels_last)
     steps = {}
     for name in ["gap"] + [h for h in heads if h != "gap"]:
-        pool = build_head(name, net.out_channels, class_token_dim=net.class_token_dim).to(device)
-        fc = torch.nn.Linear(pool.output_dim, 10).to(device)
-        opt = torch.optim.SGD(list(net.parameters()) + list(pool.parameters()) + list(fc.parameters()),
-                              lr=1e-3, momentum=0.9)
-        class_token = pool.uses_class_token and net.class_token_dim > 0
+        # The network fit trains, one per head around the one backbone (built once: the heads are timed interleaved).
+        network = FineGrainedNetwork(10, backbone=net, backbone_weights=None, head=name).to(device)
+        opt = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.9)
+        class_token = net.return_class_token
 
-        def step(pool=pool, fc=fc, opt=opt, class_token=class_token):
+        def step(network=network, opt=opt, class_token=class_token):
             net.return_class_token = class_token
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = fc(pool(net(images)))
+                logits = network(images)
             torch.nn.functional.cross_entropy(logits.float(), labels).backward()
             opt.step()
 

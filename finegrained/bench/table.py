@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from finegrained.heads import PoolingHead, available_heads, build_head, head_display_name
-from finegrained.model import init_head_from_data
+from finegrained.callbacks import init_head_from_data
+from finegrained.network import FineGrainedNetwork
 
 # Paper defaults, except reductions and widths that would expand the 64 PCA channels, and HIHCA's
 # filters and KP's sketches (8,192 and 4,096 in the papers) cut to 2,048 to keep the CPU run short.
@@ -130,17 +131,36 @@ def _pool(head: nn.Module, maps: torch.Tensor, batch_size: int = 256) -> np.ndar
     return torch.cat([head(maps[i:i + batch_size]) for i in range(0, len(maps), batch_size)]).numpy()
 
 
-class HeadProbe(pl.LightningModule):
-    """A head and a linear classifier trained on cached feature maps."""
+class CachedMaps(nn.Module):
+    """The backbone of a network trained on cached feature maps: they pass through (B, C, h, w)."""
 
-    def __init__(self, head: PoolingHead, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4):
+    def __init__(self, channels: int):
         super().__init__()
-        self.head = head
-        self.classifier = nn.Identity() if head.produces_logits else nn.Linear(head.output_dim, num_classes)
-        self.lr, self.weight_decay = lr, weight_decay
+        self.out_channels = channels
 
     def forward(self, maps):
-        return self.classifier(self.head(maps))
+        return maps
+
+
+class HeadProbe(pl.LightningModule):
+    """A head and its classifier (:class:`~finegrained.network.FineGrainedNetwork`, the network ``fit`` trains)
+    trained on cached feature maps."""
+
+    def __init__(self, name: str, channels: int, num_classes: int, features: Optional[torch.Tensor] = None,
+                 seed: int = 0, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        self.network = FineGrainedNetwork(num_classes, backbone=CachedMaps(channels), backbone_weights=None, head=name,
+                                          head_kwargs=BENCH_HEAD_KWARGS.get(name, {}))
+        if self.head.has_data_init:  # the papers' data-dependent initialisations (NetVLAD's k-means, LRBP's PCA)
+            init_head_from_data(self.head, features, seed)
+        self.lr, self.weight_decay = lr, weight_decay
+
+    @property
+    def head(self) -> PoolingHead:
+        return self.network.head
+
+    def forward(self, maps):
+        return self.network(maps)
 
     def training_step(self, batch, batch_idx):
         maps, labels = batch
@@ -177,10 +197,8 @@ def _probe_candidates(name: str, features: dict, labels: Dict[str, np.ndarray], 
     num_classes, channels = len(features["classes"]), features["train"].shape[1]
     for lr in LEARNING_RATES:
         pl.seed_everything(seed, verbose=False)
-        head = build_head(name, channels, num_classes=num_classes, **BENCH_HEAD_KWARGS.get(name, {}))
-        if head.has_data_init:  # the papers' data-dependent initialisations (NetVLAD's k-means, LRBP's PCA)
-            init_head_from_data(head, features["train"], seed)
-        probe = HeadProbe(head, num_classes, lr=lr)
+        probe = HeadProbe(name, channels, num_classes, features["train"], seed, lr=lr)
+        head = probe.head
         loader = DataLoader(TensorDataset(features["train"], features["train_labels"]), batch_size=batch_size,
                             shuffle=True)
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

@@ -14,8 +14,6 @@ mappings and replaces everything else, as LightningCLI does with several ``--con
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from typing import Any, Dict, List, Optional
@@ -62,12 +60,6 @@ def load_recipe(path: str, _chain: Optional[List[str]] = None) -> Dict[str, Any]
 def recipe_text(path: str) -> str:
     """The merged recipe as YAML text."""
     return yaml.safe_dump(load_recipe(path), sort_keys=False)
-
-
-def config_hash(config: Dict[str, Any]) -> str:
-    """A short, key-order-independent hash of a configuration mapping."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def expand_config_args(argv: List[str]) -> List[str]:
@@ -184,14 +176,6 @@ def recipe_overrides(run: Dict[str, Any], recipe: Dict[str, Any], stage: str = "
     return changed
 
 
-def format_overrides(overrides: Dict[str, Any]) -> str:
-    """``key=value; key=value`` with YAML values (``null``, ``2``, ``[1, 2]``), or '' for none."""
-    def text(value):
-        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
-
-    return "; ".join(f"{key}={text(value)}" for key, value in overrides.items())
-
-
 class RecipeError(ValueError):
     """A recipe (or command line) setting the parser refused, described in one line."""
 
@@ -228,11 +212,22 @@ def where_set(key: str, argv: List[str]) -> str:
     return ", ".join(recipes) or "the command line"
 
 
+# Settings that moved: the optimiser's into model.optim, the protocols' into their callbacks (finegrained.callbacks).
+MOVED = {**{f"model.{name}": f"model.optim.{name}" for name in (
+    "optimizer", "lr", "momentum", "lr_mult", "weight_decay", "weight_decay_mult", "scheduler", "lr_steps", "lr_gamma")},
+    **{f"model.stage1_{name}": f"stage1.{name}" for name in (
+        "epochs", "route", "lr", "weight_decay", "batch_size", "lr_steps", "lr_gamma", "init_std", "init_bias")},
+    "model.data_init_images": "data_init.images", "model.data_init_seed": "data_init.seed",
+    "model.clip_activation_grad": "clip_activation_grad.bound"}
+
+
 def _close_settings(key: str) -> List[str]:
-    """Settings of the model or trainer whose names are close to ``key``'s last part."""
+    """Where a moved setting went, or settings of the model or trainer whose names are close to ``key``'s last part."""
     import difflib
     import inspect
 
+    if key in MOVED:
+        return [MOVED[key]]
     section, _, name = key.rpartition(".")
     if section == "model":
         from finegrained.model import FineGrainedClassifier as owner
@@ -241,7 +236,9 @@ def _close_settings(key: str) -> List[str]:
     else:
         return []
     names = [p for p in inspect.signature(owner.__init__).parameters if p != "self"]
-    return [f"{section}.{n}" for n in difflib.get_close_matches(name, names, n=2, cutoff=0.7)]
+    moved = [old.split(".", 1)[1] for old in MOVED if old.startswith(section + ".")]
+    close = difflib.get_close_matches(name, names + moved, n=2, cutoff=0.7)
+    return [MOVED.get(f"{section}.{n}", f"{section}.{n}") for n in close]
 
 
 def describe_config_error(message: str, argv: List[str]) -> str:

@@ -17,13 +17,14 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from finegrained.cli.recipe import (RecipeError, config_hash, describe_config_error, expand_config_args,
-                                    format_overrides, recipe_overrides, recipe_text, reference_recipe)
+from finegrained.callbacks import ActivationGradientClipping, DataDependentInit, SVMTest, TwoStageFinetuning
+from finegrained.cli.recipe import (RecipeError, describe_config_error, expand_config_args, recipe_overrides,
+                                    recipe_text, reference_recipe)
+from finegrained.data_contract import follows_contract
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
-from finegrained.resume import (AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, checkpoint_selection,
-                                completed_epochs, read_checkpoint_file)
-from finegrained.results.runs import RunArtifacts, append_run, device_name, git_commit
-from finegrained.svm import svm_accuracy
+from finegrained.resume import AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, read_checkpoint_file
+from finegrained.results.runs import (RunArtifacts, accuracy_from_metrics, accuracy_text, append_run,
+                                      checkpoint_provenance, run_record)
 
 
 def default_loggers(root: str) -> list:
@@ -61,6 +62,10 @@ class FineGrainedCLI(LightningCLI):
         parser.add_argument("--select_on_test", type=bool, default=False,
                             help="when validation is the test set, still write best.ckpt chosen by val_top1 (the "
                                  "published code's practice: its number is a maximum over test evaluations)")
+        # The papers' protocols (finegrained.callbacks), each under its own key of the recipe.
+        parser.add_lightning_class_args(TwoStageFinetuning, "stage1")
+        parser.add_lightning_class_args(DataDependentInit, "data_init")
+        parser.add_lightning_class_args(ActivationGradientClipping, "clip_activation_grad")
         parser.add_lightning_class_args(RunArtifacts, "run_artifacts")
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(ModelCheckpointEveryEpoch, "checkpoint")
@@ -75,9 +80,14 @@ class FineGrainedCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")
 
+    def _settings(self):
+        """This command's instantiated configuration."""
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
+
     def instantiate_trainer(self, **kwargs):
         # Checkpoints are written atomically unless the recipe chose its own checkpoint plugin.
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        settings = self._settings()
+        trainer_config = settings.get("trainer") or {}
         if not trainer_config.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if self.subcommand == "fit":
@@ -85,18 +95,23 @@ class FineGrainedCLI(LightningCLI):
         logger = trainer_config.get("logger")
         if logger is None or logger is True:
             kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or os.getcwd())
+        extra = []
         if logger is not False and self.subcommand == "fit":
             # One learning-rate curve per parameter group (backbone, head, classifier), per epoch.
-            kwargs["callbacks"] = list(trainer_config.get("callbacks") or []) + [
-                LearningRateMonitor(logging_interval="epoch")]
+            extra.append(LearningRateMonitor(logging_interval="epoch"))
+        if self.subcommand == "test" and settings.get("svm"):
+            extra.append(SVMTest())
+        if extra:
+            kwargs["callbacks"] = list(trainer_config.get("callbacks") or []) + extra
         return super().instantiate_trainer(**kwargs)
 
     def _honest_checkpoint_choice(self) -> None:
         """Validation on the test set (the published protocol) must not choose the checkpoint: the result is
         then the last epoch, as the papers' fixed schedules report, and best.ckpt is not written."""
-        checkpoint = self._get(self.config_init, "checkpoint", default=None)
-        if (checkpoint is None or checkpoint.monitor is None or self._get(self.config_init, "select_on_test")
-                or not getattr(self.datamodule, "validation_is_test", False)):
+        settings = self._settings()
+        checkpoint = settings.get("checkpoint")
+        if (checkpoint is None or checkpoint.monitor is None or settings.get("select_on_test")
+                or not follows_contract(self.datamodule) or not self.datamodule.validation_is_test):
             return
         checkpoint.monitor, checkpoint.save_top_k = None, 0
         rank_zero_info("validation is the test set (the published protocol): the result is the last epoch "
@@ -111,6 +126,9 @@ class FineGrainedCLI(LightningCLI):
         # Lightning reads --ckpt_path's hyper-parameters right after parsing, with a plain torch.load: check the file
         # first, so that an empty, truncated or foreign file is one line naming it.
         subcommand = self.config.get("subcommand")
+        # Checkpoints are only ever unpickled as plain tensors and containers.
+        if subcommand and "weights_only" in self.config[subcommand] and self.config[subcommand].weights_only is None:
+            self.config[subcommand].weights_only = True
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             checkpoint = read_checkpoint_file(ckpt_path, mmap=True)  # mapped: nothing is read twice
@@ -158,118 +176,36 @@ class FineGrainedCLI(LightningCLI):
             cfg.checkpoint.save_last = False
 
     def before_fit(self) -> None:
-        artifacts = self._run_artifacts()
+        artifacts = next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
         if artifacts is not None:
             artifacts.record_recipe(self.recipe_paths, self.overrides)
 
-    def _run_artifacts(self) -> Optional[RunArtifacts]:
-        return next((c for c in self.trainer.callbacks if isinstance(c, RunArtifacts)), None)
-
     def after_test(self) -> None:
+        """Print the test's accuracy and which checkpoint it is, and record the run (finegrained.results.runs)."""
         metrics = self.trainer.callback_metrics
-        if "test_top1" in metrics and self.trainer.is_global_zero:
-            accuracy = {key: float(metrics[f"test_{key}"]) for key in ("top1", "top5", "mean_class_acc")
-                        if f"test_{key}" in metrics}
-            n = getattr(self.model, "tested_images", "?")
-            print(f"Test accuracy on {n} images: {_accuracy_text(accuracy)}")
-            provenance = self._provenance()
-            print(f"Checkpoint: {provenance['selection']}; validation: {provenance['validation']}"
-                  + (" -- chosen on the test set, so this is a maximum over test evaluations (optimistic)"
-                     if provenance["validation"] == "test set" and provenance["selection"].startswith("best") else ""))
-            self._record_run(accuracy, provenance, "softmax")
-            if self.config["test"].get("svm"):
-                svm = self._svm_accuracy()
-                print(f"SVM accuracy on {n} images (one-vs-all linear SVMs, C = 1, on l2-normalised head features of "
-                      f"the training images and their flips): {_accuracy_text(svm)}")
-                self._record_run(svm, provenance, "svm")
-
-    def _svm_accuracy(self) -> Dict[str, float]:
-        datamodule = self.datamodule
-        if not hasattr(datamodule, "unaugmented_train_dataloader"):
-            raise ValueError("--svm needs the training images without augmentation: a finegrained DataModule "
-                             "(datamodules.*) provides unaugmented_train_dataloader()")
-        loader = datamodule.unaugmented_train_dataloader()
-        return svm_accuracy(self.model, loader.dataset, datamodule.test_dataset, batch_size=loader.batch_size,
-                            num_workers=loader.num_workers)
-
-    def _provenance(self) -> Dict[str, Any]:
-        """Which checkpoint was tested (last epoch, epoch N of M, best <metric>), how many epochs it trained and
-        whether validation was held out."""
-        validation = getattr(self.datamodule, "validation_is_test", None)
-        validation = "unknown" if validation is None else "test set" if validation else "held-out"
-        ckpt_path = self.config["test"].get("ckpt_path")
-        if not ckpt_path or not os.path.isfile(ckpt_path):
-            return {"validation": validation, "selection": "model as instantiated", "epochs": ""}
-        checkpoint = read_checkpoint_file(ckpt_path, mmap=True)
-        return {"validation": validation, "selection": checkpoint_selection(ckpt_path, checkpoint),
-                "epochs": completed_epochs(checkpoint), "checkpoint": checkpoint}
-
-    def _record_run(self, accuracy: Dict[str, float], provenance: Dict[str, Any], classifier: str) -> None:
-        cfg = self.config["test"]
-        if not cfg.get("runs_csv"):
+        if "test_top1" not in metrics or not self.trainer.is_global_zero:
             return
-        model, datamodule = self.model, self.datamodule
-        ckpt_path = cfg.get("ckpt_path")
-        checkpoint = provenance.get("checkpoint")
-        # What the fit recorded in the checkpoint (None: no checkpoint; {}: written by another tool).
-        fit_state = None if checkpoint is None else next(
-            (state for key, state in (checkpoint.get("callbacks") or {}).items() if key.startswith("RunArtifacts")), {})
-        train_wall = (fit_state or {}).get("train_wall_s")
-        hashed = {k: v for k, v in cfg.as_dict().items() if k not in ("ckpt_path", "config", "runs_csv", "select_on_test", "svm")}
-        artifacts = self._run_artifacts()
-        record = {
-            "git_commit": git_commit(),
-            "recipe": ";".join(self.recipe_paths),
-            "config_hash": config_hash(hashed),
-            "dataset": getattr(datamodule, "dataset_id", None) or type(datamodule).__name__,
-            "method": model.hparams.head,
-            "backbone": model.hparams.backbone,
-            "head_dim": model.head.output_dim,
-            "epochs": provenance["epochs"],
-            "top1": accuracy["top1"],
-            "top5": accuracy.get("top5", ""),
-            "mean_class_acc": accuracy["mean_class_acc"],
-            "train_wall_s": "" if train_wall is None else round(float(train_wall), 1),
-            "test_wall_s": round(artifacts.test_wall_s, 1) if artifacts else "",
-            "device": device_name(self.trainer),
-            "checkpoint": ckpt_path or "",
-            "plots": ";".join(artifacts.plots) if artifacts else "",
-            "validation": provenance["validation"],
-            "selection": provenance["selection"],
-            "classifier": classifier,
-            "overrides": run_overrides(fit_state, self.recipe_paths, self.overrides),
-        }
-        row = append_run(cfg.runs_csv, record)
-        print(f"Recorded run {row['run_id']} in {cfg.runs_csv}")
+        accuracy = accuracy_from_metrics(metrics)
+        n = getattr(self.model, "tested_images", "?")
+        print(f"Test accuracy on {n} images: {accuracy_text(accuracy)}")
+        provenance = checkpoint_provenance(self.config["test"].get("ckpt_path"), self.datamodule)
+        print(f"Checkpoint: {provenance['selection']}; validation: {provenance['validation']}"
+              + (" -- chosen on the test set, so this is a maximum over test evaluations (optimistic)"
+                 if provenance["validation"] == "test set" and provenance["selection"].startswith("best") else ""))
+        self._record(accuracy, provenance, "softmax")
+        svm = next((c.accuracy for c in self.trainer.callbacks if isinstance(c, SVMTest)), None)
+        if svm is not None:
+            print(f"SVM accuracy on {n} images (one-vs-all linear SVMs, C = 1, on l2-normalised head features of "
+                  f"the training images and their flips): {accuracy_text(svm)}")
+            self._record(svm, provenance, "svm")
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        # Checkpoints are only ever unpickled as plain tensors and containers.
-        if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
-            kwargs["weights_only"] = True
-        return kwargs
-
-
-def run_overrides(fit_state: Optional[Dict[str, Any]], test_recipes: List[str], test_overrides: Dict[str, Any]) -> str:
-    """What the tested model's fit and this test changed from their recipes, as one text (empty: the run follows
-    its recipe). ``fit_state`` is the run-artifacts state the fit saved in the checkpoint (None: no checkpoint was
-    tested; without ``overrides``: a fit this tool did not record). A fit with another recipe than the test's is an
-    override too."""
-    if fit_state is None:
-        fit = {"checkpoint": "none (the model as instantiated)"}
-    elif "overrides" not in fit_state:
-        fit = {"fit": "not recorded"}
-    else:
-        fit = dict(fit_state["overrides"])
-        if list(fit_state.get("recipes") or []) != list(test_recipes):
-            fit["fit recipe"] = ";".join(fit_state.get("recipes") or []) or "none"
-    test = {f"test {key}": value for key, value in test_overrides.items() if fit.get(key, object()) != value}
-    return "; ".join(part for part in (format_overrides(fit), format_overrides(test)) if part)
-
-
-def _accuracy_text(accuracy: Dict[str, float]) -> str:
-    names = {"top1": "top-1", "top5": "top-5", "mean_class_acc": "mean per-class"}
-    return ", ".join(f"{names[key]} {accuracy[key]:.4f}" for key in names if key in accuracy)
+    def _record(self, accuracy: Dict[str, float], provenance: Dict[str, Any], classifier: str) -> None:
+        cfg = self.config["test"]
+        if cfg.get("runs_csv"):
+            record = run_record(self.trainer, self.model, self.datamodule, accuracy, provenance, classifier,
+                                self.recipe_paths, self.overrides, cfg.as_dict(), cfg.get("ckpt_path"))
+            row = append_run(cfg.runs_csv, record)
+            print(f"Recorded run {row['run_id']} in {cfg.runs_csv}")
 
 
 def _config_paths(argv: List[str]) -> List[str]:

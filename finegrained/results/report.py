@@ -230,11 +230,12 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     ``out_dir`` is new, empty or a previous report (:mod:`finegrained.results.output_folder`): a folder of other
     files is refused before any work, and the previous report's files are replaced only once the new page is done.
     """
-    from finegrained.model import _read_checkpoint, classifier_from_checkpoint
+    from finegrained.model import classifier_from_checkpoint
+    from finegrained.network_weights import read_classifier_checkpoint
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous_output(out_dir, "report")  # refuse a folder of the user's before any work
-    checkpoint = _read_checkpoint(checkpoint_path)  # read once: the model, its history and its callbacks' state
+    checkpoint = read_classifier_checkpoint(checkpoint_path)  # read once: the model, its history and its callbacks' state
     model = classifier_from_checkpoint(checkpoint)
     hp = model.hparams
     datamodule.prepare_data()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -20,7 +21,10 @@ from typing import Any, Dict, List, Optional
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+import yaml
 
+from finegrained.data_contract import follows_contract
+from finegrained.resume import checkpoint_selection, completed_epochs, read_checkpoint_file
 from finegrained.results.plots import plot_confusion_matrix, plot_training_curves
 
 RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
@@ -192,3 +196,103 @@ class RunArtifacts(pl.Callback):
         os.makedirs(folder, exist_ok=True)
         pd.DataFrame(counts, index=names, columns=names).to_csv(os.path.join(folder, "confusion_matrix.csv"))
         self.plots.append(plot_confusion_matrix(counts, names, os.path.join(folder, "confusion_matrix.png")))
+
+
+# -- the record of a test run ---------------------------------------------------------------------------------
+def config_hash(config: Dict[str, Any]) -> str:
+    """A short, key-order-independent hash of a configuration mapping."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def format_overrides(overrides: Dict[str, Any]) -> str:
+    """``key=value; key=value`` with YAML values (``null``, ``2``, ``[1, 2]``), or '' for none."""
+    def text(value):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+    return "; ".join(f"{key}={text(value)}" for key, value in overrides.items())
+
+
+def run_overrides(fit_state: Optional[Dict[str, Any]], test_recipes: List[str], test_overrides: Dict[str, Any]) -> str:
+    """What the tested model's fit and this test changed from their recipes, as one text (empty: the run follows
+    its recipe). ``fit_state`` is the run-artifacts state the fit saved in the checkpoint (None: no checkpoint was
+    tested; without ``overrides``: a fit this tool did not record). A fit with another recipe than the test's is an
+    override too."""
+    if fit_state is None:
+        fit = {"checkpoint": "none (the model as instantiated)"}
+    elif "overrides" not in fit_state:
+        fit = {"fit": "not recorded"}
+    else:
+        fit = dict(fit_state["overrides"])
+        if list(fit_state.get("recipes") or []) != list(test_recipes):
+            fit["fit recipe"] = ";".join(fit_state.get("recipes") or []) or "none"
+    test = {f"test {key}": value for key, value in test_overrides.items() if fit.get(key, object()) != value}
+    return "; ".join(part for part in (format_overrides(fit), format_overrides(test)) if part)
+
+
+ACCURACY_NAMES = {"top1": "top-1", "top5": "top-5", "mean_class_acc": "mean per-class"}
+
+
+def accuracy_from_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """top1, top5 and mean_class_acc from the trainer's ``test_*`` metrics (those present)."""
+    return {key: float(metrics[f"test_{key}"]) for key in ACCURACY_NAMES if f"test_{key}" in metrics}
+
+
+def accuracy_text(accuracy: Dict[str, float]) -> str:
+    return ", ".join(f"{ACCURACY_NAMES[key]} {accuracy[key]:.4f}" for key in ACCURACY_NAMES if key in accuracy)
+
+
+def validation_kind(datamodule: Any) -> str:
+    """``"test set"``, ``"held-out"`` or ``"unknown"`` (a DataModule outside :mod:`finegrained.data_contract`)."""
+    if not follows_contract(datamodule):
+        return "unknown"
+    return "test set" if datamodule.validation_is_test else "held-out"
+
+
+def checkpoint_provenance(ckpt_path: Optional[str], datamodule: Any) -> Dict[str, Any]:
+    """Which checkpoint was tested (last epoch, epoch N of M, best <metric>), how many epochs it trained, whether
+    validation was held out, and the checkpoint itself (``checkpoint``, memory-mapped) when there is one."""
+    validation = validation_kind(datamodule)
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return {"validation": validation, "selection": "model as instantiated", "epochs": ""}
+    checkpoint = read_checkpoint_file(ckpt_path, mmap=True)
+    return {"validation": validation, "selection": checkpoint_selection(ckpt_path, checkpoint),
+            "epochs": completed_epochs(checkpoint), "checkpoint": checkpoint}
+
+
+def run_record(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, accuracy: Dict[str, float],
+                    provenance: Dict[str, Any], classifier: str, recipes: List[str], overrides: Dict[str, Any],
+                    config: Dict[str, Any], ckpt_path: Optional[str]) -> Dict[str, Any]:
+    """The row ``finegrained test`` appends to the runs CSV (:data:`RUN_FIELDS` but ``run_id`` and ``timestamp``).
+
+    ``config`` is the test's configuration (hashed, without the settings that do not change what is evaluated);
+    ``overrides`` what its command line changed from its recipes."""
+    checkpoint = provenance.get("checkpoint")
+    # What the fit recorded in the checkpoint (None: no checkpoint; {}: written by another tool).
+    fit_state = None if checkpoint is None else next(
+        (state for key, state in (checkpoint.get("callbacks") or {}).items() if key.startswith("RunArtifacts")), {})
+    train_wall = (fit_state or {}).get("train_wall_s")
+    hashed = {k: v for k, v in config.items() if k not in ("ckpt_path", "config", "runs_csv", "select_on_test", "svm")}
+    artifacts = next((c for c in trainer.callbacks if isinstance(c, RunArtifacts)), None)
+    return {
+        "git_commit": git_commit(),
+        "recipe": ";".join(recipes),
+        "config_hash": config_hash(hashed),
+        "dataset": datamodule.dataset_id if follows_contract(datamodule) else type(datamodule).__name__,
+        "method": model.hparams.head,
+        "backbone": model.hparams.backbone,
+        "head_dim": model.network.head.output_dim,
+        "epochs": provenance["epochs"],
+        "top1": accuracy["top1"],
+        "top5": accuracy.get("top5", ""),
+        "mean_class_acc": accuracy["mean_class_acc"],
+        "train_wall_s": "" if train_wall is None else round(float(train_wall), 1),
+        "test_wall_s": round(artifacts.test_wall_s, 1) if artifacts else "",
+        "device": device_name(trainer),
+        "checkpoint": ckpt_path or "",
+        "plots": ";".join(artifacts.plots) if artifacts else "",
+        "validation": provenance["validation"],
+        "selection": provenance["selection"],
+        "classifier": classifier,
+        "overrides": run_overrides(fit_state, recipes, overrides),
+    }

@@ -1,0 +1,134 @@
+"""FineGrainedNetwork: backbone -> second-order head -> linear classifier, as a plain ``nn.Module``.
+
+The network of every method here (iSQRT-COV: Li, Xie, Wang, Gao, "Towards Faster Training of Global Covariance
+Pooling Networks by Iterative Matrix Square Root Normalization", CVPR 2018; the other heads in
+:mod:`finegrained.heads`), without Lightning, for any training loop, as a timm model:
+
+    >>> net = FineGrainedNetwork(200, backbone="resnet50", backbone_weights=None, head="isqrt")
+    >>> net(torch.randn(2, 3, 224, 224)).shape
+    torch.Size([2, 200])
+
+Shapes: images (B, 3, H, W) -> backbone maps (B, C, h, w) -> :meth:`forward_features` (B, head.output_dim)
+-> :meth:`forward_head` (B, num_classes). A head with ``produces_logits`` (low-rank bilinear pooling) is its own
+classifier; a head that sets ``aux_loss`` in training (GM-SOP's load balance) leaves it on the head for the loss.
+
+Weights (ImageNet, a file, the authors' second-order models, ``init_from``) come through
+:mod:`finegrained.network_weights`. :class:`InferenceNetwork` adds the test protocol (the mean of the logits of
+each image and its horizontal flip); it is what ``finegrained test`` evaluates and what export writes.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from finegrained.backbones import build_backbone
+from finegrained.heads import build_head
+from finegrained.network_weights import authors_checkpoint, load_authors_head, load_matching_weights
+
+
+class FineGrainedNetwork(nn.Module):
+    """Args:
+        num_classes: number of outputs.
+        backbone: a name from :func:`finegrained.backbones.available_backbones`, ``"timm/<model name>"`` for any
+            timm model (ConvNeXt, ViT, Swin, EVA, ...), or an ``nn.Module`` mapping images to (B, C, h, w) with an
+            integer ``out_channels`` (then with its own weights: ``backbone_weights`` must be None).
+        backbone_weights: ``None``, ``"imagenet"`` or a path to a state dict (timm backbones: also a timm
+            pretrained tag, and ``.safetensors`` files): of the full backbone network, or one of the authors'
+            ImageNet-trained second-order models (:mod:`finegrained.pretrained`), whose trunk goes into the
+            backbone and whose 1×1 reduction and BatchNorm go into the head; what was mapped is logged.
+        last_stride: 1 removes the backbone's last down-sampling.
+        head: a name from :func:`finegrained.heads.available_heads`.
+        head_kwargs: keyword arguments of the head (e.g. ``{"reduction": 256}``).
+        dropout: dropout before the classifier.
+        backbone_layers: backbone layers whose maps the head receives together (HIHCA: ``["relu5_2", "relu5_3"]``).
+        channels_last: keep the backbone's convolution weights in channels-last memory format (values unchanged).
+        init_from: a checkpoint of ``finegrained fit`` to start from: tensors whose names and shapes match are
+            copied, the others (a classifier for another number of classes) stay at their initialisation;
+            the names dropped are kept in ``dropped_from_init``.
+    """
+
+    def __init__(self, num_classes: int, backbone: Union[str, nn.Module] = "resnet50",
+                 backbone_weights: Optional[str] = "imagenet", last_stride: int = 2, head: str = "isqrt",
+                 head_kwargs: Optional[Dict[str, Any]] = None, dropout: float = 0.0,
+                 backbone_layers: Optional[Sequence[str]] = None, channels_last: bool = False,
+                 init_from: Optional[str] = None):
+        super().__init__()
+        authors = authors_checkpoint(backbone, backbone_weights)
+        self.backbone = build_backbone(backbone, weights=authors.trunk if authors else backbone_weights,
+                                       last_stride=last_stride, layers=backbone_layers)
+        self.head = build_head(head, self.backbone.out_channels, num_classes=num_classes,
+                               class_token_dim=self.backbone.class_token_dim, **(head_kwargs or {}))
+        # The class token reaches the heads that use it (SoT) and no other.
+        self.backbone.return_class_token = self.head.uses_class_token and self.backbone.class_token_dim > 0
+        if authors:
+            load_authors_head(self.head, authors, str(backbone_weights), head, head_kwargs, last_stride)
+        self.num_classes = int(num_classes)
+        self.dropout = float(dropout)
+        self.classifier = self._new_classifier(self.num_classes)
+        self.channels_last = bool(channels_last)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.dropped_from_init: List[str] = load_matching_weights(self, init_from) if init_from else []
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        if self.head.produces_logits:
+            return nn.Identity()
+        linear = nn.Linear(self.head.output_dim, num_classes)
+        if self.head.classifier_init_std is not None:
+            nn.init.trunc_normal_(linear.weight, std=self.head.classifier_init_std)
+            nn.init.zeros_(linear.bias)
+        return nn.Sequential(nn.Dropout(self.dropout) if self.dropout else nn.Identity(), linear)
+
+    @property
+    def num_features(self) -> int:
+        """The dimension of :meth:`forward_features` (timm's name)."""
+        return self.head.output_dim
+
+    def in_memory_format(self, images: Tensor) -> Tensor:
+        """``images`` in channels-last format when the network keeps it (a no-op otherwise)."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) images -> (B, head.output_dim) head features (class scores for a ``produces_logits`` head)."""
+        return self.head(self.backbone(self.in_memory_format(images)))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, head.output_dim) -> (B, num_classes) logits."""
+        return self.classifier(features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier for ``num_classes`` outputs, initialised as at construction (fine-tuning on other
+        classes). A head that computes class scores itself (LRBP) has no separate classifier to reset."""
+        if self.head.produces_logits:
+            raise ValueError(f"{type(self.head).__name__} computes class scores itself; build a new network "
+                             f"for {num_classes} classes (init_from keeps the matching tensors)")
+        self.num_classes = int(num_classes)
+        device = self.classifier[-1].weight.device
+        self.classifier = self._new_classifier(self.num_classes).to(device)
+
+
+class InferenceNetwork(nn.Module):
+    """images (B, 3, h, w) -> logits (B, K) as evaluated: with ``test_flip``, the mean of the logits of each
+    image and its horizontal flip (the iSQRT-COV test protocol). Plain modules only, so it exports."""
+
+    def __init__(self, network: FineGrainedNetwork, test_flip: bool):
+        super().__init__()
+        self.network, self.test_flip = network, bool(test_flip)
+
+    def views(self, images: Tensor) -> List[Tensor]:
+        """The inputs whose logits are averaged: the images, and their flip with ``test_flip``."""
+        return [images, torch.flip(images, dims=[3])] if self.test_flip else [images]
+
+    @staticmethod
+    def average(logits: List[Tensor]) -> Tensor:
+        return torch.stack(logits).mean(dim=0)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.average([self.network(view) for view in self.views(images)])
