@@ -250,6 +250,9 @@ RECIPE_CASES = {
     "typo key": ("model:\n  lrr: 0.1\n", [], "{recipe}: model.lrr is not a setting of finegrained fit (did you mean "
                                               "model.lr?)"),
     "wrong type": ("model:\n  lr: fast\n", [], "{recipe}: model.lr: expected float, got fast"),
+    "an argument the data refuses": ("data:\n  init_args:\n    train_crop: diagonal\n", [],
+                                     "{recipe}: datamodules.ImageFolderDataModule: train_crop must be one of "
+                                     "('random', 'center'), got 'diagonal'"),
     "typo in the data's arguments": ("data:\n  init_args:\n    batch_sise: 3\n", [],
                                      "{recipe}: data.init_args.batch_sise is not an argument of "
                                      "datamodules.ImageFolderDataModule"),
@@ -314,3 +317,22 @@ def test_help_lists_every_command(capsys):
     for command in list(TOOLS) + ["fit", "validate", "test", "predict"]:
         assert command in text, command
     assert "report" in text
+
+
+@pytest.mark.parametrize("command", ["test", "export"])
+def test_a_checkpoint_whose_weights_do_not_fit_is_one_line(trained_run, tmp_path, capsys, command):
+    """A checkpoint of a layer this version does not have (e.g. SR-SOP's convolutions with a bias, as an earlier
+    version trained them) is refused in one line, before any result, instead of a traceback."""
+    import torch
+
+    recipe, ckpt, _ = trained_run
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["state_dict"]["head.reduce.0.bias"] = torch.zeros(16)
+    path = str(tmp_path / "old.ckpt")
+    torch.save(checkpoint, path)
+    argv = {"test": ["test", "--config", recipe, "--ckpt_path", path, "--runs_csv", str(tmp_path / "runs.csv")],
+            "export": ["export", "--ckpt", path, "--out", str(tmp_path / "model.onnx")]}[command]
+    line = _one_line_error(capsys, argv)
+    assert line.startswith(f"error: {path}: the checkpoint's weights do not fit this model (unexpected "
+                           f"head.reduce.0.bias)") and "--model.init_from" in line, line
+    assert not (tmp_path / "runs.csv").exists() and not (tmp_path / "model.onnx").exists()
