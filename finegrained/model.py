@@ -137,6 +137,8 @@ class FineGrainedClassifier(pl.LightningModule):
             raise ValueError(f"the checkpoint's class {k} is {saved_names[k]!r} but the data's is {names[k]!r}: it "
                              f"was trained on other classes (or another order); test it on its own dataset, or "
                              f"fine-tune from it with --model.init_from CKPT")
+        check_weights_fit(self.state_dict(), checkpoint["state_dict"],
+                          self._trainer.ckpt_path if self._trainer is not None else None)
 
     # -- inference ------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -255,18 +257,40 @@ def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrai
     The backbone is built without pretrained weights (the checkpoint holds all of them), so
     this works offline for any backbone.
     """
-    return classifier_from_checkpoint(read_classifier_checkpoint(checkpoint_path))
+    return classifier_from_checkpoint(read_classifier_checkpoint(checkpoint_path, map_location), checkpoint_path)
 
 
-def classifier_from_checkpoint(checkpoint: Dict[str, Any]) -> FineGrainedClassifier:
+def classifier_from_checkpoint(checkpoint: Dict[str, Any], source: Optional[str] = None) -> FineGrainedClassifier:
     """:func:`load_classifier` for a checkpoint already read (``{"hyper_parameters", "state_dict", ...}``)."""
     accepted = inspect.signature(FineGrainedClassifier.__init__).parameters
     # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only.
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
     model = FineGrainedClassifier(**{**hparams, **WEIGHTS_IN_CHECKPOINT})
-    model.load_state_dict(classifier_state(checkpoint["state_dict"]))
+    state = classifier_state(checkpoint["state_dict"])
+    check_weights_fit(model.state_dict(), state, source)
+    model.load_state_dict(state)
     _record_weight_sources(model, checkpoint["hyper_parameters"])
     return model.eval()
+
+
+def check_weights_fit(own: Dict[str, Any], saved: Dict[str, Any], source: Optional[str] = None) -> None:
+    """ValueError in one line when a checkpoint's tensors are not this model's (names or shapes): written for
+    another head or by a version of finegrained whose layers differ (a bias more or less)."""
+    unexpected = sorted(set(saved) - set(own))
+    missing = sorted(set(own) - set(saved))
+    reshaped = sorted(k for k in set(own) & set(saved)
+                      if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape))
+    if not (unexpected or missing or reshaped):
+        return
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = [f"{what} {some(keys)}" for what, keys in (("unexpected", unexpected), ("missing", missing),
+                                                          ("other shapes", reshaped)) if keys]
+    raise ValueError(f"{source + ': ' if source else ''}the checkpoint's weights do not fit this model ({'; '.join(problems)}): it was written for "
+                     f"another head or by a finegrained whose layers differ; fine-tune from it with --model.init_from "
+                     f"CKPT, which keeps the tensors that fit")
 
 
 def _record_weight_sources(model: FineGrainedClassifier, recorded: Dict[str, Any], keys=WEIGHTS_IN_CHECKPOINT) -> None:

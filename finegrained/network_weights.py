@@ -66,10 +66,10 @@ def network_state(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return {key: value for key, value in state.items() if key.startswith(NETWORK_PARTS)}
 
 
-def read_classifier_checkpoint(path: str) -> Dict[str, Any]:
+def read_classifier_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """A checkpoint written by ``finegrained fit``: ``{"hyper_parameters", "state_dict", ...}``, read with
     ``weights_only=True``; ValueError naming the file for anything else."""
-    checkpoint = read_checkpoint_file(path, map_location="cpu")
+    checkpoint = read_checkpoint_file(path, map_location=map_location)
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a FineGrainedClassifier checkpoint "
                          f"(expected 'hyper_parameters' and 'state_dict' entries)")

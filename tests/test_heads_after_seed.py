@@ -295,3 +295,8 @@ def test_mpa_head_exports_its_substitute_and_mtp_needs_none():
     head.use_substitute = True
     substitute = head(x)
     assert (substitute - exact).abs().max() <= 1e-5 * exact.abs().max()  # the same Padé form, matmuls only
+
+
+def test_mpa_refuses_an_unknown_method_when_built():
+    with pytest.raises(ValueError, match=r"head 'mpa': method must be one of \('mpa', 'mtp'\), got 'xx'"):
+        build_head("mpa", 8, reduction=None, method="xx")

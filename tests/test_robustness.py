@@ -174,7 +174,7 @@ def test_a_label_out_of_range_is_one_line(tmp_path, capsys, trained_run):
 
 
 def test_debug_shows_the_traceback_and_programming_errors_keep_theirs(trained_run, tmp_path, monkeypatch):
-    from finegrained import model as model_module
+    from finegrained import network as network_module
     from finegrained.cli import entry_point
 
     recipe, _, _ = trained_run
@@ -189,7 +189,7 @@ def test_debug_shows_the_traceback_and_programming_errors_keep_theirs(trained_ru
     def broken(*args, **kwargs):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(model_module, "build_head", broken)
+    monkeypatch.setattr(network_module, "build_head", broken)
     with pytest.raises(TypeError, match="a bug"):
         entry_point(_fit(recipe, tmp_path))
 
@@ -252,6 +252,9 @@ RECIPE_CASES = {
     "a setting that moved": ("model:\n  stage1_epochs: 3\n", [], "{recipe}: model.stage1_epochs is not a setting of "
                                                                    "finegrained fit (did you mean stage1.epochs?)"),
     "wrong type": ("model:\n  optim:\n    lr: fast\n", [], "{recipe}: model.optim.lr: expected float, got fast"),
+    "an argument the data refuses": ("data:\n  init_args:\n    train_crop: diagonal\n", [],
+                                     "{recipe}: datamodules.ImageFolderDataModule: train_crop must be one of "
+                                     "('random', 'center'), got 'diagonal'"),
     "typo in the data's arguments": ("data:\n  init_args:\n    batch_sise: 3\n", [],
                                      "{recipe}: data.init_args.batch_sise is not an argument of "
                                      "datamodules.ImageFolderDataModule"),
@@ -316,3 +319,22 @@ def test_help_lists_every_command(capsys):
     for command in list(TOOLS) + ["fit", "validate", "test", "predict"]:
         assert command in text, command
     assert "report" in text
+
+
+@pytest.mark.parametrize("command", ["test", "export"])
+def test_a_checkpoint_whose_weights_do_not_fit_is_one_line(trained_run, tmp_path, capsys, command):
+    """A checkpoint of a layer this version does not have (e.g. SR-SOP's convolutions with a bias, as an earlier
+    version trained them) is refused in one line, before any result, instead of a traceback."""
+    import torch
+
+    recipe, ckpt, _ = trained_run
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["state_dict"]["network.head.reduce.0.bias"] = torch.zeros(16)
+    path = str(tmp_path / "old.ckpt")
+    torch.save(checkpoint, path)
+    argv = {"test": ["test", "--config", recipe, "--ckpt_path", path, "--runs_csv", str(tmp_path / "runs.csv")],
+            "export": ["export", "--ckpt", path, "--out", str(tmp_path / "model.onnx")]}[command]
+    line = _one_line_error(capsys, argv)
+    assert line.startswith(f"error: {path}: the checkpoint's weights do not fit this model (unexpected "
+                           f"network.head.reduce.0.bias)") and "--model.init_from" in line, line
+    assert not (tmp_path / "runs.csv").exists() and not (tmp_path / "model.onnx").exists()

@@ -256,6 +256,14 @@ def describe_config_error(message: str, argv: List[str]) -> str:
     match = re.match(r'Parser key "config": (.*)', text)
     if match:
         return f"recipe: {match.group(1)}"
+    # A class's own check of its arguments failed when the recipe's data (or model) was built from them.
+    match = re.match(r"Does not validate against any of the Union subtypes .*? Errors: - (.*?) - Expected a "
+                     r"<class 'NoneType'>.*?Namespace\(class_path='([\w.]+)'", text)
+    if match:
+        detail, cls = match.groups()
+        setting = re.search(r"^(\w+) ", detail)
+        key = f"data.init_args.{setting.group(1)}" if setting else "data"
+        return f"{where_set(key, argv)}: {cls}: {detail}"
     match = re.match(r"the following arguments are required: \w+\.(.*)", text)
     if match:
         return (f"{where_set(match.group(1), argv)}: no {match.group(1)}: setting; expected e.g. data: {{class_path: "

@@ -223,6 +223,10 @@ def run_lightning_cli(args: Optional[List[str]] = None, other_commands: Optional
         return _build_cli(argv, other_commands or [])
     except argparse.ArgumentError as err:  # the parser refused a setting: which one, where, and what it expected
         raise RecipeError(describe_config_error(str(err), argv)) from None
+    except ValueError as err:  # a class refused its arguments as jsonargparse built it: which class, and why
+        if not str(err).startswith("Does not validate against any of the Union subtypes"):
+            raise
+        raise RecipeError(describe_config_error(str(err), argv)) from None
     finally:
         sys.argv = saved_argv
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from finegrained.heads import register_head
 from finegrained.heads.covariance_pooling import CovariancePoolingHead
 from finegrained.ops import sqrtm_pade
+from finegrained.ops.pade import METHODS as PADE_METHODS
 
 
 @register_head("mpa", "MPA-Lya")
@@ -36,6 +37,8 @@ class MPALyaHead(CovariancePoolingHead):
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, method: str = "mpa",
                  backward_iterations: int = 8, substitute_iterations: int = 20):
+        if method not in PADE_METHODS:  # refused when the model is built, not at its first forward
+            raise ValueError(f"head 'mpa': method must be one of {PADE_METHODS}, got {method!r}")
         super().__init__(in_channels, reduction)
         self.method, self.backward_iterations = method, backward_iterations
         self.substitute_iterations = substitute_iterations

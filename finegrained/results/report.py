@@ -236,7 +236,7 @@ def write_report(checkpoint_path: str, datamodule, out_dir: str, split: str = "t
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous_output(out_dir, "report")  # refuse a folder of the user's before any work
     checkpoint = read_classifier_checkpoint(checkpoint_path)  # read once: the model, its history and its callbacks' state
-    model = classifier_from_checkpoint(checkpoint)
+    model = classifier_from_checkpoint(checkpoint, checkpoint_path)
     hp = model.hparams
     datamodule.prepare_data()
     datamodule.setup("test" if split == "test" else "validate")
