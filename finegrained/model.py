@@ -254,8 +254,6 @@ class FineGrainedClassifier(pl.LightningModule):
         # Restored from a checkpoint: keep the weight sources it records (the model may have been
         # built without them, see WEIGHTS_IN_CHECKPOINT), so later checkpoints record them too.
         _record_weight_sources(self, checkpoint.get("hyper_parameters", {}))
-        check_weights_fit(self.state_dict(), checkpoint.get("state_dict", {}),
-                          self._trainer.ckpt_path if self._trainer is not None else None)
         saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
         if saved is not None and saved != self.hparams.num_classes:
             raise ValueError(f"the checkpoint was trained for {saved} classes but the data has "
@@ -269,6 +267,9 @@ class FineGrainedClassifier(pl.LightningModule):
             raise ValueError(f"the checkpoint's class {k} is {saved_names[k]!r} but the data's is {names[k]!r}: it "
                              f"was trained on other classes (or another order); test it on its own dataset, or "
                              f"fine-tune from it with --model.init_from CKPT")
+        # Then the tensors themselves (the more specific messages above first).
+        check_weights_fit(self.state_dict(), checkpoint.get("state_dict", {}),
+                          self._trainer.ckpt_path if self._trainer is not None else None)
 
     # -- inference ------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
