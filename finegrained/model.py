@@ -137,6 +137,7 @@ class FineGrainedClassifier(pl.LightningModule):
             raise ValueError(f"the checkpoint's class {k} is {saved_names[k]!r} but the data's is {names[k]!r}: it "
                              f"was trained on other classes (or another order); test it on its own dataset, or "
                              f"fine-tune from it with --model.init_from CKPT")
+        # Then the tensors themselves (the more specific messages above first).
         check_weights_fit(self.state_dict(), checkpoint["state_dict"],
                           self._trainer.ckpt_path if self._trainer is not None else None)
 
