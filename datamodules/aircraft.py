@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import List, Sequence, Union
+from typing import List
 
 from datamodules.annotated import AnnotatedDataModule, read_fields, read_id_map
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BANNER_ROWS = 20
 _CLASS_FILES = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
@@ -42,17 +41,12 @@ class FGVCAircraftDataModule(AnnotatedDataModule):
 
     def __init__(self, root: str, annotation_level: str = "variant", train_split: str = "trainval",
                  crop_banner: bool = True, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
-                 batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = (512, 512),
-                 crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 train_crop: str = "center", skip_corrupt: bool = False,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 **kwargs):
         if annotation_level not in _CLASS_FILES:
             raise ValueError(f"annotation_level must be one of {sorted(_CLASS_FILES)}, got {annotation_level!r}")
         if train_split not in ("trainval", "train"):
             raise ValueError(f"train_split must be 'trainval' or 'train', got {train_split!r}")
-        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         train_crop=train_crop, skip_corrupt=skip_corrupt, mean=mean, std=std)
+        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
         self.annotation_level = annotation_level
         self.train_split = train_split

@@ -22,21 +22,20 @@ from mirrors in several layouts; ``layout="auto"`` detects which:
 
 Annotations (``.mat``, read with scipy): ``class_names`` in ``cars_meta.mat`` (official order, not
 alphabetical); ``annotations`` with fields ``bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, fname``,
-class 1..196 -> label = class − 1. Default transforms: resize to 448×448 (the
-448 crop then keeps the whole image), flip (iSQRT-COV code).
+class 1..196 -> label = class − 1. The published input (resize to 448×448, so the 448 crop keeps the whole image,
+and flip: the iSQRT-COV code) is set by ``recipes/_base/data/cars.yaml``.
 """
 from __future__ import annotations
 
 import csv
 import os
 from functools import cached_property
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from datamodules.annotated import AnnotatedDataModule, find_dataset_dir
 from datamodules.io import IMAGE_EXTENSIONS
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 LAYOUTS = ("original", "kaggle_nested", "kaggle_folders", "combined")
 _DEVKIT_DIRS = ["devkit", "car_devkit/devkit", "."]
@@ -80,15 +79,10 @@ class StanfordCarsDataModule(AnnotatedDataModule):
     dataset_id = "cars"
 
     def __init__(self, root: str, layout: str = "auto", bbox_crop: bool = False, val_fraction: float = 0.0,
-                 seed: int = 0, batch_size: int = 10, num_workers: int = 4,
-                 resize_size: Union[int, List[int]] = (448, 448), crop_size: Union[int, List[int]] = 448,
-                 hflip: bool = True, train_crop: str = "center", skip_corrupt: bool = False,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 seed: int = 0, **kwargs):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
-        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         train_crop=train_crop, skip_corrupt=skip_corrupt, mean=mean, std=std)
+        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
         self.requested_layout = layout
 

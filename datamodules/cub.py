@@ -5,18 +5,18 @@ ids): ``images.txt`` (id, relative path), ``image_class_labels.txt`` (id, class 
 ``train_test_split.txt`` (id, 1 = train), ``classes.txt`` (class id, ``NNN.Name``) and
 ``bounding_boxes.txt`` (id, x, y, width, height as floats). Labels are 0-based in ``classes.txt`` order.
 
-Default transforms follow the iSQRT-COV fine-tuning code (fast-MPN-COV ``imagepreprocess.py``): shorter
-side to 448, centre crop 448 in training and at test, random horizontal flip in training
-(``train_crop="random"`` for protocols that crop at random).
+The published input (the iSQRT-COV fine-tuning code, fast-MPN-COV ``imagepreprocess.py``: shorter side to 448,
+centre crop 448 in training and at test, random horizontal flip in training) is set by the recipes
+(``recipes/_base/data/cub.yaml``), as for every dataset; the constructor's defaults are the shared ones of
+:class:`~datamodules.base.FineGrainedDataModule`.
 """
 from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import List, Sequence, Union
+from typing import List
 
 from datamodules.annotated import AnnotatedDataModule, image_list_splits, read_fields, read_id_map
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class CUB200DataModule(AnnotatedDataModule):
@@ -25,14 +25,8 @@ class CUB200DataModule(AnnotatedDataModule):
     markers = ("images.txt", "classes.txt")
     candidates = (".", "CUB_200_2011", "CUB_200_2011/CUB_200_2011")  # some copies nest the folder twice
 
-    def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0,
-                 batch_size: int = 10, num_workers: int = 4, resize_size: Union[int, List[int]] = 448,
-                 crop_size: Union[int, List[int]] = 448, hflip: bool = True,
-                 train_crop: str = "center", skip_corrupt: bool = False,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, resize_size=resize_size, crop_size=crop_size, hflip=hflip,
-                         train_crop=train_crop, skip_corrupt=skip_corrupt, mean=mean, std=std)
+    def __init__(self, root: str, bbox_crop: bool = False, val_fraction: float = 0.0, seed: int = 0, **kwargs):
+        super().__init__(root, bbox_crop=bbox_crop, val_fraction=val_fraction, seed=seed, **kwargs)
         self.save_hyperparameters()
 
     @cached_property

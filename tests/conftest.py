@@ -64,6 +64,25 @@ def image_folder(tmp_path):
     return make_image_folder(tmp_path / "folder")
 
 
+# Small settings that keep each head's matrix function on the input it is given (no reduction).
+SMALL_HEAD_KWARGS = {
+    "gap": {}, "bcnn": {}, "improved_bcnn": {}, "isqrt": {"reduction": None}, "mpncov": {"reduction": None},
+    "o2p": {}, "g2de": {}, "cbp": {"output_dim": 64}, "kp": {"sketch_dim": 32}, "netvlad": {"clusters": 4},
+    "netfv": {"clusters": 4}, "lrbp": {"reduction": 6, "num_classes": 3}, "hihca": {"filters": 32},
+    "srsop": {"mid_channels": 8, "out_channels": 6}, "gmsop": {"components": 4, "top_k": 2, "mid_channels": 8,
+                                                              "out_channels": 6},
+    "sot": {"heads": 2, "rank": 3, "dropout": 0.0}, "dropcov": {"reduction": None}, "isice": {"reduction": None},
+    "mpa": {"reduction": None},
+}
+
+
+def small_head(name, channels=8, num_classes=3):
+    """Head ``name`` on ``channels`` input channels with the small settings above."""
+    from finegrained.heads import build_head
+
+    return build_head(name, channels, **{"num_classes": num_classes, **SMALL_HEAD_KWARGS.get(name, {})})
+
+
 TINY_RECIPE = """
 seed_everything: 0
 runs_csv: {root}/runs.csv

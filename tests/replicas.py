@@ -186,7 +186,7 @@ def write_cars(root, layout="original", classes=CAR_CLASSES, n_train=10, n_test=
     return base, train, test
 
 
-# ---- the sets of issue 18, in their official layouts (datasets-more.md) --------------------------------------
+# ---- the further fine-grained sets, in their official layouts --------------------------------------------------
 NABIRDS_LEAVES = [817, 37, 1000, 295]  # not contiguous, not sorted: labels follow ascending ids
 
 

@@ -1,4 +1,4 @@
-"""Issue 13: every recipe trains what its paper trained, and every reported number is the model's own."""
+"""Every recipe trains what its paper trained, and every reported number is the model's own."""
 import pytest
 import torch
 from torch.autograd import gradgradcheck
@@ -6,7 +6,7 @@ from torch.autograd import gradgradcheck
 from finegrained.ops import eig_log, eig_power, isqrt_cov, sqrtm_newton_schulz_lyapunov, sqrtm_pade
 
 
-# ---- 8. double backward is never silently wrong ----------------------------------------------------------
+# ---- double backward is never silently wrong ----------------------------------------------------------
 def _spd(b=2, d=4):
     x = torch.randn(b, d, 3 * d, dtype=torch.float64)
     return (x @ x.transpose(1, 2) / (3 * d) + 0.1 * torch.eye(d, dtype=torch.float64)).requires_grad_(True)
@@ -24,7 +24,7 @@ def test_double_backward_is_refused_not_wrong(name, fn, make):
         gradgradcheck(fn, (make(),))
 
 
-# ---- 2. GM-SOP gating as in the official gate layer --------------------------------------------------------
+# ---- GM-SOP gating as in the official gate layer --------------------------------------------------------
 def test_gmsop_training_breaks_gate_ties_at_random():
     """From the paper's constant initialisation every gate logit ties; training must still use all components."""
     from finegrained.heads import build_head
@@ -51,7 +51,7 @@ def test_gmsop_evaluation_keeps_the_deterministic_tie_rule():
     assert torch.equal((first > 0).nonzero()[:, 1].view(4, 8), torch.arange(8).expand(4, 8))  # ties -> lowest indices
 
 
-# ---- 10. the training crop of each protocol -------------------------------------------------------------
+# ---- the training crop of each protocol -------------------------------------------------------------
 def test_center_training_crop_is_the_test_crop_without_randomness():
     import numpy as np
     from PIL import Image
@@ -99,7 +99,7 @@ def test_datamodule_default_training_crop(module, crop):
     assert parameters["train_crop"].default == crop
 
 
-# ---- 7. FineGrainedClassifier.load_from_checkpoint works offline ------------------------------------------
+# ---- FineGrainedClassifier.load_from_checkpoint works offline ------------------------------------------
 def test_load_from_checkpoint_reads_neither_pretrained_weights_nor_init_from(tmp_path, monkeypatch, image_folder):
     import urllib.error
 
@@ -155,7 +155,7 @@ def test_cli_test_does_not_read_init_from_again(trained_run, tmp_path):
     assert main(["test", *run, "--ckpt_path", str(fine_tuned)]) == 0
 
 
-# ---- 6. the exported model is the tested model ---------------------------------------------------------------
+# ---- the exported model is the tested model ---------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_includes_the_flip_average_of_finegrained_test(fmt, tmp_path):
     from finegrained.export import export_classifier
@@ -238,7 +238,7 @@ def test_labelled_folder_accuracy_equals_finegrained_test_on_the_demo_images(tmp
     assert predicted.groups() == tested.groups()
 
 
-# ---- 4. the two-stage protocol: one implementation, works on several processes -------------------------------
+# ---- the two-stage protocol: one implementation, works on several processes -------------------------------
 def _two_stage_lrs(scheduler, epochs=6, stage1=2, lr_steps=(2,)):
     from finegrained.optim import configure_optimizers
 
@@ -334,7 +334,7 @@ def test_two_stage_fit_runs_under_ddp_and_switches_to_stage_2(trained_run, tmp_p
         assert bool(differs) == changed, (epoch, differs[:3])
 
 
-# ---- 5. honest checkpoint choice --------------------------------------------------------------------------------
+# ---- honest checkpoint choice --------------------------------------------------------------------------------
 @pytest.mark.parametrize("val_fraction, best_written, validation", [(0.0, False, "test set"), (0.5, True, "held-out")])
 def test_checkpoint_choice_is_honest(val_fraction, best_written, validation, trained_run, tmp_path, capsys):
     import csv
@@ -373,7 +373,7 @@ def test_older_run_records_gain_the_new_columns(tmp_path):
     assert runs["selection"].fillna("").tolist() == ["", "last epoch"]
 
 
-# ---- 1. data-dependent initialisation runs in fit -------------------------------------------------------------
+# ---- data-dependent initialisation runs in fit -------------------------------------------------------------
 def _fit_netvlad(recipe, tmp_path, *extra):
     from finegrained.cli import main
 
@@ -434,7 +434,7 @@ def test_data_init_is_identical_on_every_ddp_rank(trained_run, tmp_path):
     assert (rank0["centroids"] >= -0.05).all()  # k-means centres (moved little by one epoch at lr 0.01)
 
 
-# ---- 9. start where the authors started --------------------------------------------------------------------------
+# ---- start where the authors started --------------------------------------------------------------------------
 def _authors_resnet_file(path, backbone="resnet50", reduction=256, prefix=""):
     """A state dict in fast-MPN-COV's iSQRT-COV ResNet layout: trunk, layer_reduce, layer_reduce_bn, fc."""
     import torchvision
@@ -505,7 +505,7 @@ def test_a_file_of_another_layout_is_a_clear_error(tmp_path):
                               head_kwargs={"reduction": 8})
 
 
-# ---- 3. the bench table chooses on validation, never on test ----------------------------------------------------
+# ---- the bench table chooses on validation, never on test ----------------------------------------------------
 def test_bench_table_choices_do_not_depend_on_the_test_split():
     """Shuffled test labels change the test accuracy, never what was chosen or its validation accuracy."""
     from finegrained.bench.table import evaluate_head
@@ -527,7 +527,7 @@ def test_bench_table_choices_do_not_depend_on_the_test_split():
         assert "validation_sweep" in honest and honest["validation_sweep"].count(":") >= 3
 
 
-# ==== Issue 14: each recipe runs what the official training code runs ===============================================
+# ---- each recipe runs what the official training code runs ----===========================================
 def test_cached_stage1_trains_the_classifier_on_unaugmented_features_and_every_rank_gets_it(trained_run, tmp_path):
     import sys
 

@@ -11,6 +11,7 @@ import torch
 
 from finegrained.backbones import available_backbones, build_backbone, register_backbone
 from finegrained.heads import PoolingHead, available_heads, build_head, head_display_name, register_head
+from tests.conftest import small_head
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
@@ -130,14 +131,8 @@ def test_the_layer_rule_can_fail():
 
 
 # ---- the head contract ------------------------------------------------------------------------------------
-SMALL_KWARGS = {"netvlad": {"clusters": 4}, "lrbp": {"reduction": 4, "rank": 2}, "kp": {"sketch_dim": 32},
-                "cbp": {"output_dim": 64}, "hihca": {"filters": 32}, "isqrt": {"reduction": 4},
-                "mpncov": {"reduction": 4}, "srsop": {"mid_channels": 8, "out_channels": 4},
-                "gmsop": {"components": 4, "top_k": 2, "mid_channels": 8, "out_channels": 4}}
-
-
 def _small(name, channels=8):
-    return build_head(name, channels, num_classes=3, **SMALL_KWARGS.get(name, {}))
+    return small_head(name, channels)
 
 
 @pytest.mark.parametrize("name", available_heads())

@@ -19,19 +19,19 @@ from tests.replicas import write_aircraft, write_cub
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-# ---- 1-3: root, layout, annotation files -------------------------------------------------------------
-def test_01_missing_root_names_it(tmp_path):
+# ---- root, layout, annotation files -------------------------------------------------------------
+def test_missing_root_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope")) + ".*does not exist"):
         CUB200DataModule(str(tmp_path / "nope")).class_names
 
 
-def test_02_wrong_layout_says_what_was_expected(tmp_path):
+def test_wrong_layout_says_what_was_expected(tmp_path):
     (tmp_path / "photos" / "misc").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"CUB-200-2011 not found .*expected images\.txt, classes\.txt"):
         CUB200DataModule(str(tmp_path / "photos")).class_names
 
 
-def test_03_missing_annotation_file_is_named(tmp_path):
+def test_missing_annotation_file_is_named(tmp_path):
     data = write_aircraft(str(tmp_path), placeholder=True)
     os.remove(os.path.join(data, "images_variant_test.txt"))
     dm = FGVCAircraftDataModule(str(tmp_path), num_workers=0)
@@ -39,7 +39,7 @@ def test_03_missing_annotation_file_is_named(tmp_path):
         dm.setup()
 
 
-# ---- 4-10: images --------------------------------------------------------------------------------------
+# ---- images --------------------------------------------------------------------------------------
 def _cub_with(tmp_path, damage):
     base = write_cub(str(tmp_path), n_classes=2, per_class=2)
     path = os.path.join(base, "images", "001.Bird_kind_1", "Bird_Kind_1_0000_1.jpg")
@@ -72,7 +72,7 @@ def test_bad_image_names_the_file_or_is_skipped(tmp_path, caplog, case, damage, 
     assert path in dm2.train_dataset.skipped
 
 
-def test_08_cmyk_grayscale_rgba_palette_are_converted(tmp_path):
+def test_cmyk_grayscale_rgba_palette_are_converted(tmp_path):
     for mode, ext in (("CMYK", "jpg"), ("L", "jpg"), ("RGBA", "png"), ("P", "png"), ("LA", "png"), ("I;16", "png")):
         path = tmp_path / f"img.{mode.replace(';', '')}.{ext}"
         Image.new(mode, (9, 7)).save(path)
@@ -80,7 +80,7 @@ def test_08_cmyk_grayscale_rgba_palette_are_converted(tmp_path):
         assert image.mode == "RGB" and image.size == (9, 7)
 
 
-def test_09_non_image_file_in_a_class_folder_is_logged_and_ignored(tmp_path, caplog):
+def test_non_image_file_in_a_class_folder_is_logged_and_ignored(tmp_path, caplog):
     root = make_image_folder(tmp_path / "f", n_classes=2, per_class=3)
     (tmp_path / "f" / "train" / "class_0" / "notes.txt").write_text("not an image")
     dm = ImageFolderDataModule(root, num_workers=0, val_fraction=0.34)
@@ -90,15 +90,15 @@ def test_09_non_image_file_in_a_class_folder_is_logged_and_ignored(tmp_path, cap
     assert all(not p.endswith(".txt") for p, _ in dm.train_dataset.samples + dm.val_dataset.samples)
 
 
-def test_10_empty_class_folder_is_an_error_naming_it(tmp_path):
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     root = make_image_folder(tmp_path / "f", n_classes=2, per_class=3)
     (tmp_path / "f" / "train" / "class_9").mkdir()
     with pytest.raises(ValueError, match=r"\['class_9'\] hold no images"):
         ImageFolderDataModule(root, num_workers=0).setup()
 
 
-# ---- 11-13: annotations --------------------------------------------------------------------------------
-def test_11_label_out_of_range_names_file_and_value(tmp_path):
+# ---- annotations --------------------------------------------------------------------------------
+def test_label_out_of_range_names_file_and_value(tmp_path):
     base = write_cub(str(tmp_path), n_classes=2, per_class=2, placeholder=True)
     with open(os.path.join(base, "image_class_labels.txt"), "w") as f:
         f.write("1 1\n2 7\n3 2\n4 2\n")
@@ -113,7 +113,7 @@ def test_11_label_out_of_range_names_file_and_value(tmp_path):
         dm.setup()
 
 
-def test_12_duplicate_image_id_names_file_and_line(tmp_path):
+def test_duplicate_image_id_names_file_and_line(tmp_path):
     base = write_cub(str(tmp_path), n_classes=2, per_class=2, placeholder=True)
     path = os.path.join(base, "images.txt")
     lines = open(path).read().splitlines()
@@ -122,7 +122,7 @@ def test_12_duplicate_image_id_names_file_and_line(tmp_path):
         CUB200DataModule(str(tmp_path), num_workers=0).setup()
 
 
-def test_13_csv_path_escaping_the_root(tmp_path):
+def test_csv_path_escaping_the_root(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "train.csv").write_text("../../etc/passwd,cat\n")
     (tmp_path / "test.csv").write_text("x.jpg,cat\n")
@@ -131,8 +131,8 @@ def test_13_csv_path_escaping_the_root(tmp_path):
         dm.setup()
 
 
-# ---- 14-15: checkpoints and configs --------------------------------------------------------------------
-def test_14_checkpoint_for_another_class_count(trained_run, tmp_path):
+# ---- checkpoints and configs --------------------------------------------------------------------
+def test_checkpoint_for_another_class_count(trained_run, tmp_path):
     recipe, ckpt, _ = trained_run
     other = make_image_folder(tmp_path / "five", n_classes=5, per_class=3)
     with pytest.raises(ValueError, match="trained for 3 classes but the data has 5.*init_from"):
@@ -140,7 +140,7 @@ def test_14_checkpoint_for_another_class_count(trained_run, tmp_path):
               "--runs_csv", str(tmp_path / "runs.csv")])
 
 
-def test_15_unknown_head_or_backbone_lists_the_known_names(trained_run):
+def test_unknown_head_or_backbone_lists_the_known_names(trained_run):
     recipe, _, _ = trained_run
     with pytest.raises(ValueError, match="unknown head 'nope'; known heads: .*gmsop.*isqrt"):
         main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.head", "nope"])

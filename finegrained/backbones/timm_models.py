@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import logging
 import os
 from collections.abc import Mapping
-from typing import Dict, List, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -148,26 +147,35 @@ def _download_help(tagged_name: str) -> str:
 
 
 @contextlib.contextmanager
-def _timm_load_report():
-    """Collect what timm's ``load_pretrained`` reports: it loads non-strictly once the classifier is dropped
-    (``num_classes=0``) and only logs the missing and unexpected keys, which here must be errors."""
-    logger = logging.getLogger("timm.models._builder")
-    records: List[str] = []
+def _load_results():
+    """The results of every ``load_state_dict`` call while timm builds a model: its ``load_pretrained`` loads
+    non-strictly once the classifier is dropped (``num_classes=0``) and only logs the missing and unexpected keys,
+    which here must be errors. Yields a list of (module, ``_IncompatibleKeys``)."""
+    results: List[Tuple[nn.Module, Any]] = []
+    original = nn.Module.load_state_dict
 
-    class Collect(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            if message.startswith(("Missing keys", "Unexpected keys")):
-                records.append(message.split(" discovered")[0].split(" found")[0])
+    def load_state_dict(module, *args, **kwargs):
+        result = original(module, *args, **kwargs)
+        results.append((module, result))
+        return result
 
-    handler, level = Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    nn.Module.load_state_dict = load_state_dict
     try:
-        yield records
+        yield results
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        nn.Module.load_state_dict = original
+
+
+def _weight_problems(model: nn.Module, results) -> List[str]:
+    """What the loads into ``model`` itself left missing or did not use."""
+    problems = []
+    for module, result in results:
+        if module is model:
+            if result.missing_keys:
+                problems.append(f"Missing keys ({', '.join(result.missing_keys[:10])})")
+            if result.unexpected_keys:
+                problems.append(f"Unexpected keys ({', '.join(result.unexpected_keys[:10])})")
+    return problems
 
 
 def _create(model_name: str, weights: Weights, **kwargs) -> nn.Module:
@@ -175,8 +183,9 @@ def _create(model_name: str, weights: Weights, **kwargs) -> nn.Module:
 
     tagged_name, pretrained = _pretrained_arguments(model_name, weights)
     try:
-        with _timm_load_report() as problems:
+        with _load_results() as results:
             model = timm.create_model(tagged_name, num_classes=0, **pretrained, **kwargs)
+        problems = _weight_problems(model, results)
         if problems:
             raise WeightsUnavailableError(f"weights {weights!s} do not fit timm/{model_name}: "
                                           + "; ".join(problem[:300] for problem in problems))

@@ -10,8 +10,9 @@ from datamodules import fashion_mnist
 from finegrained.cli import main
 from finegrained.results.runs import RUN_FIELDS, append_run, read_runs
 from finegrained.results.tables import load_reference, select_runs, write_tables
+from tests.conftest import REPO_ROOT
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv")
+REFERENCE = os.path.join(REPO_ROOT, "results", "reference.csv")
 
 # The seed's fine-grained table, typed in again independently of results/reference.csv.
 SEED_FINEGRAINED = {
@@ -171,7 +172,7 @@ def test_bench_table_on_real_images_uses_its_cache(tmp_path, capsys):
 
 def test_committed_tables_are_exactly_what_the_code_writes(tmp_path, monkeypatch):
     """`finegrained tables` on a fresh clone (no run records yet) must leave results/tables/ unchanged."""
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "results"))
+    root = os.path.abspath(os.path.join(REPO_ROOT, "results"))
     out = tmp_path / "tables"
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "runs.csv").write_text(",".join(RUN_FIELDS) + "\n")
@@ -209,7 +210,7 @@ def test_a_column_prints_the_decimals_the_paper_prints(tmp_path):
 
 
 # ---- the whole path: data in its official layout -> fit -> test -> the table cell ----------------------------
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+REPO = REPO_ROOT
 SMALL = ["--trainer.max_epochs", "1", "--model.backbone_weights", "null", "--data.init_args.batch_size", "2"]
 EXECUTION = ["--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
              "false"]

@@ -147,7 +147,7 @@ def test_channels_last_converts_the_backbone_and_the_batches():
     model = FineGrainedClassifier(3, backbone="timm/convnext_tiny", backbone_weights=None, head="gap",
                                   channels_last=True)
     assert model.backbone.features.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-    images = model._in_memory_format(torch.randn(2, 3, 32, 32))
+    images = model.network.in_memory_format(torch.randn(2, 3, 32, 32))
     assert images.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -164,3 +164,17 @@ def test_timm_classifiers_export_to_onnx_and_torchscript(backbone, head, tmp_pat
     for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".pt")):
         manifest = export_classifier(ckpt, fmt, str(tmp_path / f"m{suffix}"))
         assert manifest["parity_max_abs_diff"] <= 1e-4, (fmt, manifest["parity_max_abs_diff"])
+
+
+def test_a_weight_file_missing_a_tensor_is_refused_not_loaded_in_part(tmp_path):
+    """timm loads non-strictly once the classifier is dropped; the keys its load_state_dict reports are errors."""
+    import timm
+
+    state = timm.create_model("convnext_tiny", num_classes=1000).state_dict()
+    missing = next(k for k in state if k.startswith("stages.3"))
+    del state[missing]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsUnavailableError, match=rf"Missing keys \({missing}\).*Unexpected keys \(extra.weight\)"):
+        build_backbone("timm/convnext_tiny", weights=str(path))

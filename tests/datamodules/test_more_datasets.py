@@ -380,7 +380,7 @@ def _shard_fit_recipe(path, shards_dir, **data):
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 2, strategy: ddp, max_epochs: 2, enable_progress_bar: false,
           enable_model_summary: false, limit_val_batches: 0}}
-model: {{backbone: resnet18, backbone_weights: null, head: gap, lr: 0.01}}
+model: {{backbone: resnet18, backbone_weights: null, head: gap, optim: {{lr: 0.01}}}}
 data:
   class_path: datamodules.ShardDataModule
   init_args: {{root: {shards_dir}, batch_size: 2, {settings}}}

@@ -285,7 +285,7 @@ def test_the_contract_is_embedded_in_both_formats(trained_run, onnx_model, tmp_p
 
 
 def _readme_client():
-    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     after = text.split("**A client with only onnxruntime, PIL and numpy.**", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 

@@ -1,4 +1,4 @@
-"""Every DataModule finds its dataset with ``root`` at every folder level a download creates (issue 15).
+"""Every DataModule finds its dataset with ``root`` at every folder level a download creates.
 
 The replicas are written as the archives unpack (CUB_200_2011.tgz, fgvc-aircraft-2013b.tar.gz,
 torchvision's ``stanford_cars/``, both Kaggle copies of Stanford Cars, ``car_ims.tgz`` with ``cars_annos.mat``); the DataModule is then built with

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from finegrained.cli.recipe import load_recipe
+from tests.conftest import REPO_ROOT
 
-RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
+RECIPES = os.path.join(REPO_ROOT, "recipes")
 DATASETS = ("cub", "aircraft", "cars")
 
 FMC, FMC_VGG = "FMC finetune.sh, main.py, imagepreprocess.py", "FMC finetune_mpncovvggd16.sh, main.py line 148"

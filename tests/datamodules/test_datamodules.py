@@ -8,6 +8,7 @@ import torch
 from datamodules import FashionMNISTDataModule, ImageFolderDataModule, ImageLoadError, load_rgb
 from datamodules import fashion_mnist
 from tests.conftest import make_image_folder, write_image
+from tests.conftest import REPO_ROOT
 
 
 def test_image_folder_without_val_makes_stratified_split(image_folder):
@@ -114,7 +115,7 @@ def test_the_benchmarks_record_the_ids_of_the_reference_tables():
 
     import datamodules
 
-    reference = set(pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "results", "reference.csv"))["dataset"])
+    reference = set(pd.read_csv(os.path.join(REPO_ROOT, "results", "reference.csv"))["dataset"])
     assert datamodules.CUB200DataModule.dataset_id == "cub"
     assert datamodules.StanfordCarsDataModule.dataset_id == "cars"
     aircraft = datamodules.FGVCAircraftDataModule.__new__(datamodules.FGVCAircraftDataModule)

@@ -6,6 +6,7 @@ from torch.autograd import gradcheck
 
 from finegrained.heads import available_heads, build_head
 from finegrained.ops import covariance
+from tests.conftest import SMALL_HEAD_KWARGS
 
 torch.manual_seed(0)
 
@@ -13,16 +14,7 @@ torch.manual_seed(0)
 ALL_HEADS = ["bcnn", "cbp", "dropcov", "g2de", "gap", "gmsop", "hihca", "improved_bcnn", "isice", "isqrt", "kp",
              "lrbp", "mpa", "mpncov", "netfv", "netvlad", "o2p", "sot", "srsop"]
 
-# Small settings that keep each head's matrix function on the input it is given (no reduction).
-SMALL = {
-    "gap": {}, "bcnn": {}, "improved_bcnn": {}, "isqrt": {"reduction": None}, "mpncov": {"reduction": None},
-    "o2p": {}, "g2de": {}, "cbp": {"output_dim": 64}, "kp": {"sketch_dim": 32}, "netvlad": {"clusters": 4},
-    "netfv": {"clusters": 4}, "lrbp": {"reduction": 6, "num_classes": 3}, "hihca": {"filters": 32},
-    "srsop": {"mid_channels": 8, "out_channels": 6}, "gmsop": {"components": 4, "top_k": 2, "mid_channels": 8,
-                                                              "out_channels": 6},
-    "sot": {"heads": 2, "rank": 3, "dropout": 0.0}, "dropcov": {"reduction": None}, "isice": {"reduction": None},
-    "mpa": {"reduction": None},
-}
+SMALL = SMALL_HEAD_KWARGS
 
 
 def test_registry_lists_heads_and_rejects_unknown():
