@@ -72,10 +72,9 @@ class FineGrainedDataModule(pl.LightningDataModule):
     def validation_is_test(self) -> bool:
         """Whether validation runs on the test split (the published protocol, ``val_fraction = 0``, or a folder
         without test/): a checkpoint chosen by validation would then be chosen on the test set. Decided from the
-        settings and the layout, without reading the splits: every DataModule here says how; this fallback, for a
-        subclass that does not, builds the splits to compare them."""
-        self.setup()
-        return self.val_dataset is self.test_dataset
+        settings and the layout, without reading the splits: every DataModule says how."""
+        raise NotImplementedError(f"{type(self).__name__} must say whether its validation split is its test split "
+                                  f"(a validation_is_test property, from its settings; see datamodules.base)")
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_dataset is None:

@@ -99,10 +99,6 @@ class FineGrainedClassifier(pl.LightningModule):
     def dropped_from_init(self) -> List[str]:
         return self.network.dropped_from_init
 
-    @property
-    def momentum(self) -> float:
-        return self.optim.momentum
-
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              weights_only: Optional[bool] = True, **kwargs):
@@ -264,8 +260,11 @@ def load_classifier(checkpoint_path: str, map_location: str = "cpu") -> FineGrai
 def classifier_from_checkpoint(checkpoint: Dict[str, Any], source: Optional[str] = None) -> FineGrainedClassifier:
     """:func:`load_classifier` for a checkpoint already read (``{"hyper_parameters", "state_dict", ...}``)."""
     accepted = inspect.signature(FineGrainedClassifier.__init__).parameters
-    # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only.
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    recorded = checkpoint["hyper_parameters"]
+    # LightningCLI adds bookkeeping entries such as "_instantiator"; keep constructor arguments only, and the
+    # optimiser settings of a checkpoint written before they were grouped under optim.
+    hparams = {k: v for k, v in recorded.items() if k in accepted}
+    hparams.setdefault("optim", {k: v for k, v in recorded.items() if k in OptimSettings.__dataclass_fields__})
     model = FineGrainedClassifier(**{**hparams, **WEIGHTS_IN_CHECKPOINT})
     state = classifier_state(checkpoint["state_dict"])
     check_weights_fit(model.state_dict(), state, source)

@@ -73,7 +73,7 @@ class FineGrainedNetwork(nn.Module):
         self.dropped_from_init: List[str] = load_matching_weights(self, init_from) if init_from else []
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
-        if self.head.produces_logits:
+        if self.head.produces_logits or num_classes == 0:  # 0: no classifier, the features are the output (timm)
             return nn.Identity()
         linear = nn.Linear(self.head.output_dim, num_classes)
         if self.head.classifier_init_std is not None:
@@ -96,21 +96,26 @@ class FineGrainedNetwork(nn.Module):
         """(B, 3, H, W) images -> (B, head.output_dim) head features (class scores for a ``produces_logits`` head)."""
         return self.head(self.backbone(self.in_memory_format(images)))
 
-    def forward_head(self, features: Tensor) -> Tensor:
-        """(B, head.output_dim) -> (B, num_classes) logits."""
-        return self.classifier(features)
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, head.output_dim) -> (B, num_classes) logits; with ``pre_logits`` the features as they are."""
+        return features if pre_logits else self.classifier(features)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier module (timm's name); an identity for a head that computes class scores itself."""
+        return self.classifier
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new classifier for ``num_classes`` outputs, initialised as at construction (fine-tuning on other
-        classes). A head that computes class scores itself (LRBP) has no separate classifier to reset."""
+        classes); 0 removes it, so the network returns its features (as timm's). A head that computes class scores
+        itself (LRBP) has no separate classifier to reset."""
         if self.head.produces_logits:
             raise ValueError(f"{type(self.head).__name__} computes class scores itself; build a new network "
                              f"for {num_classes} classes (init_from keeps the matching tensors)")
         self.num_classes = int(num_classes)
-        device = self.classifier[-1].weight.device
+        device = next(self.head.parameters(), torch.empty(0)).device
         self.classifier = self._new_classifier(self.num_classes).to(device)
 
 

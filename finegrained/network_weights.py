@@ -76,10 +76,24 @@ def read_classifier_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str
     return checkpoint
 
 
+def read_network_state(path: str) -> Dict[str, Tensor]:
+    """The network's tensors in ``path``: a ``finegrained fit`` checkpoint, or a network's own state dict saved with
+    ``torch.save(network.state_dict(), path)``; ValueError naming the file for anything else."""
+    saved = read_checkpoint_file(path, map_location="cpu")
+    if isinstance(saved, dict) and "state_dict" in saved and "hyper_parameters" in saved:
+        return network_state(saved["state_dict"])
+    if isinstance(saved, dict) and saved and all(isinstance(v, Tensor) for v in saved.values()):
+        state = network_state(saved)
+        if state:
+            return state
+    raise ValueError(f"{path}: neither a FineGrainedClassifier checkpoint (expected 'hyper_parameters' and "
+                     f"'state_dict' entries) nor a FineGrainedNetwork state dict (keys backbone., head., classifier.)")
+
+
 def load_matching_weights(network: nn.Module, checkpoint_path: str) -> List[str]:
-    """Copy the tensors of ``checkpoint_path`` (a ``finegrained fit`` checkpoint) whose names and shapes match
+    """Copy the tensors of ``checkpoint_path`` (:func:`read_network_state`) whose names and shapes match
     ``network``'s; returns the names dropped (each logged)."""
-    state = network_state(read_classifier_checkpoint(checkpoint_path)["state_dict"])
+    state = read_network_state(checkpoint_path)
     own = network.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     dropped = sorted(k for k in state if k not in kept)

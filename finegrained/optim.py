@@ -220,7 +220,7 @@ def train_on_cached_features(classifier: nn.Module, features: Tensor, labels: Te
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
         last = total / len(labels)
         schedule.step()
     return last

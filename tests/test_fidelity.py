@@ -86,17 +86,22 @@ def test_each_protocol_sets_its_training_crop(dataset, recipe, crop):
     assert _merged(f"{dataset}/{recipe}.yaml")["data"]["init_args"]["train_crop"] == crop
 
 
-@pytest.mark.parametrize("module, crop", [("CUB200DataModule", "center"), ("FGVCAircraftDataModule", "center"),
-                                          ("StanfordCarsDataModule", "center"), ("ImageFolderDataModule", "random")])
-def test_datamodule_default_training_crop(module, crop):
+@pytest.mark.parametrize("dataset", ["cub", "aircraft", "cars"])
+def test_the_benchmarks_published_input_is_in_their_data_recipe(dataset):
+    """The protocol defaults live in one place, recipes/_base/data (the iSQRT-COV fine-tuning input)."""
+    args = _merged(f"_base/data/{dataset}.yaml")["data"]["init_args"]
+    assert args["train_crop"] == "center" and args["crop_size"] == 448 and args["batch_size"] == 10
+    assert args["resize_size"] == {"cub": 448, "aircraft": [512, 512], "cars": [448, 448]}[dataset]
+
+
+def test_a_datamodule_built_in_python_crops_at_random_by_default():
     import inspect
 
     import datamodules
 
-    cls = getattr(datamodules, module)
-    parameters = {**inspect.signature(datamodules.FineGrainedDataModule.__init__).parameters,
-                  **inspect.signature(cls.__init__).parameters}
-    assert parameters["train_crop"].default == crop
+    for module in ("CUB200DataModule", "FGVCAircraftDataModule", "StanfordCarsDataModule", "ImageFolderDataModule"):
+        assert "train_crop" not in inspect.signature(getattr(datamodules, module).__init__).parameters
+    assert inspect.signature(datamodules.FineGrainedDataModule.__init__).parameters["train_crop"].default == "random"
 
 
 # ---- FineGrainedClassifier.load_from_checkpoint works offline ------------------------------------------
@@ -161,7 +166,7 @@ def test_export_includes_the_flip_average_of_finegrained_test(fmt, tmp_path):
     from finegrained.export import export_classifier
     from finegrained.model import load_classifier
     from finegrained.predict import ExportedModel
-    from tests.test_heads_end_to_end import head_checkpoint
+    from tests.heads.test_heads_end_to_end import head_checkpoint
 
     ckpt = head_checkpoint("isqrt", str(tmp_path))
     out = str(tmp_path / f"m.{fmt}")

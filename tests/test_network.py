@@ -82,3 +82,27 @@ def test_channels_last_changes_no_value():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_interface_reset_to_no_classifier_and_pre_logits():
+    net = tiny_network().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = net.forward_features(x)
+        torch.testing.assert_close(net.forward_head(features, pre_logits=True), features)
+        net.reset_classifier(0)  # timm: no classifier, the network returns its features
+        torch.testing.assert_close(net(x), features)
+    assert isinstance(net.get_classifier(), torch.nn.Identity)
+
+
+def test_init_from_takes_a_networks_own_state_dict_and_refuses_other_files(tmp_path):
+    source = tiny_network()
+    path = tmp_path / "net.pt"
+    torch.save(source.state_dict(), path)
+    net = tiny_network(init_from=str(path))
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(net.eval()(x), source.eval()(x))
+    other = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="neither a FineGrainedClassifier checkpoint .* nor a FineGrainedNetwork state dict"):
+        tiny_network(init_from=str(other))

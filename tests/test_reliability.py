@@ -190,7 +190,7 @@ def test_no_torch_load_without_weights_only():
 def test_every_head_finite_under_autocast(dtype, scale):
     # fp16 cannot hold features at 1e8 (its largest value is 65,504): a backbone in fp16 would have
     # overflowed before the head; bf16 has float32's range and is tested there.
-    from tests.test_heads import ALL_HEADS, SMALL
+    from tests.heads.test_heads import ALL_HEADS, SMALL
 
     for name in ALL_HEADS:
         head = build_head(name, 8, **SMALL[name])

@@ -195,3 +195,26 @@ def test_writes_use_no_temporary_folder_and_remove_what_a_killed_write_left(tmp_
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
     assert made == []  # nothing written to $TMPDIR (a kill there would leave it behind)
     assert sorted(os.listdir(tmp_path)) == sorted(["last.ckpt", alive.name, users.name])
+
+
+@pytest.mark.parametrize("resume_after", [0, 1])
+def test_a_two_stage_fit_resumed_in_stage_1_or_at_the_switch_equals_the_uninterrupted_one(setup, resume_after):
+    """The frozen route's schedule, weight decay and the backbone's fresh optimiser state at stage 2 come back
+    exactly from a checkpoint (Lightning's BaseFinetuning would otherwise put back its first epoch's learning
+    rates)."""
+    tmp, recipe, _ = setup
+    two_stage = ["--stage1.epochs", "2", "--stage1.lr", "0.05", "--stage1.weight_decay", "0.001",
+                 "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null", "--checkpoint.filename", "{epoch}"]
+    reference = tmp / "two_stage_reference"
+    if not (reference / "ck" / "last.ckpt").exists():
+        _fit(_command(recipe, reference, two_stage))
+    resumed = tmp / f"two_stage_resumed_{resume_after}"
+    _fit(_command(recipe, resumed, two_stage + ["--ckpt_path", str(reference / "ck" / f"epoch={resume_after}.ckpt")]))
+    ref_epoch, ref_state, _ = _final(reference)
+    epoch, state, _ = _final(resumed)
+    assert epoch == ref_epoch == 3
+    for name, tensor in ref_state.items():
+        assert torch.equal(state[name], tensor), name
+    first = torch.load(reference / "ck" / "epoch=0.ckpt", weights_only=True)
+    lrs = [group["lr"] for group in first["optimizer_states"][0]["param_groups"]]
+    assert lrs[0] == 0.0 and all(lr == pytest.approx(0.05) for lr in lrs[1:]), lrs  # stage 1: the backbone at 0

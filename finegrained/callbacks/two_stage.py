@@ -27,7 +27,7 @@ from typing import List, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BaseFinetuning
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from finegrained.callbacks.data_init import DataDependentInit
@@ -56,6 +56,10 @@ class TwoStageFinetuning(BaseFinetuning):
             raise ValueError(f"stage1 epochs must be >= 0, got {epochs}")
         if route not in STAGE1_ROUTES:
             raise ValueError(f"unknown stage1 route {route!r}; known: {', '.join(STAGE1_ROUTES)}")
+        if batch_size < 1:
+            raise ValueError(f"stage1 batch_size must be >= 1, got {batch_size}")
+        if not lr >= 0 or not weight_decay >= 0:
+            raise ValueError(f"stage1 lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
         self.epochs, self.route, self.lr, self.weight_decay = int(epochs), route, float(lr), float(weight_decay)
         self.batch_size, self.lr_steps, self.lr_gamma = int(batch_size), list(lr_steps or []), float(lr_gamma)
         self.init_std, self.init_bias, self.seed = init_std, float(init_bias), int(seed)
@@ -77,6 +81,13 @@ class TwoStageFinetuning(BaseFinetuning):
         stage_weight_decay(optimizer, frozen, self.weight_decay)
         if epoch == self.frozen_epochs:
             forget_state(optimizer, pl_module.network.backbone)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.frozen_epochs and trainer.max_epochs is not None \
+                and self.frozen_epochs >= trainer.max_epochs:
+            rank_zero_warn(f"stage1 epochs ({self.frozen_epochs}) >= trainer.max_epochs ({trainer.max_epochs}): the "
+                           f"backbone is frozen for the whole fit (the frozen route's stage 1 counts in max_epochs)")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # BaseFinetuning restores the parameter groups it recorded at the first epoch when resuming; here the
@@ -128,7 +139,7 @@ class TwoStageFinetuning(BaseFinetuning):
             started = time.perf_counter()
             features, labels = head_features(network, self._unaugmented_training_loader(trainer), pl_module.device)
             loss = train_on_cached_features(network.classifier, features, labels, pl_module.loss_fn, self.epochs,
-                                            self.lr, self.weight_decay, self.batch_size, pl_module.momentum,
+                                            self.lr, self.weight_decay, self.batch_size, pl_module.optim.momentum,
                                             self.seed, pl_module.device, self.lr_steps, self.lr_gamma)
             rank_zero_info(f"stage 1 on cached features: {len(labels)} images, {features.shape[1]:,}-d, "
                            f"{self.epochs} epochs at lr {self.lr:g} (weight decay {self.weight_decay:g}, "

@@ -250,6 +250,13 @@ def describe_config_error(message: str, argv: List[str]) -> str:
         close = _close_settings(key)
         hint = f" (did you mean {' or '.join(close)}?)" if close else f" (see finegrained {command} --help)"
         return f"{where_set(key, argv)}: {key} is not a setting of finegrained {command}{hint}"
+    match = re.match(r"unrecognized arguments: --([\w.]+)", text)
+    if match:
+        key = match.group(1)
+        command = next((a for a in argv if not a.startswith("-")), "fit")
+        close = _close_settings(key)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else f" (see finegrained {command} --help)"
+        return f"the command line: {key} is not a setting of finegrained {command}{hint}"
     match = re.match(r"Parser key \"config\": File does not exist: '(.*)'", text)
     if match:
         return f"{match.group(1)}: recipe not found"

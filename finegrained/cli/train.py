@@ -18,8 +18,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from finegrained.callbacks import ActivationGradientClipping, DataDependentInit, SVMTest, TwoStageFinetuning
-from finegrained.cli.recipe import (RecipeError, describe_config_error, expand_config_args, recipe_overrides,
-                                    recipe_text, reference_recipe)
+from finegrained.cli.recipe import (MOVED, RecipeError, describe_config_error, expand_config_args,
+                                    recipe_overrides, recipe_text, reference_recipe)
 from finegrained.data_contract import follows_contract
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, read_checkpoint_file
@@ -137,6 +137,14 @@ class FineGrainedCLI(LightningCLI):
             if missing:
                 raise ValueError(f"{ckpt_path}: not a FineGrainedClassifier checkpoint (no {', '.join(missing)} "
                                  f"entry); expected a checkpoint written by finegrained fit")
+            # Lightning gives the checkpoint's hyper-parameters to the parser next: settings of an earlier version
+            # would be reported as if the command line had them.
+            former = sorted(key for key in checkpoint["hyper_parameters"] if f"model.{key}" in MOVED)
+            if former:
+                raise ValueError(f"{ckpt_path}: written by an earlier finegrained (its settings {', '.join(former)} "
+                                 f"have moved, e.g. model.{former[0]} is now {MOVED['model.' + former[0]]}); "
+                                 f"finegrained export and report read it, or fine-tune from it with "
+                                 f"--model.init_from")
 
     def _recipe_overrides(self, subcommand: str) -> Dict[str, Any]:
         """What this command line changes from its recipe(s) that changes what the run computes

@@ -246,6 +246,11 @@ def test_a_bad_checkpoint_is_one_line_in_every_command(trained_run, tmp_path, ca
 RECIPE_CASES = {
     "typo key": ("model:\n  lrr: 0.1\n", [], "{recipe}: model.lrr is not a setting of finegrained fit (did you mean "
                                               "model.optim.lr?)"),
+    "a moved setting on the command line": ("", ["--model.lr", "0.1"], "the command line: model.lr is not a setting "
+                                                                       "of finegrained fit (did you mean "
+                                                                       "model.optim.lr?)"),
+    "a stage-1 batch of 0": ("stage1:\n  route: cached\n  epochs: 1\n  batch_size: 0\n", [],
+                             "stage1 batch_size must be >= 1, got 0"),
     "a setting that moved": ("model:\n  stage1_epochs: 3\n", [], "{recipe}: model.stage1_epochs is not a setting of "
                                                                    "finegrained fit (did you mean stage1.epochs?)"),
     "wrong type": ("model:\n  optim:\n    lr: fast\n", [], "{recipe}: model.optim.lr: expected float, got fast"),
@@ -335,3 +340,23 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_one_line(trained_run, tmp_path
     assert line.startswith(f"error: {path}: the checkpoint's weights do not fit this model (unexpected "
                            f"network.head.reduce.0.bias)") and "--model.init_from" in line, line
     assert not (tmp_path / "runs.csv").exists() and not (tmp_path / "model.onnx").exists()
+
+
+def test_a_checkpoint_of_an_earlier_version_is_named_in_test_and_still_exports(trained_run, tmp_path, capsys):
+    """Its hyper-parameters use settings that moved (model.lr, model.stage1_epochs): `test` says so in one line
+    naming the file; `export` (which rebuilds the network from the checkpoint) still reads it."""
+    import torch
+
+    recipe, ckpt, _ = trained_run
+    checkpoint = torch.load(ckpt, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    hparams.update(lr=hparams.pop("optim")["lr"], stage1_epochs=0)
+    checkpoint["state_dict"] = {k[len("network."):]: v for k, v in checkpoint["state_dict"].items()}
+    path = str(tmp_path / "earlier.ckpt")
+    torch.save(checkpoint, path)
+    line = _one_line_error(capsys, ["test", "--config", recipe, "--ckpt_path", path, "--runs_csv", ""])
+    assert line.startswith(f"error: {path}: written by an earlier finegrained (its settings lr, stage1_epochs have "
+                           f"moved, e.g. model.lr is now model.optim.lr)"), line
+    from finegrained.cli import entry_point
+
+    assert entry_point(["export", "--ckpt", path, "--out", str(tmp_path / "m.onnx")]) == 0

@@ -140,7 +140,7 @@ def test_data_samples_command(trained_run, tmp_path):
 
 
 def test_predict_images_skips_a_decompression_bomb_and_keeps_the_other_predictions(onnx_model, tmp_path, capsys):
-    from tests.test_inputs import write_bomb
+    from tests.datamodules.test_inputs import write_bomb
 
     _, artifact = onnx_model
     good = [write_image(str(tmp_path / "imgs" / f"{k}.jpg"), PALETTE[k], size=70, seed=k) for k in range(2)]
@@ -155,7 +155,7 @@ def test_predict_images_skips_a_decompression_bomb_and_keeps_the_other_predictio
 def test_predict_images_turns_images_upright_as_the_manifest_says(onnx_model, tmp_path):
     from PIL import Image, ImageOps
 
-    from tests.test_inputs import write_rotated_photo
+    from tests.datamodules.test_inputs import write_rotated_photo
 
     ckpt, artifact = onnx_model
     manifest = json.load(open(artifact + ".json"))
