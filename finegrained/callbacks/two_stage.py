@@ -55,11 +55,12 @@ class TwoStageFinetuning(BaseFinetuning):
         if epochs < 0:
             raise ValueError(f"stage1 epochs must be >= 0, got {epochs}")
         if route not in STAGE1_ROUTES:
-            raise ValueError(f"unknown stage1 route {route!r}; known: {', '.join(STAGE1_ROUTES)}")
+            raise ValueError(f"stage1 route must be one of {', '.join(STAGE1_ROUTES)}, got {route!r}")
         if batch_size < 1:
             raise ValueError(f"stage1 batch_size must be >= 1, got {batch_size}")
         if not lr >= 0 or not weight_decay >= 0:
-            raise ValueError(f"stage1 lr and weight_decay must be >= 0, got {lr} and {weight_decay}")
+            raise ValueError(f"stage1 {'lr' if not lr >= 0 else 'weight_decay'} must be >= 0, got "
+                             f"{lr if not lr >= 0 else weight_decay}")
         self.epochs, self.route, self.lr, self.weight_decay = int(epochs), route, float(lr), float(weight_decay)
         self.batch_size, self.lr_steps, self.lr_gamma = int(batch_size), list(lr_steps or []), float(lr_gamma)
         self.init_std, self.init_bias, self.seed = init_std, float(init_bias), int(seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -19,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from finegrained.callbacks import ActivationGradientClipping, DataDependentInit, SVMTest, TwoStageFinetuning
 from finegrained.cli.recipe import (MOVED, RecipeError, describe_config_error, expand_config_args,
-                                    recipe_overrides, recipe_text, reference_recipe)
+                                    recipe_overrides, recipe_text, reference_recipe, where_set)
 from finegrained.data_contract import follows_contract
 from finegrained.model import WEIGHTS_IN_CHECKPOINT, FineGrainedClassifier
 from finegrained.resume import AtomicCheckpointIO, ModelCheckpointEveryEpoch, RandomState, read_checkpoint_file
@@ -232,6 +233,10 @@ def run_lightning_cli(args: Optional[List[str]] = None, other_commands: Optional
     except argparse.ArgumentError as err:  # the parser refused a setting: which one, where, and what it expected
         raise RecipeError(describe_config_error(str(err), argv)) from None
     except ValueError as err:  # a class refused its arguments as jsonargparse built it: which class, and why
+        protocol = re.match(r"(stage1|data_init|clip_activation_grad) (\w+) (.*)", str(err))
+        if protocol:  # a protocol callback's own check: the recipe (or command line) that set it
+            key = f"{protocol.group(1)}.{protocol.group(2)}"
+            raise RecipeError(f"{where_set(key, argv)}: {key}: {protocol.group(3)}") from None
         if not str(err).startswith("Does not validate against any of the Union subtypes"):
             raise
         raise RecipeError(describe_config_error(str(err), argv)) from None

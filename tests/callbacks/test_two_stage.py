@@ -7,9 +7,9 @@ import pytest
 from finegrained.callbacks import TwoStageFinetuning
 
 
-@pytest.mark.parametrize("settings, message", [({"route": "sideways"}, "unknown stage1 route 'sideways'"),
+@pytest.mark.parametrize("settings, message", [({"route": "sideways"}, "stage1 route must be one of frozen, cached, got 'sideways'"),
                                                ({"batch_size": 0}, "batch_size must be >= 1"),
-                                               ({"lr": -1.0}, "lr and weight_decay must be >= 0"),
+                                               ({"lr": -1.0}, "stage1 lr must be >= 0, got -1.0"),
                                                ({"epochs": -1}, "epochs must be >= 0")])
 def test_settings_are_checked_when_built(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -250,7 +250,10 @@ RECIPE_CASES = {
                                                                        "of finegrained fit (did you mean "
                                                                        "model.optim.lr?)"),
     "a stage-1 batch of 0": ("stage1:\n  route: cached\n  epochs: 1\n  batch_size: 0\n", [],
-                             "stage1 batch_size must be >= 1, got 0"),
+                             "{recipe}: stage1.batch_size: must be >= 1, got 0"),
+    "a stage-1 route on the command line": ("", ["--stage1.route", "sideways"],
+                                            "the command line: stage1.route: must be one of frozen, cached, got "
+                                            "'sideways'"),
     "a setting that moved": ("model:\n  stage1_epochs: 3\n", [], "{recipe}: model.stage1_epochs is not a setting of "
                                                                    "finegrained fit (did you mean stage1.epochs?)"),
     "wrong type": ("model:\n  optim:\n    lr: fast\n", [], "{recipe}: model.optim.lr: expected float, got fast"),
