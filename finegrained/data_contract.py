@@ -28,8 +28,8 @@ class FineGrainedData(Protocol):
     def unaugmented_train_dataloader(self) -> Any: ...
 
 
-CONTRACT = ("num_classes", "class_names", "preprocessing", "dataset_id", "validation_is_test", "skip_corrupt",
-            "unaugmented_train_dataloader")
+# The members of the protocol, read from it (the attributes it annotates and its one method).
+CONTRACT = tuple(FineGrainedData.__annotations__) + ("unaugmented_train_dataloader",)
 _MISSING = object()
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from finegrained.network import InferenceNetwork
+
 
 @torch.no_grad()
 def head_features(network: nn.Module, loader, device, flip: bool = False) -> Tuple[Tensor, Tensor]:
@@ -27,7 +29,7 @@ def head_features(network: nn.Module, loader, device, flip: bool = False) -> Tup
     try:
         for images, targets in tqdm(loader, desc="head features", unit="batch"):
             images = images.to(device)
-            views = [images, torch.flip(images, dims=[3])] if flip else [images]
+            views = InferenceNetwork(network, flip).views(images)  # the test protocol's own views
             rows = [network.forward_features(view).float().to("cpu", torch.float16) for view in views]
             features.append(torch.stack(rows, dim=1) if flip else rows[0])
             labels.append(torch.as_tensor(targets).cpu())

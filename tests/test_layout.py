@@ -81,7 +81,7 @@ def _modules_in(prefix):
     ("finegrained.network_weights", ("finegrained.backbones", "finegrained.checkpoint_file", "finegrained.pretrained")),
     ("finegrained.callbacks", ("finegrained.callbacks", "finegrained.features", "finegrained.optim",
                                "finegrained.data_contract", "finegrained.svm")),
-    ("finegrained.features", ()),
+    ("finegrained.features", ("finegrained.network",)),
     ("finegrained.checkpoint_file", ()),
     ("finegrained.data_contract", ()),
     ("finegrained.svm", ("finegrained.features",)),
