@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import ImageFolderDataModule
+from finegrained.cli import main
 from finegrained.model import FineGrainedClassifier, load_classifier
 from finegrained.optim import OptimSettings
 
@@ -160,3 +161,11 @@ def test_head_aux_loss_is_added_to_the_training_loss():
     torch.manual_seed(0)
     logits = model(images)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels) + model.head.aux_loss)
+
+
+def test_short_fit_under_bf16_mixed_on_cpu(trained_run, tmp_path):
+    recipe, _, _ = trained_run
+    assert main(["fit", "--config", recipe, "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1",
+                 "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ck")]) == 0
+    model = load_classifier(str(tmp_path / "ck" / "last.ckpt"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -122,3 +122,16 @@ def test_lite0_backbone_equals_pretrained_feature_extractor():
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), full.extract_features(x))
+
+
+def test_vgg_backbone_returns_the_layers_asked_for():
+    from finegrained.backbones import build_backbone
+
+    backbone = build_backbone("vgg16", layers=["relu5_2", "relu5_3"])
+    assert backbone.out_channels == [512, 512]
+    with pytest.raises(ValueError, match="no layer"):
+        build_backbone("vgg16", layers=["relu9_9"])
+    with pytest.raises(ValueError, match="network order"):
+        build_backbone("vgg16", layers=["relu5_3", "relu5_2"])
+    with pytest.raises(ValueError, match="cannot return layers"):
+        build_backbone("resnet18", layers=["layer3"])

@@ -230,3 +230,24 @@ def test_bench_loader_and_step_run_and_write_csv(tmp_path, capsys):
     assert list(step["head"]) == ["gap", "isqrt", "sot"] * 2 and step["overhead_vs_gap"].notna().all()
     assert list(step["backbone"]) == ["resnet18"] * 3 + ["timm/vit_small_patch16_224"] * 3
     assert (step.loc[step["head"] == "gap", "overhead_vs_gap"] == 1).all()
+
+
+def test_bench_table_choices_do_not_depend_on_the_test_split():
+    """Shuffled test labels change the test accuracy, never what was chosen or its validation accuracy."""
+    from finegrained.bench.table import evaluate_head
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 6, 1, 1, generator=g) * 2
+
+    def split(n):
+        labels = torch.arange(n) % 3
+        return (centres[labels] + torch.randn(n, 6, 3, 3, generator=g)).relu(), labels
+
+    features = {"classes": ["a", "b", "c"]}
+    for name, n in (("train", 60), ("val", 30), ("test", 30)):
+        features[name], features[f"{name}_labels"] = split(n)
+    shuffled = dict(features, test_labels=features["test_labels"][torch.randperm(30, generator=g)])
+    for head in ("gap", "netvlad"):
+        honest, blind = evaluate_head(head, features, epochs=1), evaluate_head(head, shuffled, epochs=1)
+        assert honest["trained_by"] == blind["trained_by"] and honest["val_top1"] == blind["val_top1"]
+        assert "validation_sweep" in honest and honest["validation_sweep"].count(":") >= 3

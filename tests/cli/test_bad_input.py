@@ -5,8 +5,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from finegrained.cli import main
 from finegrained.heads import build_head
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, make_image_folder
 
 EIG_HEADS = ("mpncov", "o2p", "g2de")
 
@@ -363,3 +364,19 @@ def test_a_checkpoint_of_an_earlier_version_is_named_in_test_and_still_exports(t
     from finegrained.cli import entry_point
 
     assert entry_point(["export", "--ckpt", path, "--out", str(tmp_path / "m.onnx")]) == 0
+
+
+def test_checkpoint_for_another_class_count(trained_run, tmp_path):
+    recipe, ckpt, _ = trained_run
+    other = make_image_folder(tmp_path / "five", n_classes=5, per_class=3)
+    with pytest.raises(ValueError, match="trained for 3 classes but the data has 5.*init_from"):
+        main(["test", "--config", recipe, "--ckpt_path", ckpt, "--data.init_args.root", other,
+              "--runs_csv", str(tmp_path / "runs.csv")])
+
+
+def test_unknown_head_or_backbone_lists_the_known_names(trained_run):
+    recipe, _, _ = trained_run
+    with pytest.raises(ValueError, match="unknown head 'nope'; known heads: .*gmsop.*isqrt"):
+        main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.head", "nope"])
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5'; known backbones: .*resnet50"):
+        main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.backbone", "resnet5"])

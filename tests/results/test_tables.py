@@ -312,3 +312,15 @@ def test_tables_name_a_missing_or_unreadable_runs_file(tmp_path, capsys):
                             str(tmp_path / "t")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {path}: {message}"), err
+
+
+def test_older_run_records_gain_the_new_columns(tmp_path):
+    from finegrained.results.runs import RUN_FIELDS, append_run, read_runs
+
+    old = [f for f in RUN_FIELDS if f not in ("validation", "selection")]
+    path = tmp_path / "runs.csv"
+    path.write_text(",".join(old) + "\n" + ",".join("x" for _ in old) + "\n")
+    append_run(str(path), {"method": "isqrt", "validation": "held-out", "selection": "last epoch"})
+    runs = read_runs(str(path))
+    assert list(runs.columns) == RUN_FIELDS and len(runs) == 2
+    assert runs["selection"].fillna("").tolist() == ["", "last epoch"]
