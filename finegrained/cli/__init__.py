@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 from typing import Callable, Dict, List, Optional
 
 import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finegrained.cli.bench import bench_command, bench_table_command
 from finegrained.cli.data import data_command, datamodule_from_config
@@ -112,7 +114,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     show_package_messages()
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
-    run_lightning_cli(args, other_commands=list(TOOLS))
+    try:
+        run_lightning_cli(args, other_commands=list(TOOLS))
+    except SIGTERMException:
+        # Lightning ends a run stopped by SIGTERM with SystemExit(None), status 0: a scheduler or script would take
+        # the unfinished run for a finished one. The status of a process killed by SIGTERM says what happened.
+        print("finegrained: stopped by SIGTERM before the end; continue with --ckpt_path last", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 
