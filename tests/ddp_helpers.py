@@ -1,7 +1,7 @@
 """Callbacks that the subprocess tests pass to the CLI (``trainer.callbacks``): what every rank holds, and a kill at a
 chosen point of a fit."""
 import os
-import signal
+import signal as signal_module
 
 import pytorch_lightning as pl
 import torch
@@ -59,19 +59,19 @@ class SaveBatchesPerRank(pl.Callback):
 
 
 class KillAt(pl.Callback):
-    """SIGKILLs the process at the start of training epoch ``epoch``, or after the training step that reaches
-    ``step`` (the same point in every run, unlike a timer)."""
+    """Sends ``signal`` (SIGKILL by default) to its own process at the start of training epoch ``epoch``, or after the
+    training step that reaches ``step`` (the same point in every run, unlike a timer)."""
 
-    def __init__(self, epoch: int = -1, step: int = -1):
-        self.epoch, self.step = epoch, step
+    def __init__(self, epoch: int = -1, step: int = -1, signal: str = "SIGKILL"):
+        self.epoch, self.step, self.signal = epoch, step, getattr(signal_module, signal)
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.step >= 0 and trainer.global_step == self.step:  # steps 0 .. step-1 done, their checkpoints written
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
 
 class LogConstant(pl.Callback):

@@ -2,12 +2,12 @@
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, callback_args, finegrained_command, make_image_folder, run_finegrained, write_tiny_recipe
+from finegrained.cli import main
+from tests.conftest import REPO_ROOT, callback_args, finegrained_command, make_image_folder, write_tiny_recipe
 
 
 def _command(recipe, root, extra=()):
@@ -22,38 +22,43 @@ def _fit(command):
     assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}"
 
 
+def _in_process(args, capsys):
+    """``finegrained ARGS`` in this process (for the runs that are not killed): what it printed."""
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
 def _final(root):
     checkpoint = torch.load(root / "ck" / "last.ckpt", weights_only=True)
-    return checkpoint["epoch"], checkpoint["state_dict"], checkpoint["callbacks"]
+    return checkpoint["epoch"], checkpoint["state_dict"], checkpoint["callbacks"], checkpoint["global_step"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    data = make_image_folder(tmp / "data", n_classes=3, per_class=12)
+    data = make_image_folder(tmp / "data", n_classes=3, per_class=6)
     recipe = write_tiny_recipe(str(tmp), data)
     reference = tmp / "reference"
     _fit(_command(recipe, reference))
     return tmp, recipe, _final(reference)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_kill_and_resume_equals_uninterrupted(setup, sig):
-    tmp, recipe, (ref_epoch, ref_state, ref_callbacks) = setup
-    root = tmp / f"killed_{sig.name}"
-    proc = subprocess.Popen(_command(recipe, root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (root / "ck" / "last.ckpt").exists():  # the end of epoch 0
-        assert proc.poll() is None and time.time() < deadline, "fit ended before its first checkpoint"
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 1
-    assert proc.poll() is None, "fit finished before it could be interrupted"
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
-    epoch, _, _ = _final(root)  # the file a kill left behind loads
+    """The signal comes in the second step of epoch 1, after epoch 0's checkpoint, at the same point in every run."""
+    tmp, recipe, (ref_epoch, ref_state, ref_callbacks, ref_steps) = setup
+    root = tmp / f"killed_{sig}"
+    steps_per_epoch = ref_steps // (ref_epoch + 1)
+    killed = subprocess.run(_command(recipe, root, callback_args("KillAt", step=steps_per_epoch + 1, signal=sig)),
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    # SIGKILL: no handler runs; SIGTERM: Lightning stops the fit, and the status says it was stopped.
+    assert killed.returncode == (-9 if sig == "SIGKILL" else 128 + 15), killed.stderr[-3000:]
+    epoch, _, _, _ = _final(root)  # the file a kill left behind loads
     assert epoch < ref_epoch
     _fit(_command(recipe, root, ["--ckpt_path", "last"]))
-    epoch, state, callbacks = _final(root)
+    epoch, state, callbacks, _ = _final(root)
     assert epoch == ref_epoch
     for name, tensor in ref_state.items():
         assert torch.equal(state[name], tensor), name
@@ -93,27 +98,27 @@ def _fit_until_killed(args):
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
 
-def test_last_checkpoint_is_the_last_epoch_when_validation_plateaus(tmp_path):
+def test_last_checkpoint_is_the_last_epoch_when_validation_plateaus(tmp_path, capsys):
     from finegrained.resume import completed_epochs
 
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
     recipe = write_tiny_recipe(str(tmp_path), data)
     ck = tmp_path / "run" / "checkpoints"
-    run_finegrained(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.monitor", "plateau"]
-                    + callback_args("LogConstant"))
+    _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.monitor", "plateau"]
+                + callback_args("LogConstant"), capsys)
     last, best = (torch.load(ck / name, weights_only=True) for name in ("last.ckpt", "best.ckpt"))
     assert completed_epochs(last) == 3 and last["global_step"] == 3 * 2  # limit_train_batches 2
     assert completed_epochs(best) == 1  # the metric never improved after the first epoch
-    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")]).stdout
+    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: last epoch; validation: held-out" in out
-    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "best.ckpt")]).stdout
+    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "best.ckpt")], capsys)
     assert "Checkpoint: best plateau; validation: held-out" in out
     last_row, best_row = _runs(tmp_path / "run" / "runs.csv")
     assert (last_row["epochs"], last_row["selection"]) == ("3", "last epoch")
     assert (best_row["epochs"], best_row["selection"]) == ("1", "best plateau")
 
 
-def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(tmp_path):
+def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(tmp_path, capsys):
     """Validation on the test set (the published protocol): no best.ckpt, last.ckpt after every epoch."""
     from finegrained.resume import completed_epochs
 
@@ -123,11 +128,11 @@ def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(
     _fit_until_killed(["--config", recipe, "--trainer.max_epochs", "3"] + callback_args("KillAt", epoch=2))
     assert sorted(os.listdir(ck)) == ["last.ckpt"]  # no best.ckpt (chosen on the test set), no temporary file
     assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 2
-    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")]).stdout
+    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: epoch 2 of 3; validation: test set" in out
-    run_finegrained(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"], capsys)
     assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 3
-    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")]).stdout
+    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: last epoch; validation: test set" in out
     assert [(row["epochs"], row["selection"]) for row in _runs(tmp_path / "run" / "runs.csv")] == [
         ("2", "epoch 2 of 3"), ("3", "last epoch")]
@@ -210,8 +215,8 @@ def test_a_two_stage_fit_resumed_in_stage_1_or_at_the_switch_equals_the_uninterr
         _fit(_command(recipe, reference, two_stage))
     resumed = tmp / f"two_stage_resumed_{resume_after}"
     _fit(_command(recipe, resumed, two_stage + ["--ckpt_path", str(reference / "ck" / f"epoch={resume_after}.ckpt")]))
-    ref_epoch, ref_state, _ = _final(reference)
-    epoch, state, _ = _final(resumed)
+    ref_epoch, ref_state, _, _ = _final(reference)
+    epoch, state, _, _ = _final(resumed)
     assert epoch == ref_epoch == 3
     for name, tensor in ref_state.items():
         assert torch.equal(state[name], tensor), name
