@@ -10,7 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from finegrained.backbones import Backbone, register_backbone
+
+# Under pytest-xdist each worker gets its share of the cores: OpenMP threads that outnumber the cores spin and
+# slow every worker down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 # Colours that make the classes separable, so a few steps of training mean something.
 PALETTE = [(220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 200, 30), (160, 40, 200)]
@@ -74,6 +79,20 @@ SMALL_HEAD_KWARGS = {
     "sot": {"heads": 2, "rank": 3, "dropout": 0.0}, "dropcov": {"reduction": None}, "isice": {"reduction": None},
     "mpa": {"reduction": None},
 }
+
+
+TINY_BACKBONE = "tests_tiny_cnn"
+
+
+@register_backbone(TINY_BACKBONE)
+def _tiny_cnn(name, weights, last_stride):
+    """A registered backbone of two convolutions, 8 channels at 1/4 of the input: for tests about heads and the
+    code around them, where the size of the backbone adds time and nothing else."""
+    if weights is not None:
+        raise ValueError(f"{name} has no pretrained weights")
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 8, 3, stride=last_stride, padding=1), torch.nn.ReLU())
+    return Backbone(features, 8, name)
 
 
 def small_head(name, channels=8, num_classes=3):
