@@ -60,8 +60,9 @@ demo: setup
 	@echo "  TensorBoard      .venv/bin/tensorboard --logdir runs/"
 	@echo "  report           $(DEMO)/report/index.html (open it in a browser)"
 
+# One worker per core (pytest-xdist); each handing its tests to whichever worker is free.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

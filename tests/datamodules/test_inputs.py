@@ -16,7 +16,8 @@ from datamodules import CSVDataModule, ImageFolderDataModule, ShardDataModule
 from datamodules.datasets import ImageListDataset
 from datamodules.io import ImageLoadError, decode_rgb, load_rgb
 from datamodules.samples import safe_name, safe_names, save_samples
-from tests.conftest import PALETTE, TINY_RECIPE, make_image_folder, run_finegrained, write_image
+from finegrained.cli import main
+from tests.conftest import PALETTE, TINY_RECIPE, make_image_folder, write_image
 
 SMALL = dict(batch_size=2, num_workers=0, resize_size=40, crop_size=32)
 
@@ -63,7 +64,7 @@ def _csv_recipe(tmp_path, image_root, train_csv, test_csv, **init_args):
 def test_csv_datamodule_fits_through_the_cli_with_and_without_class_names(tmp_path, class_names, exif_transpose):
     image_root, train_csv, test_csv = _csv_dataset(str(tmp_path / "data"))
     extra = {"exif_transpose": exif_transpose, **({"class_names": class_names} if class_names else {})}
-    run_finegrained(["fit", "--config", _csv_recipe(tmp_path, image_root, train_csv, test_csv, **extra)])
+    assert main(["fit", "--config", _csv_recipe(tmp_path, image_root, train_csv, test_csv, **extra)]) == 0
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert hparams["class_names"] == ["cls0", "cls1", "cls2"]  # given, or inferred from train.csv
