@@ -1,7 +1,5 @@
-"""Every published-protocol recipe: it parses, states its protocol, and its parts run one step on a tiny replica."""
-import copy
+"""Every published-protocol recipe: it parses, states its protocol, and runs one step on a tiny replica."""
 import glob
-import json
 import os
 
 import pytest
@@ -125,33 +123,7 @@ def replicas(tmp_path_factory):
             "inat2021_mini": write_inaturalist(str(root / "inat"), "2021_mini", per_class=2)}
 
 
-def _parts(recipe):
-    """A recipe as (its model, protocol and trainer settings; its data section), without where it writes and how
-    many epochs it runs: what a one-step fit depends on."""
-    merged = copy.deepcopy(load_recipe(recipe))
-    data = merged.pop("data")
-    merged.pop("runs_csv", None)
-    merged.get("trainer", {}).pop("default_root_dir", None)
-    merged.get("trainer", {}).pop("max_epochs", None)
-    merged.get("checkpoint", {}).pop("dirpath", None)
-    return json.dumps(merged, sort_keys=True), json.dumps(data, sort_keys=True)
-
-
-def _recipes_covering_every_part(recipes):
-    """Fewest recipes (greedy) whose parts include every recipe's model part and every recipe's data part: the 96
-    recipes are 28 model/protocol parts times 26 data sections, and a one-step fit of each part exercises every
-    recipe's settings."""
-    parts = {recipe: _parts(recipe) for recipe in recipes}
-    missing = {part for pair in parts.values() for part in pair}
-    chosen = []
-    while missing:
-        best = max(recipes, key=lambda recipe: len(set(parts[recipe]) & missing))
-        chosen.append(best)
-        missing -= set(parts[best])
-    return chosen
-
-
-@pytest.mark.parametrize("recipe", _recipes_covering_every_part(RECIPES))
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_one_step(recipe, replicas, tmp_path):
     dataset = recipe.split(os.sep)[-2]
     # A data-dependent initialisation (k-means to 64 centres, PCA to 100 channels) needs more descriptors
