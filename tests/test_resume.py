@@ -16,9 +16,14 @@ def _command(recipe, root, extra=()):
                    "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
 
 
+# One thread per fit process, as the fits of the other tests (run_finegrained), so that pytest-xdist workers do not
+# oversubscribe the cores; every fit of a comparison runs with the same setting.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+
+
 def _fit(command):
     """Run a fit to completion; on failure show its stderr, not just the exit status."""
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=ONE_THREAD)
     assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}"
 
 
@@ -51,10 +56,12 @@ def test_kill_and_resume_equals_uninterrupted(setup, sig):
     root = tmp / f"killed_{sig}"
     steps_per_epoch = ref_steps // (ref_epoch + 1)
     killed = subprocess.run(_command(recipe, root, callback_args("KillAt", step=steps_per_epoch + 1, signal=sig)),
-                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": REPO_ROOT})
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=ONE_THREAD)
     # SIGKILL: no handler runs; SIGTERM: Lightning stops the fit, and the status says it was stopped.
     assert killed.returncode == (-9 if sig == "SIGKILL" else 128 + 15), killed.stderr[-3000:]
+    if sig == "SIGTERM":
+        stopped = [line for line in killed.stderr.splitlines() if line.startswith("finegrained fit: stopped")]
+        assert stopped == ["finegrained fit: stopped by SIGTERM before the end; continue with --ckpt_path last"]
     epoch, _, _, _ = _final(root)  # the file a kill left behind loads
     assert epoch < ref_epoch
     _fit(_command(recipe, root, ["--ckpt_path", "last"]))
@@ -94,7 +101,7 @@ def _runs(path):
 
 def _fit_until_killed(args):
     done = subprocess.run(finegrained_command() + ["fit"] + list(args), capture_output=True, text=True, timeout=600,
-                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+                          cwd=REPO_ROOT, env=ONE_THREAD)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
 

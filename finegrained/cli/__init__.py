@@ -119,7 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SIGTERMException:
         # Lightning ends a run stopped by SIGTERM with SystemExit(None), status 0: a scheduler or script would take
         # the unfinished run for a finished one. The status of a process killed by SIGTERM says what happened.
-        print("finegrained: stopped by SIGTERM before the end; continue with --ckpt_path last", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":  # once, not per rank
+            advice = "; continue with --ckpt_path last" if args[0] == "fit" else ""
+            print(f"finegrained {args[0]}: stopped by SIGTERM before the end{advice}", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 
