@@ -26,10 +26,11 @@ def head_features(network: nn.Module, loader, device, flip: bool = False) -> Tup
     was_training = network.training
     network.eval()
     features, labels = [], []
+    protocol = InferenceNetwork(network, flip)  # the test protocol's own views of each batch
     try:
         for images, targets in tqdm(loader, desc="head features", unit="batch"):
             images = images.to(device)
-            views = InferenceNetwork(network, flip).views(images)  # the test protocol's own views
+            views = protocol.views(images)
             rows = [network.forward_features(view).float().to("cpu", torch.float16) for view in views]
             features.append(torch.stack(rows, dim=1) if flip else rows[0])
             labels.append(torch.as_tensor(targets).cpu())

@@ -115,7 +115,7 @@ class FineGrainedNetwork(nn.Module):
             raise ValueError(f"{type(self.head).__name__} computes class scores itself; build a new network "
                              f"for {num_classes} classes (init_from keeps the matching tensors)")
         self.num_classes = int(num_classes)
-        device = next(self.head.parameters(), torch.empty(0)).device
+        device = next(self.parameters()).device
         self.classifier = self._new_classifier(self.num_classes).to(device)
 
 

@@ -58,9 +58,9 @@ class TwoStageFinetuning(BaseFinetuning):
             raise ValueError(f"stage1 route must be one of {', '.join(STAGE1_ROUTES)}, got {route!r}")
         if batch_size < 1:
             raise ValueError(f"stage1 batch_size must be >= 1, got {batch_size}")
-        if not lr >= 0 or not weight_decay >= 0:
-            raise ValueError(f"stage1 {'lr' if not lr >= 0 else 'weight_decay'} must be >= 0, got "
-                             f"{lr if not lr >= 0 else weight_decay}")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if not value >= 0:  # NaN too
+                raise ValueError(f"stage1 {name} must be >= 0, got {value}")
         self.epochs, self.route, self.lr, self.weight_decay = int(epochs), route, float(lr), float(weight_decay)
         self.batch_size, self.lr_steps, self.lr_gamma = int(batch_size), list(lr_steps or []), float(lr_gamma)
         self.init_std, self.init_bias, self.seed = init_std, float(init_bias), int(seed)

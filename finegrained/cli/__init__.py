@@ -64,7 +64,7 @@ TOOLS: Dict[str, Callable[[List[str]], int]] = {
 class _FirstProcess(logging.Filter):
     """Messages of the first process only (under DDP every process runs the same DataModule code)."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def filter(self, record: Optional[logging.LogRecord]) -> bool:
         from lightning_fabric.utilities.rank_zero import rank_zero_only
 
         return getattr(rank_zero_only, "rank", 0) == 0
@@ -119,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SIGTERMException:
         # Lightning ends a run stopped by SIGTERM with SystemExit(None), status 0: a scheduler or script would take
         # the unfinished run for a finished one. The status of a process killed by SIGTERM says what happened.
-        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":  # once, not per rank
+        if _FirstProcess().filter(None):  # once, not per rank
             advice = "; continue with --ckpt_path last" if args[0] == "fit" else ""
             print(f"finegrained {args[0]}: stopped by SIGTERM before the end{advice}", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -244,19 +244,14 @@ def _close_settings(key: str) -> List[str]:
 def describe_config_error(message: str, argv: List[str]) -> str:
     """jsonargparse's multi-line parse error as ``<file>: <key>: <what was expected>`` on one line."""
     text = " ".join(message.split())
-    match = re.match(r"Subcommand '(\w+)' does not accept option '([\w.]+)'", text)
-    if match:
-        command, key = match.groups()
+    match = re.match(r"Subcommand '(\w+)' does not accept option '([\w.]+)'|unrecognized arguments: --([\w.]+)", text)
+    if match:  # a key the parser does not know, named in a recipe or (unrecognized) on the command line
+        command, key = match.group(1), match.group(2) or match.group(3)
+        command = command or next((a for a in argv if not a.startswith("-")), "fit")
         close = _close_settings(key)
         hint = f" (did you mean {' or '.join(close)}?)" if close else f" (see finegrained {command} --help)"
-        return f"{where_set(key, argv)}: {key} is not a setting of finegrained {command}{hint}"
-    match = re.match(r"unrecognized arguments: --([\w.]+)", text)
-    if match:
-        key = match.group(1)
-        command = next((a for a in argv if not a.startswith("-")), "fit")
-        close = _close_settings(key)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else f" (see finegrained {command} --help)"
-        return f"the command line: {key} is not a setting of finegrained {command}{hint}"
+        where = where_set(key, argv) if match.group(2) else "the command line"
+        return f"{where}: {key} is not a setting of finegrained {command}{hint}"
     match = re.match(r"Parser key \"config\": File does not exist: '(.*)'", text)
     if match:
         return f"{match.group(1)}: recipe not found"
