@@ -30,11 +30,16 @@ def finegrained_command():
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
+# The environment of the tests' finegrained processes: one thread each (two DDP processes, or two pytest-xdist
+# workers, share the 2 cores), and ``tests`` importable for callbacks named in ``--trainer.callbacks``.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+
+
 def run_finegrained(args, timeout=600):
-    """``finegrained ARGS`` in a fresh process (one thread each, as two DDP processes share the 2 cores; ``tests``
-    importable for callbacks named in ``--trainer.callbacks``); asserts it succeeded and returns the result."""
+    """``finegrained ARGS`` in a fresh process (:data:`SUBPROCESS_ENV`); asserts it succeeded and returns the
+    result."""
     result = subprocess.run(finegrained_command() + list(args), capture_output=True, text=True, timeout=timeout,
-                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT})
+                            cwd=REPO_ROOT, env=SUBPROCESS_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

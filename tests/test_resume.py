@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from finegrained.cli import main
-from tests.conftest import REPO_ROOT, callback_args, finegrained_command, make_image_folder, write_tiny_recipe
+from tests.conftest import (REPO_ROOT, SUBPROCESS_ENV, callback_args, finegrained_command, make_image_folder,
+                            write_tiny_recipe)
 
 
 def _command(recipe, root, extra=()):
@@ -16,14 +17,9 @@ def _command(recipe, root, extra=()):
                    "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
 
 
-# One thread per fit process, as the fits of the other tests (run_finegrained), so that pytest-xdist workers do not
-# oversubscribe the cores; every fit of a comparison runs with the same setting.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-
-
 def _fit(command):
     """Run a fit to completion; on failure show its stderr, not just the exit status."""
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=ONE_THREAD)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=SUBPROCESS_ENV)
     assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}"
 
 
@@ -56,7 +52,7 @@ def test_kill_and_resume_equals_uninterrupted(setup, sig):
     root = tmp / f"killed_{sig}"
     steps_per_epoch = ref_steps // (ref_epoch + 1)
     killed = subprocess.run(_command(recipe, root, callback_args("KillAt", step=steps_per_epoch + 1, signal=sig)),
-                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=ONE_THREAD)
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=SUBPROCESS_ENV)
     # SIGKILL: no handler runs; SIGTERM: Lightning stops the fit, and the status says it was stopped.
     assert killed.returncode == (-9 if sig == "SIGKILL" else 128 + 15), killed.stderr[-3000:]
     if sig == "SIGTERM":
@@ -101,7 +97,7 @@ def _runs(path):
 
 def _fit_until_killed(args):
     done = subprocess.run(finegrained_command() + ["fit"] + list(args), capture_output=True, text=True, timeout=600,
-                          cwd=REPO_ROOT, env=ONE_THREAD)
+                          cwd=REPO_ROOT, env=SUBPROCESS_ENV)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
 
