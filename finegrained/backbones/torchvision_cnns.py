@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torchvision
+import torchvision.models.vgg as tv_vgg
 from torch import nn
 
 from finegrained.backbones import register_backbone
@@ -68,12 +69,36 @@ def resnet(name: str, weights: Weights, last_stride: int) -> Backbone:
     return Backbone(features, model.fc.in_features, name)
 
 
+class _VGGFeatures(nn.Module):
+    """torchvision's VGG without its classifier: the three fully connected layers (124M parameters, 0.5 GB) that a
+    backbone cuts away are never built. Random weights are drawn as torchvision's ``VGG.__init__`` draws them
+    (Kaiming-normal convolutions, fan-out, zero biases; BN at 1 and 0)."""
+
+    def __init__(self, batch_norm: bool):
+        super().__init__()
+        self.features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=batch_norm)
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def _without_vgg_classifier(state: StateDict) -> StateDict:
+    """A full VGG state dict (torchvision's file, or a user's) without the classifier the backbone does not build;
+    other keys stay, so that a state dict of another network is still refused."""
+    return OrderedDict((k, v) for k, v in state.items() if not k.startswith("classifier."))
+
+
 @register_backbone("vgg16", "vgg16_bn")
 def vgg(name: str, weights: Weights, last_stride: int, layers: Optional[Sequence[str]] = None) -> Backbone:
     """relu5_3 without pool5 (s = 16), or the outputs of ``layers`` (e.g. ``["relu5_2", "relu5_3"]``)."""
     if last_stride == 1:
         raise ValueError(f"{name} already ends at relu5_3 without pool5 (stride 16); last_stride must be 2")
-    model = _torchvision_model(name, weights, ["features"])
+    model = load_weights(_VGGFeatures(batch_norm=name.endswith("_bn")), name, weights, ["features"],
+                         functools.partial(_imagenet_file, name), _without_vgg_classifier)
     if not layers:
         return Backbone(model.features[:-1], 512, name)  # drop pool5
     names = vgg_layer_names(model.features)

@@ -48,6 +48,28 @@ def test_vgg_last_stride_1_is_refused_clearly():
         build_backbone("vgg16", last_stride=1)
 
 
+@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn"])
+def test_vgg_takes_torchvisions_full_state_dict_and_builds_no_classifier(name):
+    """The backbone equals torchvision's VGG cut at relu5_3 with the same weights; random weights have torchvision's
+    initialisation; a key that is neither a feature nor the classifier is still refused."""
+    import torchvision
+
+    full = torchvision.models.get_model(name, weights=None).eval()
+    backbone = build_backbone(name, weights=full.state_dict()).eval()
+    assert not [n for n, _ in backbone.named_parameters() if "classifier" in n]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), full.features[:-1](x))
+    random = build_backbone(name).features
+    convs = [m for m in random.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:  # Kaiming normal, fan-out: std sqrt(2 / (out_channels * 3 * 3)); zero bias
+        expected = (2 / (conv.out_channels * 9)) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1 and not conv.bias.any()
+    foreign = {**full.state_dict(), "fc.weight": torch.zeros(1)}
+    with pytest.raises(WeightsUnavailableError, match="1 unexpected keys"):
+        build_backbone(name, weights=foreign)
+
+
 def test_unknown_backbone_lists_known_names():
     with pytest.raises(ValueError, match="resnet50"):
         build_backbone("resnet9000")
