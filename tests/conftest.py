@@ -162,3 +162,29 @@ def trained_run(tmp_path_factory):
     ckpt = os.path.join(str(tmp), "run", "checkpoints", "best.ckpt")
     assert os.path.isfile(ckpt)
     return recipe, ckpt, data
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run, tmp_path_factory):
+    """:func:`trained_run`'s checkpoint exported once in each format: ``{"onnx": path, "torchscript": path}``, each
+    with its manifest beside it. Tests that need a file the tool wrote copy it (:func:`copy_export`) rather than
+    changing it."""
+    from finegrained.export import export_classifier
+
+    _, ckpt, _ = trained_run
+    folder = tmp_path_factory.mktemp("exported")
+    paths = {"onnx": str(folder / "m.onnx"), "torchscript": str(folder / "m.pt")}
+    for fmt, path in paths.items():
+        export_classifier(ckpt, fmt, path)
+    return paths
+
+
+def copy_export(artifact, folder):
+    """Copy an export and its manifest into ``folder`` under the same name (a manifest names its file), as the tool
+    would have written them there; returns the copy's path."""
+    import shutil
+
+    target = os.path.join(str(folder), os.path.basename(artifact))
+    shutil.copyfile(artifact, target)
+    shutil.copyfile(artifact + ".json", target + ".json")
+    return target

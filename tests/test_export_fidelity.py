@@ -23,16 +23,14 @@ def test_export_includes_the_flip_average_of_finegrained_test(fmt, tmp_path):
     assert abs(unflipped - expected).max() > 1e-3  # the flip matters on these inputs, so the check can fail
 
 
-def test_predict_images_decodes_exactly_like_the_test_loader(trained_run, tmp_path):
+def test_predict_images_decodes_exactly_like_the_test_loader(exported_run, tmp_path):
     """Large JPEGs are draft-decoded by the loaders; predict-images must do the same."""
     import numpy as np
     from PIL import Image
 
     from datamodules import ImageFolderDataModule
-    from finegrained.export import export_classifier
     from finegrained.predict import ExportedModel
 
-    _, ckpt, _ = trained_run
     rng = np.random.default_rng(0)
     for split in ("train", "val", "test"):
         for c in range(3):
@@ -42,9 +40,7 @@ def test_predict_images_decodes_exactly_like_the_test_loader(trained_run, tmp_pa
             Image.fromarray(pixels).resize((1600, 1200)).save(folder / "photo.jpg", quality=90)
     dm = ImageFolderDataModule(str(tmp_path / "big"), batch_size=2, num_workers=0, resize_size=72, crop_size=64)
     dm.setup("test")
-    out = str(tmp_path / "m.pt")
-    export_classifier(ckpt, "torchscript", out)
-    model = ExportedModel(out)
+    model = ExportedModel(exported_run["torchscript"])
     for index, (path, _) in enumerate(dm.test_dataset.samples):
         torch.testing.assert_close(model.preprocess(path), dm.test_dataset[index][0], rtol=0, atol=0)
 

@@ -16,7 +16,7 @@ from finegrained.cli import main
 from finegrained.export import export_classifier
 from finegrained.model import load_classifier
 from finegrained.predict import ExportedModel, predict_images
-from tests.conftest import PALETTE, REPO_ROOT, write_image
+from tests.conftest import PALETTE, REPO_ROOT, SUBPROCESS_ENV, copy_export, write_image
 
 
 def test_console_script_help():
@@ -73,22 +73,18 @@ def test_onnx_export_matches_pytorch(trained_run, tmp_path):
     assert np.abs(got - reference).max() <= 1e-4
 
 
-def test_torchscript_export_matches_pytorch(trained_run, tmp_path):
+def test_torchscript_export_matches_pytorch(trained_run, exported_run):
     _, ckpt, _ = trained_run
-    out = str(tmp_path / "model.pt")
-    manifest = export_classifier(ckpt, "torchscript", out)
-    assert manifest["format"] == "torchscript"
+    out = exported_run["torchscript"]
+    assert json.load(open(out + ".json"))["format"] == "torchscript"
     x = torch.randn(5, 3, 64, 64)  # traced with 2 images: the batch axis must stay free
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(out)(x), load_classifier(ckpt).predict_logits(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def onnx_model(trained_run, tmp_path_factory):
-    _, ckpt, _ = trained_run
-    out = str(tmp_path_factory.mktemp("onnx") / "m.onnx")
-    export_classifier(ckpt, "onnx", out)
-    return ckpt, out
+@pytest.fixture
+def onnx_model(trained_run, exported_run):
+    return trained_run[1], exported_run["onnx"]
 
 
 def test_predict_images_matches_torch_and_writes_csv(onnx_model, tmp_path, capsys):
@@ -265,12 +261,11 @@ def test_an_edited_manifest_is_refused_in_one_line(onnx_model, tmp_path, capsys,
     assert len(err) == 1 and err[0].startswith(f"error: {copy}") and message in err[0], err
 
 
-def test_the_contract_is_embedded_in_both_formats(trained_run, onnx_model, tmp_path):
+def test_the_contract_is_embedded_in_both_formats(onnx_model, exported_run, tmp_path):
     from finegrained.export import embedded_contract
 
     ckpt, artifact = onnx_model
-    script = str(tmp_path / "m.pt")
-    export_classifier(ckpt, "torchscript", script)
+    script = exported_run["torchscript"]
     model = load_classifier(ckpt)
     for path, fmt in ((artifact, "onnx"), (script, "torchscript")):
         embedded = embedded_contract(path, fmt)
@@ -317,7 +312,7 @@ def _client_images(folder):
 
 
 @pytest.mark.parametrize("upright_and_banner", [False, True])
-def test_the_readme_client_reproduces_predict_images(trained_run, tmp_path, upright_and_banner):
+def test_the_readme_client_reproduces_predict_images(trained_run, exported_run, tmp_path, upright_and_banner):
     """The README's client, run as a script with onnxruntime, PIL and numpy, prints the class and probability
     predict-images writes, also for a model whose preprocessing removes a banner and turns images upright."""
     import subprocess
@@ -329,8 +324,10 @@ def test_the_readme_client_reproduces_predict_images(trained_run, tmp_path, upri
         checkpoint["hyper_parameters"]["preprocessing"].update(bottom_crop=7, exif_transpose=True)
         ckpt = str(tmp_path / "edited.ckpt")
         torch.save(checkpoint, ckpt)
-    artifact = str(tmp_path / "model.onnx")
-    export_classifier(ckpt, "onnx", artifact)
+        artifact = str(tmp_path / "model.onnx")
+        export_classifier(ckpt, "onnx", artifact)
+    else:
+        artifact = exported_run["onnx"]
     images = _client_images(str(tmp_path / "imgs"))
     rows, failures = predict_images(artifact, images, topk=1, csv_path=str(tmp_path / "p.csv"))
     assert not failures
@@ -346,7 +343,7 @@ def test_the_readme_client_reproduces_predict_images(trained_run, tmp_path, upri
 
 
 # ---- exports and predictions never overwrite a user's file, never leave a partial one ----------------------------
-def test_export_refuses_a_users_file_and_replaces_its_own(trained_run, tmp_path, capsys):
+def test_export_refuses_a_users_file_and_replaces_its_own(trained_run, exported_run, tmp_path, capsys):
     from finegrained.cli import entry_point
 
     _, ckpt, _ = trained_run
@@ -358,10 +355,11 @@ def test_export_refuses_a_users_file_and_replaces_its_own(trained_run, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {out}: already exists and is not an export"), err
     assert users.read_bytes() == b"a user's model" and (tmp_path / "other.onnx.json").read_text() == "a user's notes"
-    ours = tmp_path / "ours.onnx"
-    for _ in range(2):  # a previous export of this tool is replaced
-        assert entry_point(["export", "--ckpt", ckpt, "--out", str(ours)]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "other.onnx.json", "ours.onnx", "ours.onnx.json"]
+    ours = copy_export(exported_run["onnx"], tmp_path)  # a previous export of this tool is replaced
+    previous = os.stat(ours).st_ino
+    assert entry_point(["export", "--ckpt", ckpt, "--out", ours]) == 0
+    assert os.stat(ours).st_ino != previous
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.json", "model.onnx", "other.onnx.json"]
 
 
 _FULL_DISK_EXPORT = r"""
@@ -374,14 +372,14 @@ sys.exit(entry_point(["export", "--ckpt", sys.argv[1], "--format", sys.argv[2], 
 
 
 @pytest.mark.parametrize("fmt, name", [("onnx", "m.onnx"), ("torchscript", "m.pt")])
-def test_an_export_that_cannot_be_written_leaves_the_previous_one_and_no_partial_file(trained_run, tmp_path, fmt,
-                                                                                       name):
+def test_an_export_that_cannot_be_written_leaves_the_previous_one_and_no_partial_file(trained_run, exported_run,
+                                                                                       tmp_path, fmt, name):
     _, ckpt, _ = trained_run
     out = tmp_path / name
-    export_classifier(ckpt, fmt, str(out))
+    assert copy_export(exported_run[fmt], tmp_path) == str(out)  # the previous export
     before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)}
     done = subprocess.run([sys.executable, "-c", _FULL_DISK_EXPORT, ckpt, fmt, str(out)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+                          text=True, timeout=300, env=SUBPROCESS_ENV)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
     assert errors[0].startswith(f"error: {out}: could not write the {fmt} model"), errors
