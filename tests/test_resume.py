@@ -10,6 +10,8 @@ from finegrained.cli import main
 from tests.conftest import (REPO_ROOT, SUBPROCESS_ENV, callback_args, finegrained_command, make_image_folder,
                             write_tiny_recipe)
 
+BACKBONE = "mobilenet_v2"  # with batch norm, whose running statistics a resume must restore too
+
 
 def _command(recipe, root, extra=()):
     return finegrained_command() + ["fit", "--config", recipe, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
@@ -39,7 +41,7 @@ def _final(root):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     data = make_image_folder(tmp / "data", n_classes=3, per_class=6)
-    recipe = write_tiny_recipe(str(tmp), data)
+    recipe = write_tiny_recipe(str(tmp), data, BACKBONE)
     reference = tmp / "reference"
     _fit(_command(recipe, reference))
     return tmp, recipe, _final(reference)
@@ -105,7 +107,7 @@ def test_last_checkpoint_is_the_last_epoch_when_validation_plateaus(tmp_path, ca
     from finegrained.resume import completed_epochs
 
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
-    recipe = write_tiny_recipe(str(tmp_path), data)
+    recipe = write_tiny_recipe(str(tmp_path), data, BACKBONE)
     ck = tmp_path / "run" / "checkpoints"
     _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.monitor", "plateau"]
                 + callback_args("LogConstant"), capsys)
@@ -126,7 +128,7 @@ def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(
     from finegrained.resume import completed_epochs
 
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=4, splits=("train", "val"))
-    recipe = write_tiny_recipe(str(tmp_path), data)
+    recipe = write_tiny_recipe(str(tmp_path), data, BACKBONE)
     ck = tmp_path / "run" / "checkpoints"
     _fit_until_killed(["--config", recipe, "--trainer.max_epochs", "3"] + callback_args("KillAt", epoch=2))
     assert sorted(os.listdir(ck)) == ["last.ckpt"]  # no best.ckpt (chosen on the test set), no temporary file
@@ -145,7 +147,7 @@ def test_every_n_train_steps_writes_last_inside_the_epoch(tmp_path):
     from finegrained.resume import completed_epochs
 
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=4, splits=("train", "val"))
-    recipe = write_tiny_recipe(str(tmp_path), data)
+    recipe = write_tiny_recipe(str(tmp_path), data, BACKBONE)
     ck = tmp_path / "run" / "checkpoints"
     _fit_until_killed(["--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.every_n_train_steps", "1"]
                       + callback_args("KillAt", step=3))  # 2 steps per epoch: killed inside the second epoch
