@@ -143,12 +143,17 @@ data:
 """
 
 
-def write_tiny_recipe(tmp_dir, data_root, backbone="resnet18"):
-    """:data:`TINY_RECIPE` writing under ``tmp_dir``/run. MobileNet-V2 (3.5M parameters, checkpoints a third of
+def tiny_recipe_text(root, data_root, backbone="resnet18"):
+    """:data:`TINY_RECIPE` writing under ``root``. MobileNet-V2 (3.5M parameters, checkpoints a third of
     ResNet-18's) suits the tests about training mechanics (resume, kills), where the backbone only adds time."""
+    return TINY_RECIPE.format(root=root, data=data_root, backbone=backbone)
+
+
+def write_tiny_recipe(tmp_dir, data_root, backbone="resnet18"):
+    """:func:`tiny_recipe_text` writing under ``tmp_dir``/run, saved as ``tmp_dir``/tiny.yaml."""
     path = os.path.join(tmp_dir, "tiny.yaml")
     with open(path, "w") as f:
-        f.write(TINY_RECIPE.format(root=os.path.join(tmp_dir, "run"), data=data_root, backbone=backbone))
+        f.write(tiny_recipe_text(os.path.join(tmp_dir, "run"), data_root, backbone))
     return path
 
 

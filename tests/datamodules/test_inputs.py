@@ -17,7 +17,7 @@ from datamodules.datasets import ImageListDataset
 from datamodules.io import ImageLoadError, decode_rgb, load_rgb
 from datamodules.samples import safe_name, safe_names, save_samples
 from finegrained.cli import main
-from tests.conftest import PALETTE, TINY_RECIPE, make_image_folder, write_image
+from tests.conftest import PALETTE, make_image_folder, tiny_recipe_text, write_image
 
 SMALL = dict(batch_size=2, num_workers=0, resize_size=40, crop_size=32)
 
@@ -50,8 +50,8 @@ def _csv_dataset(folder, classes=("cls0", "cls1", "cls2"), per_class=4):
 
 
 def _csv_recipe(tmp_path, image_root, train_csv, test_csv, **init_args):
-    """TINY_RECIPE with a CSVDataModule as its data."""
-    head = TINY_RECIPE.format(root=tmp_path / "run", data="unused").split("\ndata:\n")[0]
+    """The tiny recipe with a CSVDataModule as its data."""
+    head = tiny_recipe_text(tmp_path / "run", "unused").split("\ndata:\n")[0]
     settings = {"image_root": image_root, "train_csv": train_csv, "test_csv": test_csv, "val_fraction": 0.34,
                 "batch_size": 4, "num_workers": 0, "resize_size": 72, "crop_size": 64, **init_args}
     path = tmp_path / "csv.yaml"
