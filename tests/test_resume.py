@@ -14,15 +14,23 @@ BACKBONE = "mobilenet_v2"  # with batch norm, whose running statistics a resume 
 
 
 def _command(recipe, root, extra=()):
-    return finegrained_command() + ["fit", "--config", recipe, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
+    """The arguments of ``finegrained`` for a deterministic 4-epoch fit into ``root``."""
+    return ["fit", "--config", recipe, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
                    "--trainer.limit_val_batches", "1.0", "--trainer.deterministic", "true",
                    "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
 
 
-def _fit(command):
-    """Run a fit to completion; on failure show its stderr, not just the exit status."""
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=SUBPROCESS_ENV)
-    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-4000:]}"
+def _fit(args):
+    """A fit that is not killed, run to completion in this process with one thread, as the killed fits run
+    (:data:`SUBPROCESS_ENV`): their results are compared bit for bit. The global flags a deterministic fit sets are
+    put back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    try:
+        assert main(list(args)) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def _in_process(args, capsys):
@@ -53,7 +61,9 @@ def test_kill_and_resume_equals_uninterrupted(setup, sig):
     tmp, recipe, (ref_epoch, ref_state, ref_callbacks, ref_steps) = setup
     root = tmp / f"killed_{sig}"
     steps_per_epoch = ref_steps // (ref_epoch + 1)
-    killed = subprocess.run(_command(recipe, root, callback_args("KillAt", step=steps_per_epoch + 1, signal=sig)),
+    killed = subprocess.run(finegrained_command() + _command(recipe, root,
+                                                             callback_args("KillAt", step=steps_per_epoch + 1,
+                                                                           signal=sig)),
                             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=SUBPROCESS_ENV)
     # SIGKILL: no handler runs; SIGTERM: Lightning stops the fit, and the status says it was stopped.
     assert killed.returncode == (-9 if sig == "SIGKILL" else 128 + 15), killed.stderr[-3000:]
