@@ -110,15 +110,18 @@ def _logits_of(checkpoint, loader):
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def test_printed_recorded_and_logged_accuracies_equal_sklearn_on_the_saved_logits(tmp_path):
+def test_printed_recorded_and_logged_accuracies_equal_sklearn_on_the_saved_logits(tmp_path, capsys):
     """Six classes, test images sorted by class (as CUB's list is), so the first test batch is one class."""
     from datamodules import ImageFolderDataModule
+    from finegrained.cli import main
 
     data = six_colour_folder(tmp_path / "data")
     recipe = write_tiny_recipe(str(tmp_path), data)
     run_finegrained(["fit", "--config", recipe] + SIX_CLASS_SETTINGS)
     checkpoint = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    out = run_finegrained(["test", "--config", recipe, "--ckpt_path", checkpoint] + SIX_CLASS_SETTINGS).stdout
+    capsys.readouterr()
+    assert main(["test", "--config", recipe, "--ckpt_path", checkpoint] + SIX_CLASS_SETTINGS) == 0
+    out = capsys.readouterr().out
 
     dm = ImageFolderDataModule(data, batch_size=4, num_workers=0, resize_size=40, crop_size=32)
     dm.setup()
