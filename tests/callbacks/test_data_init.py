@@ -53,7 +53,7 @@ def test_data_init_is_identical_on_every_ddp_rank(trained_run, tmp_path):
     recipe, _, _ = trained_run
     run_finegrained([
         "fit", "--config", recipe, *callback_args("SaveHeadPerRank", folder=str(tmp_path / "heads")),
-        "--model.head", "netvlad", "--model.head_kwargs",
+        "--model.backbone", "mobilenet_v2", "--model.head", "netvlad", "--model.head_kwargs",
         '{"clusters": 8}', "--model.optim.lr", "0.01", "--trainer.max_epochs", "1", "--trainer.strategy", "ddp",
         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
         "--checkpoint.dirpath", str(tmp_path / "ck")])
