@@ -1,5 +1,6 @@
 """Callbacks that the subprocess tests pass to the CLI (``trainer.callbacks``): what every rank holds, and a kill at a
 chosen point of a fit."""
+import json
 import os
 import signal as signal_module
 
@@ -82,3 +83,15 @@ class LogConstant(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         pl_module.log(self.name, self.value)
+
+
+class RecordStart(pl.Callback):
+    """Write where training starts in this process (``{"epoch": .., "global_step": ..}``) to ``path``: a resumed fit
+    must start where its checkpoint ended, not from scratch."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        with open(self.path, "w") as f:
+            json.dump({"epoch": trainer.current_epoch, "global_step": trainer.global_step}, f)

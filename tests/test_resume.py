@@ -1,4 +1,5 @@
 """Kill `finegrained fit` mid-training (SIGTERM, SIGKILL), resume with --ckpt_path last: same result."""
+import json
 import os
 import signal
 import subprocess
@@ -25,12 +26,13 @@ def _fit(args):
     (:data:`SUBPROCESS_ENV`): their results are compared bit for bit. The global flags a deterministic fit sets are
     put back."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
     try:
         assert main(list(args)) == 0
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _in_process(args, capsys):
@@ -38,6 +40,13 @@ def _in_process(args, capsys):
     capsys.readouterr()
     assert main(list(args)) == 0
     return capsys.readouterr().out
+
+
+def _started(path):
+    """Where a fit run with :class:`tests.ddp_helpers.RecordStart` started: (epoch, global step)."""
+    with open(path) as f:
+        start = json.load(f)
+    return start["epoch"], start["global_step"]
 
 
 def _final(root):
@@ -70,9 +79,10 @@ def test_kill_and_resume_equals_uninterrupted(setup, sig):
     if sig == "SIGTERM":
         stopped = [line for line in killed.stderr.splitlines() if line.startswith("finegrained fit: stopped")]
         assert stopped == ["finegrained fit: stopped by SIGTERM before the end; continue with --ckpt_path last"]
-    epoch, _, _, _ = _final(root)  # the file a kill left behind loads
-    assert epoch < ref_epoch
-    _fit(_command(recipe, root, ["--ckpt_path", "last"]))
+    epoch, _, _, steps = _final(root)  # the file a kill left behind loads
+    assert epoch < ref_epoch and steps > 0
+    _fit(_command(recipe, root, ["--ckpt_path", "last"] + callback_args("RecordStart", path=str(root / "start.json"))))
+    assert _started(root / "start.json")[1] == steps  # continued from the kill's checkpoint, not from scratch
     epoch, state, callbacks, _ = _final(root)
     assert epoch == ref_epoch
     for name, tensor in ref_state.items():
@@ -145,7 +155,9 @@ def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(
     assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 2
     out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: epoch 2 of 3; validation: test set" in out
-    _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"], capsys)
+    _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"]
+                + callback_args("RecordStart", path=str(tmp_path / "start.json")), capsys)
+    assert _started(tmp_path / "start.json")[0] == 2
     assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 3
     out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: last epoch; validation: test set" in out
@@ -229,7 +241,11 @@ def test_a_two_stage_fit_resumed_in_stage_1_or_at_the_switch_equals_the_uninterr
     if not (reference / "ck" / "last.ckpt").exists():
         _fit(_command(recipe, reference, two_stage))
     resumed = tmp / f"two_stage_resumed_{resume_after}"
-    _fit(_command(recipe, resumed, two_stage + ["--ckpt_path", str(reference / "ck" / f"epoch={resume_after}.ckpt")]))
+    start = reference / "ck" / f"epoch={resume_after}.ckpt"
+    _fit(_command(recipe, resumed, two_stage + ["--ckpt_path", str(start)]
+                  + callback_args("RecordStart", path=str(tmp / f"start_{resume_after}.json"))))
+    assert _started(tmp / f"start_{resume_after}.json") == (
+        resume_after + 1, torch.load(start, weights_only=True)["global_step"])
     ref_epoch, ref_state, _, _ = _final(reference)
     epoch, state, _, _ = _final(resumed)
     assert epoch == ref_epoch == 3
