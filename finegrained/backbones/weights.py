@@ -87,8 +87,17 @@ def load_weights(model: nn.Module, name: str, weights: Weights, feature_prefixes
         state = read_state_dict(os.fspath(weights))
     if fix_keys is not None:
         state = fix_keys(state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
     prefixes = tuple(feature_prefixes or ())
+    own = model.state_dict()
+    if prefixes:  # a classifier of another class count (a fine-tuned network) is not needed: left out like a missing one
+        state = {k: v for k, v in state.items()
+                 if k.startswith(prefixes) or k not in own or getattr(v, "shape", None) == own[k].shape}
+    reshaped = [f"{k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in state.items()
+                if k in own and getattr(v, "shape", None) != own[k].shape]
+    if reshaped:
+        raise WeightsUnavailableError(f"weights {weights!s} do not fit {name}: {len(reshaped)} tensors of another "
+                                      f"shape (e.g. {'; '.join(reshaped[:2])})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing_features = [k for k in missing if not prefixes or k.startswith(prefixes)]
     if missing_features or unexpected:
         raise WeightsUnavailableError(

@@ -70,6 +70,24 @@ def test_vgg_takes_torchvisions_full_state_dict_and_builds_no_classifier(name):
         build_backbone(name, weights=foreign)
 
 
+def test_a_fine_tuned_classifier_is_left_out_and_a_reshaped_feature_is_named():
+    """A state dict of a network fine-tuned on 3 classes gives its features; a feature tensor of another shape (VGG-16
+    with BN weights for VGG-16, a changed kernel) is a WeightsUnavailableError naming the tensor, not torch's
+    RuntimeError."""
+    import torchvision
+
+    full = torchvision.models.resnet18()
+    full.fc = torch.nn.Linear(512, 3)
+    backbone = build_backbone("resnet18", weights=full.state_dict())
+    assert torch.equal(backbone.features.layer4[1].conv2.weight, full.layer4[1].conv2.weight)
+    reshaped = {**full.state_dict(), "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}
+    with pytest.raises(WeightsUnavailableError, match=r"layer1.0.conv1.weight is \(64, 64, 1, 1\), expected "
+                                                      r"\(64, 64, 3, 3\)"):
+        build_backbone("resnet18", weights=reshaped)
+    with pytest.raises(WeightsUnavailableError, match="tensors of another shape"):
+        build_backbone("vgg16", weights=torchvision.models.vgg16_bn().state_dict())
+
+
 def test_unknown_backbone_lists_known_names():
     with pytest.raises(ValueError, match="resnet50"):
         build_backbone("resnet9000")
