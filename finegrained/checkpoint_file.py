@@ -15,8 +15,12 @@ class CheckpointFileError(ValueError):
     """A checkpoint file that cannot be read as a PyTorch checkpoint of tensors and containers."""
 
 
-def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``, with every way a file can be unreadable as one clear error.
+FIT_CHECKPOINT = "a checkpoint written by finegrained fit"
+
+
+def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False, expected: str = FIT_CHECKPOINT) -> Any:
+    """``torch.load(path, weights_only=True)``, with every way a file can be unreadable as one clear error, ending
+    with what was ``expected``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -29,7 +33,7 @@ def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) ->
     if os.path.isdir(path):
         raise CheckpointFileError(f"{path}: is a folder; expected a checkpoint file (.ckpt)")
     if os.path.getsize(path) == 0:
-        raise CheckpointFileError(f"{path}: file is empty (0 bytes); expected a checkpoint written by finegrained fit")
+        raise CheckpointFileError(f"{path}: file is empty (0 bytes); expected {expected}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -41,9 +45,9 @@ def read_checkpoint_file(path, map_location: Any = "cpu", mmap: bool = False) ->
                 f"{path}: holds a pickled Python object{what}, which is refused: checkpoints are read with "
                 f"weights_only=True (tensors and containers only)") from None
         raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
-                                  f"expected a checkpoint written by finegrained fit") from err
+                                  f"expected {expected}") from err
     except MemoryError:
         raise
     except Exception as err:  # RuntimeError (zip), EOFError, KeyError, ...: the file's content, not the code
         raise CheckpointFileError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file); "
-                                  f"expected a checkpoint written by finegrained fit") from err
+                                  f"expected {expected}") from err

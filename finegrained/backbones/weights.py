@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from finegrained.checkpoint_file import CheckpointFileError, read_checkpoint_file
+
 Weights = Union[None, str, os.PathLike, Mapping[str, Tensor]]
 StateDict = Dict[str, Tensor]
 
@@ -48,12 +50,9 @@ def read_state_dict(path: str) -> StateDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path} (expected a PyTorch state dict)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsUnavailableError(
-            f"cannot load weights from {path}: {err}. Expected a state dict saved with torch.save "
-            f"(it is read with weights_only=True, so pickled modules are refused)."
-        ) from err
+        state = read_checkpoint_file(path, expected="a state dict saved with torch.save")
+    except CheckpointFileError as err:
+        raise WeightsUnavailableError(str(err)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
