@@ -60,6 +60,10 @@ def read_state_dict(path: str) -> StateDict:
     return state
 
 
+def _shape(value) -> str:
+    return str(tuple(value.shape)) if hasattr(value, "shape") else f"a {type(value).__name__}"
+
+
 def load_weights(model: nn.Module, name: str, weights: Weights, feature_prefixes: Optional[List[str]] = None,
                  imagenet_file: Optional[Callable[[], str]] = None,
                  fix_keys: Optional[Callable[[StateDict], StateDict]] = None) -> nn.Module:
@@ -88,10 +92,10 @@ def load_weights(model: nn.Module, name: str, weights: Weights, feature_prefixes
         state = fix_keys(state)
     prefixes = tuple(feature_prefixes or ())
     own = model.state_dict()
-    if prefixes:  # a classifier of another class count (a fine-tuned network) is not needed: left out like a missing one
+    if prefixes:  # a classifier of another class count (a fine-tuned network) is not needed: left out, as if missing
         state = {k: v for k, v in state.items()
                  if k.startswith(prefixes) or k not in own or getattr(v, "shape", None) == own[k].shape}
-    reshaped = [f"{k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in state.items()
+    reshaped = [f"{k} is {_shape(v)}, expected {_shape(own[k])}" for k, v in state.items()
                 if k in own and getattr(v, "shape", None) != own[k].shape]
     if reshaped:
         raise WeightsUnavailableError(f"weights {weights!s} do not fit {name}: {len(reshaped)} tensors of another "

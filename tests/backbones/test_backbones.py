@@ -86,6 +86,8 @@ def test_a_fine_tuned_classifier_is_left_out_and_a_reshaped_feature_is_named():
         build_backbone("resnet18", weights=reshaped)
     with pytest.raises(WeightsUnavailableError, match="tensors of another shape"):
         build_backbone("vgg16", weights=torchvision.models.vgg16_bn().state_dict())
+    with pytest.raises(WeightsUnavailableError, match=r"conv1.weight is a int, expected \(64, 3, 7, 7\)"):
+        build_backbone("resnet18", weights={**full.state_dict(), "conv1.weight": 3})
 
 
 def test_unknown_backbone_lists_known_names():
