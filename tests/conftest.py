@@ -44,6 +44,16 @@ def run_finegrained(args, timeout=600):
     return result
 
 
+def printed_by(args, capsys):
+    """``finegrained ARGS`` in this process (``finegrained.cli.main``); asserts it succeeded and returns what it
+    printed to stdout."""
+    from finegrained.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
 def callback_args(class_name, **init_args):
     """``--trainer.callbacks`` with one callback of tests/ddp_helpers.py."""
     return ["--trainer.callbacks",

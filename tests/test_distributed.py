@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import callback_args, make_image_folder, run_finegrained
+from tests.conftest import callback_args, make_image_folder, printed_by, run_finegrained
 
 
 def _test_args(recipe, ckpt, runs_csv, extra):
@@ -16,8 +16,6 @@ def _test_args(recipe, ckpt, runs_csv, extra):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo DDP test written for Linux")
 def test_two_process_ddp_test_metrics_equal_one_process(trained_run, tmp_path, capsys):
-    from finegrained.cli import main
-
     recipe, ckpt, _ = trained_run
     # 17 test images over 2 ranks: a padding sampler would give rank 1 a repeated image (18 counted).
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
@@ -25,9 +23,8 @@ def test_two_process_ddp_test_metrics_equal_one_process(trained_run, tmp_path, c
     extra = ["--data.init_args.root", data]
     matrices = os.path.join(os.path.dirname(recipe), "**", "confusion_matrix.csv")
     before = set(glob.glob(matrices, recursive=True))
-    capsys.readouterr()
-    assert main(_test_args(recipe, ckpt, str(tmp_path / "one.csv"), extra + ["--trainer.devices", "1"])) == 0
-    single = capsys.readouterr().out
+    single = printed_by(_test_args(recipe, ckpt, str(tmp_path / "one.csv"), extra + ["--trainer.devices", "1"]),
+                        capsys)
     double = run_finegrained(_test_args(recipe, ckpt, str(tmp_path / "two.csv"),
                                         extra + ["--trainer.devices", "2", "--trainer.strategy", "ddp"])).stdout
     # The confusion matrices (synced over ranks) count every test image exactly once.

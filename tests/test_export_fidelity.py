@@ -56,6 +56,7 @@ def test_labelled_folder_accuracy_equals_finegrained_test_on_the_demo_images(tmp
     import re
 
     from finegrained.cli import main
+    from tests.conftest import printed_by
 
     demo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "recipes", "demo.yaml"))
     recipe = tmp_path / "small_demo.yaml"
@@ -65,17 +66,14 @@ def test_labelled_folder_accuracy_equals_finegrained_test_on_the_demo_images(tmp
              "--checkpoint.dirpath", str(tmp_path / "ck"), "--runs_csv", ""]
     assert main(["fit", *small, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"]) == 0
     ckpt = str(tmp_path / "ck" / "last.ckpt")
-    capsys.readouterr()
-    assert main(["test", *small, "--ckpt_path", ckpt]) == 0
-    tested = re.search(r"Test accuracy on 60 images: top-1 ([0-9.]+), .*mean per-class ([0-9.]+)", capsys.readouterr().out)
+    tested = re.search(r"Test accuracy on 60 images: top-1 ([0-9.]+), .*mean per-class ([0-9.]+)",
+                       printed_by(["test", *small, "--ckpt_path", ckpt], capsys))
     samples = str(tmp_path / "labelled")
     assert main(["data", "samples", "--config", str(recipe), "--split", "test", "--n", "60", "--by-class",
                  "--out", samples]) == 0
     onnx = str(tmp_path / "m.onnx")
     assert main(["export", "--ckpt", ckpt, "--format", "onnx", "--out", onnx]) == 0
-    capsys.readouterr()
-    assert main(["predict-images", "--model", onnx, samples, "--topk", "1"]) == 0
     predicted = re.search(r"Accuracy on 60 labelled images: top-1 ([0-9.]+), mean per-class ([0-9.]+)",
-                          capsys.readouterr().out)
+                          printed_by(["predict-images", "--model", onnx, samples, "--topk", "1"], capsys))
     assert tested and predicted, "both commands print their accuracy"
     assert predicted.groups() == tested.groups()

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
 
 from finegrained.metrics import accuracy_metrics
-from tests.conftest import run_finegrained, write_image, write_tiny_recipe
+from tests.conftest import printed_by, run_finegrained, write_image, write_tiny_recipe
 
 
 def sklearn_accuracies(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -113,15 +113,12 @@ def _logits_of(checkpoint, loader):
 def test_printed_recorded_and_logged_accuracies_equal_sklearn_on_the_saved_logits(tmp_path, capsys):
     """Six classes, test images sorted by class (as CUB's list is), so the first test batch is one class."""
     from datamodules import ImageFolderDataModule
-    from finegrained.cli import main
 
     data = six_colour_folder(tmp_path / "data")
     recipe = write_tiny_recipe(str(tmp_path), data)
     run_finegrained(["fit", "--config", recipe] + SIX_CLASS_SETTINGS)
     checkpoint = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    capsys.readouterr()
-    assert main(["test", "--config", recipe, "--ckpt_path", checkpoint] + SIX_CLASS_SETTINGS) == 0
-    out = capsys.readouterr().out
+    out = printed_by(["test", "--config", recipe, "--ckpt_path", checkpoint] + SIX_CLASS_SETTINGS, capsys)
 
     dm = ImageFolderDataModule(data, batch_size=4, num_workers=0, resize_size=40, crop_size=32)
     dm.setup()

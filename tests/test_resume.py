@@ -9,7 +9,7 @@ import torch
 
 from finegrained.cli import main
 from tests.conftest import (REPO_ROOT, SUBPROCESS_ENV, callback_args, finegrained_command, make_image_folder,
-                            write_tiny_recipe)
+                            printed_by, write_tiny_recipe)
 
 BACKBONE = "mobilenet_v2"  # with batch norm, whose running statistics a resume must restore too
 
@@ -17,8 +17,8 @@ BACKBONE = "mobilenet_v2"  # with batch norm, whose running statistics a resume 
 def _command(recipe, root, extra=()):
     """The arguments of ``finegrained`` for a deterministic 4-epoch fit into ``root``."""
     return ["fit", "--config", recipe, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
-                   "--trainer.limit_val_batches", "1.0", "--trainer.deterministic", "true",
-                   "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
+            "--trainer.limit_val_batches", "1.0", "--trainer.deterministic", "true",
+            "--trainer.default_root_dir", str(root), "--checkpoint.dirpath", str(root / "ck")] + list(extra)
 
 
 def _fit(args):
@@ -33,13 +33,6 @@ def _fit(args):
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
-def _in_process(args, capsys):
-    """``finegrained ARGS`` in this process (for the runs that are not killed): what it printed."""
-    capsys.readouterr()
-    assert main(list(args)) == 0
-    return capsys.readouterr().out
 
 
 def _started(path):
@@ -129,14 +122,14 @@ def test_last_checkpoint_is_the_last_epoch_when_validation_plateaus(tmp_path, ca
     data = make_image_folder(tmp_path / "data", n_classes=3, per_class=6)
     recipe = write_tiny_recipe(str(tmp_path), data, BACKBONE)
     ck = tmp_path / "run" / "checkpoints"
-    _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.monitor", "plateau"]
+    printed_by(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--checkpoint.monitor", "plateau"]
                 + callback_args("LogConstant"), capsys)
     last, best = (torch.load(ck / name, weights_only=True) for name in ("last.ckpt", "best.ckpt"))
     assert completed_epochs(last) == 3 and last["global_step"] == 3 * 2  # limit_train_batches 2
     assert completed_epochs(best) == 1  # the metric never improved after the first epoch
-    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
+    out = printed_by(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: last epoch; validation: held-out" in out
-    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "best.ckpt")], capsys)
+    out = printed_by(["test", "--config", recipe, "--ckpt_path", str(ck / "best.ckpt")], capsys)
     assert "Checkpoint: best plateau; validation: held-out" in out
     last_row, best_row = _runs(tmp_path / "run" / "runs.csv")
     assert (last_row["epochs"], last_row["selection"]) == ("3", "last epoch")
@@ -153,13 +146,13 @@ def test_a_fit_killed_after_two_epochs_leaves_their_last_checkpoint_and_resumes(
     _fit_until_killed(["--config", recipe, "--trainer.max_epochs", "3"] + callback_args("KillAt", epoch=2))
     assert sorted(os.listdir(ck)) == ["last.ckpt"]  # no best.ckpt (chosen on the test set), no temporary file
     assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 2
-    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
+    out = printed_by(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: epoch 2 of 3; validation: test set" in out
-    _in_process(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"]
+    printed_by(["fit", "--config", recipe, "--trainer.max_epochs", "3", "--ckpt_path", "last"]
                 + callback_args("RecordStart", path=str(tmp_path / "start.json")), capsys)
     assert _started(tmp_path / "start.json")[0] == 2
     assert completed_epochs(torch.load(ck / "last.ckpt", weights_only=True)) == 3
-    out = _in_process(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
+    out = printed_by(["test", "--config", recipe, "--ckpt_path", str(ck / "last.ckpt")], capsys)
     assert "Checkpoint: last epoch; validation: test set" in out
     assert [(row["epochs"], row["selection"]) for row in _runs(tmp_path / "run" / "runs.csv")] == [
         ("2", "epoch 2 of 3"), ("3", "last epoch")]

@@ -4,13 +4,13 @@ import os
 import pytest
 
 from finegrained.cli import main
+from tests.conftest import printed_by
 
 
 @pytest.mark.parametrize("val_fraction, best_written, validation", [(0.0, False, "test set"), (0.5, True, "held-out")])
 def test_checkpoint_choice_is_honest(val_fraction, best_written, validation, trained_run, tmp_path, capsys):
     import csv
 
-    from finegrained.cli import main
     from tests.replicas import write_cub
 
     recipe, _, _ = trained_run
@@ -23,9 +23,7 @@ def test_checkpoint_choice_is_honest(val_fraction, best_written, validation, tra
     assert main(["fit", *run, "--trainer.max_epochs", "2"]) == 0
     assert (tmp_path / "ck" / "best.ckpt").exists() == best_written
     ckpt = tmp_path / "ck" / ("best.ckpt" if best_written else "last.ckpt")
-    capsys.readouterr()
-    assert main(["test", *run, "--ckpt_path", str(ckpt)]) == 0
-    printed = capsys.readouterr().out
+    printed = printed_by(["test", *run, "--ckpt_path", str(ckpt)], capsys)
     selection = "best val_top1" if best_written else "last epoch"
     assert f"Checkpoint: {selection}; validation: {validation}" in printed
     (row,) = list(csv.DictReader(open(tmp_path / "runs.csv")))
