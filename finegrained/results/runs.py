@@ -29,13 +29,15 @@ from finegrained.results.plots import plot_confusion_matrix, plot_training_curve
 
 RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dataset", "method", "backbone",
               "head_dim", "epochs", "top1", "top5", "mean_class_acc", "train_wall_s", "test_wall_s", "device",
-              "checkpoint", "plots", "validation", "selection", "classifier", "overrides"]
+              "checkpoint", "plots", "validation", "selection", "classifier", "overrides", "job_id"]
 # dataset: the DataModule's dataset_id ("cub", "aircraft", "cars", ...), the key of results/reference.csv.
 # validation: "held-out" (chosen apart from the test set) or "test set" (the published protocol).
 # selection: which checkpoint was tested: "last epoch", "epoch N" or "best <metric>".
 # classifier: "softmax" (the network's own) or "svm" (finegrained test --svm: the SVM protocol).
 # overrides: what the fit and the test changed from their recipe ("key=value; ..."), '' when the run follows it
 #   (finegrained.cli.recipe.recipe_overrides); the tables mark such runs.
+# job_id: the scheduler's id of the job that ran the test (SLURM's, "<array id>_<task>" in a job array, or
+#   "local-<pid>" for finegrained launch --executor local), '' outside a scheduler.
 
 
 NOT_RECORDED = "not recorded"
@@ -54,6 +56,18 @@ def git_commit(cwd: Optional[str] = None) -> str:
         return head.stdout.strip()[:12] + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def scheduler_job_id() -> str:
+    """The job id as ``squeue``/``sacct`` show it (``<array id>_<task>`` for an array task), ``local-<pid>`` for
+    submitit's local executor, or '' outside a scheduler."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+        return f"local-{os.environ['SUBMITIT_LOCAL_JOB_ID']}"
+    return ""
 
 
 def device_name(trainer: pl.Trainer) -> str:
@@ -93,7 +107,8 @@ def read_runs(path: str) -> pd.DataFrame:
     if not os.path.isfile(path):
         return pd.DataFrame(columns=RUN_FIELDS)
     try:
-        runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str, "overrides": str})
+        runs = pd.read_csv(path, dtype={"run_id": str, "git_commit": str, "config_hash": str, "overrides": str,
+                                        "job_id": str})
     except (ValueError, pd.errors.ParserError) as err:  # not text, not CSV
         raise ValueError(f"{path}: not a CSV of run records ({str(err).splitlines()[0][:120]}); expected the file "
                          f"finegrained test appends to") from None
@@ -295,4 +310,5 @@ def run_record(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, 
         "selection": provenance["selection"],
         "classifier": classifier,
         "overrides": run_overrides(fit_state, recipes, overrides),
+        "job_id": scheduler_job_id(),
     }
