@@ -14,8 +14,8 @@ Library layout (what may import what is checked by ``tests/test_layout.py``):
 * :mod:`finegrained.data_contract` -- what the library expects of a DataModule (:mod:`datamodules` follows it).
 * :mod:`finegrained.export`, :mod:`finegrained.predict` -- ONNX / TorchScript artifacts and their use.
 * :mod:`finegrained.cli` -- the ``finegrained`` command, one module per command family.
-* tooling apart from the library: :mod:`finegrained.bench` (benchmarks) and :mod:`finegrained.results`
-  (run records, tables, plots).
+* tooling apart from the library: :mod:`finegrained.bench` (benchmarks), :mod:`finegrained.results`
+  (run records, tables, plots) and :mod:`finegrained.launch` (campaigns on SLURM or this machine, submitit).
 """
 from finegrained.heads import available_heads, build_head  # noqa: F401
 from finegrained.network import FineGrainedNetwork  # noqa: F401

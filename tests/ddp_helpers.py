@@ -3,6 +3,7 @@ chosen point of a fit."""
 import json
 import os
 import signal as signal_module
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -95,3 +96,21 @@ class RecordStart(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         with open(self.path, "w") as f:
             json.dump({"epoch": trainer.current_epoch, "global_step": trainer.global_step}, f)
+
+
+class PauseOnFirstStart(pl.Callback):
+    """At the start of training epoch ``epoch``, in a job's first start only (``SLURM_RESTART_COUNT`` unset or 0),
+    writes ``marker`` and waits (up to ``timeout_s``) until the process is told to stop: the moment a test requeues
+    the job, with the previous epoch's ``last.ckpt`` on disk."""
+
+    def __init__(self, marker: str, epoch: int = 1, timeout_s: float = 120.0):
+        self.marker, self.epoch, self.timeout_s = marker, epoch, timeout_s
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch != self.epoch or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            return
+        with open(self.marker, "w") as f:
+            f.write(os.environ.get("SLURM_JOB_ID", ""))
+        deadline = time.monotonic() + self.timeout_s
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -23,7 +23,7 @@ LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "fin
 WITHOUT_LIGHTNING = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.network",
                      "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
                      "finegrained.pretrained", "finegrained.optim", "finegrained.data_contract", "finegrained.svm")
-TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli")
+TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli", "finegrained.launch")
 
 
 def _module_name(path):

@@ -17,9 +17,15 @@ Tools around trained models and data::
     finegrained bench-table [--heads all] [--epochs 10]
     finegrained bench heads|loader|step [--quick]
 
+Campaigns of recipes × seeds on a SLURM cluster (submitit) or on this machine::
+
+    finegrained launch RECIPE... --out CAMPAIGN_DIR [--executor slurm|local] [--seeds 0 1 2] [...]
+    finegrained launch status CAMPAIGN_DIR
+    finegrained launch collect CAMPAIGN_DIR
+
 One module per command family: :mod:`~finegrained.cli.train` (LightningCLI), :mod:`~finegrained.cli.export`
-(export, predict-images), :mod:`~finegrained.cli.data`, :mod:`~finegrained.cli.results` (tables, report) and
-:mod:`~finegrained.cli.bench` (bench, bench-table).
+(export, predict-images), :mod:`~finegrained.cli.data`, :mod:`~finegrained.cli.results` (tables, report),
+:mod:`~finegrained.cli.bench` (bench, bench-table) and :mod:`~finegrained.cli.launch` (launch).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from finegrained.cli.bench import bench_command, bench_table_command
 from finegrained.cli.data import data_command, datamodule_from_config
 from finegrained.cli.export import export_command, predict_images_command
+from finegrained.cli.launch import launch_command
 from finegrained.cli.results import report_command, tables_command
 from finegrained.cli.train import FineGrainedCLI, run_lightning_cli
 
@@ -58,6 +65,7 @@ TOOLS: Dict[str, Callable[[List[str]], int]] = {
     "export": export_command,
     "predict-images": predict_images_command,
     "data": data_command,
+    "launch": launch_command,
 }
 
 

@@ -19,25 +19,38 @@ def tables_command(argv: List[str]) -> int:
     parser.add_argument("--reference", default=None,
                         help="the papers' numbers (default: results/reference.csv here, else the project's)")
     parser.add_argument("--runs-csv", default="results/runs.csv", help="run records written by finegrained test")
-    parser.add_argument("--runs", default="latest",
-                        help="which runs count: latest (per recipe), best (per recipe), all (mean), or run ids a,b,c")
-    parser.add_argument("--out", default="results/tables")
+    parser.add_argument("--campaign", default=None, metavar="CAMPAIGN_DIR",
+                        help="read the records of this finegrained launch campaign (CAMPAIGN_DIR/runs/*.csv) instead "
+                             "of --runs-csv; the tables go to CAMPAIGN_DIR/tables unless --out says otherwise")
+    parser.add_argument("--runs", default=None,
+                        help="which runs count: latest (per recipe), best (per recipe), all (mean), or run ids a,b,c "
+                             "(default: latest; all with --campaign, the mean over its seeds)")
+    parser.add_argument("--out", default=None, help="folder of the tables (default results/tables)")
     parser.add_argument("--modified", choices=["mark", "hide"], default="mark",
                         help="runs that changed their recipe (fewer epochs, smaller images, ...; the run record's "
                              "overrides): mark their numbers with ‡ and list the changes under the table (default), "
                              "or leave them out. A run that follows its recipe is always preferred for a cell")
     parser.add_argument("--plots", action="store_true", help="also draw accuracy versus representation dimension")
     args = parser.parse_args(argv)
-    if args.runs_csv != parser.get_default("runs_csv") and not os.path.isfile(args.runs_csv):
-        raise FileNotFoundError(f"{args.runs_csv}: run records not found (expected the CSV finegrained test appends to)")
+    if args.campaign:
+        from finegrained.launch.campaign import read_campaign_runs
+
+        every_run, source = read_campaign_runs(args.campaign), os.path.join(args.campaign, "runs", "")
+        args.out = args.out or os.path.join(args.campaign, "tables")
+        args.runs = args.runs or "all"
+    else:
+        if args.runs_csv != parser.get_default("runs_csv") and not os.path.isfile(args.runs_csv):
+            raise FileNotFoundError(f"{args.runs_csv}: run records not found (expected the CSV finegrained test "
+                                    f"appends to)")
+        every_run, source = read_runs(args.runs_csv), args.runs_csv
+    args.out, args.runs = args.out or "results/tables", args.runs or "latest"
     reference = load_reference(args.reference or _project_file("results/reference.csv"))
-    every_run = read_runs(args.runs_csv)
     runs = select_runs(every_run, args.runs, modified=args.modified)
-    paths = write_tables(reference, runs, args.out, runs_source=args.runs_csv)
+    paths = write_tables(reference, runs, args.out, runs_source=source)
     with open(os.path.join(args.out, "finegrained.md")) as f:
         print(f.read())
     changed = int((every_run["overrides"].fillna("") != "").sum()) if len(every_run) else 0
-    print(f"{len(runs)} run(s) from {args.runs_csv} ({args.runs}); wrote {len(paths)} files under {args.out}/")
+    print(f"{len(runs)} run(s) from {source} ({args.runs}); wrote {len(paths)} files under {args.out}/")
     if changed:
         print(f"{changed} of the {len(every_run)} recorded run(s) changed their recipe: "
               + ("not shown (--modified mark shows them, marked ‡)" if args.modified == "hide" else

@@ -229,14 +229,42 @@ def _config_paths(argv: List[str]) -> List[str]:
     return paths + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
 
-def run_lightning_cli(args: Optional[List[str]] = None, other_commands: Optional[List[str]] = None) -> FineGrainedCLI:
+class _Parsed(Exception):
+    """Raised by :class:`_ParseOnlyCLI` once the command line is parsed; ``config`` is the command's configuration."""
+
+    def __init__(self, config):
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParseOnlyCLI(FineGrainedCLI):
+    """Parses and checks a command line exactly as the command would, and stops before building anything."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        raise _Parsed(self.config[self.config["subcommand"]])
+
+
+def check_command_line(args: List[str]):
+    """Check ``finegrained fit|test ARGS`` (recipes, settings, types, unknown keys) without building the model or
+    the data, and return the command's configuration; raises the error the command would (one line from
+    :func:`finegrained.cli.entry_point`)."""
+    try:
+        run_lightning_cli(args, cli_class=_ParseOnlyCLI)
+    except _Parsed as parsed:
+        return parsed.config
+    raise RuntimeError("the command line was not parsed")  # unreachable: parse_arguments always raises
+
+
+def run_lightning_cli(args: Optional[List[str]] = None, other_commands: Optional[List[str]] = None,
+                      cli_class: type = FineGrainedCLI) -> FineGrainedCLI:
     """``finegrained fit | validate | test | predict``; ``other_commands`` are listed in ``--help``."""
     argv = list(sys.argv[1:] if args is None else args)
     # LightningCLI reads sys.argv; give it the expanded recipes there (passing them as ``args``
     # besides a different sys.argv makes it warn about a possible mistake).
     saved_argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "finegrained"] + expand_config_args(argv)
     try:
-        return _build_cli(argv, other_commands or [])
+        return _build_cli(argv, other_commands or [], cli_class)
     except argparse.ArgumentError as err:  # the parser refused a setting: which one, where, and what it expected
         raise RecipeError(describe_config_error(str(err), argv)) from None
     except ValueError as err:  # a class refused its arguments as jsonargparse built it: which class, and why
@@ -251,9 +279,9 @@ def run_lightning_cli(args: Optional[List[str]] = None, other_commands: Optional
         sys.argv = saved_argv
 
 
-def _build_cli(argv: List[str], other_commands: List[str]) -> FineGrainedCLI:
+def _build_cli(argv: List[str], other_commands: List[str], cli_class: type = FineGrainedCLI) -> FineGrainedCLI:
     others = " | ".join(other_commands)
-    return FineGrainedCLI(
+    return cli_class(
         FineGrainedClassifier,
         LightningDataModule,
         subclass_mode_data=True,
