@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import glob
+import hashlib
 import json
 import os
 import re
@@ -40,15 +41,22 @@ class JobSpec:
 
 def job_names(recipes: List[str], seeds: List[int]) -> List[str]:
     """``<folder>-<recipe>-s<seed>`` (``cub-isqrt_resnet50-s0``): short, unique, and safe as a file name. Two
-    recipes with the same folder and file name take more of their path."""
+    recipes with the same folder and file name take more of their path; two that still read the same once made
+    safe (``a b.yaml`` and ``a_b.yaml``) get a short hash of their path."""
     def label(path: str, depth: int) -> str:
         parts = os.path.normpath(os.path.splitext(os.path.abspath(path))[0]).split(os.sep)[-depth:]
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
 
+    paths = list(dict.fromkeys(os.path.abspath(r) for r in recipes))
+    deepest = max(len(p.split(os.sep)) for p in paths)
     depth = 2
-    while len({label(r, depth) for r in recipes}) < len(set(os.path.abspath(r) for r in recipes)):
+    while depth < deepest and len({label(p, depth) for p in paths}) < len(paths):
         depth += 1
-    return [f"{label(r, depth)}-s{seed}" for r in recipes for seed in seeds]
+    labels = {p: label(p, depth) for p in paths}
+    clashing = {name for name in labels.values() if list(labels.values()).count(name) > 1}
+    labels = {p: f"{name}-{hashlib.sha256(p.encode()).hexdigest()[:6]}" if name in clashing else name
+              for p, name in labels.items()}
+    return [f"{labels[os.path.abspath(r)]}-s{seed}" for r in recipes for seed in seeds]
 
 
 def _now() -> str:

@@ -1,5 +1,6 @@
 """The campaign folder: job names, the campaign file, the jobs' states and records merged on read."""
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -16,6 +17,9 @@ def test_job_names_are_unique_and_safe_file_names(tmp_path):
     twins = job_names([str(tmp_path / "a" / "cub" / "x.yaml"), str(tmp_path / "b" / "cub" / "x.yaml")], [0])
     assert twins == ["a-cub-x-s0", "b-cub-x-s0"]
     assert job_names([str(tmp_path / "my birds" / "ü & x.yaml")], [3]) == ["my_birds-____x-s3"]
+    # the same once made safe, at every depth: a hash of the path tells them apart
+    alike = job_names([str(tmp_path / "cub" / "a b.yaml"), str(tmp_path / "cub" / "a_b.yaml")], [0])
+    assert len(set(alike)) == 2 and all(re.fullmatch(r".*cub-a_b-[0-9a-f]{6}-s0", name) for name in alike)
 
 
 def test_a_campaign_refuses_a_folder_of_the_users_and_a_changed_job(tmp_path):
