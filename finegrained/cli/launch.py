@@ -209,7 +209,7 @@ def launch(recipes: List[str], settings: List[str], args: argparse.Namespace) ->
 
     campaign.create_or_extend(specs, recorded, checked=checked)
     print(f"Running {len(todo)} job(s) here, at most {args.max_parallel} at once (logs under {campaign.logs}/)")
-    run_local(runner, campaign, todo, cwd, args.max_parallel, max(1, args.gpus_per_node), report)
+    run_local(runner, campaign, todo, cwd, args.max_parallel, report)
     print(f"{len(todo) - len(failed)} of {len(todo)} job(s) done; records under {os.path.join(campaign.folder, 'runs')}/")
     return 1 if failed else 0
 

@@ -36,39 +36,52 @@ def _under_slurm() -> bool:
     return bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get("SUBMITIT_LOCAL_JOB_ID")
 
 
-def placement_args(campaign: Campaign, name: str, local_devices: int) -> List[str]:
-    """Where the job writes, and how many processes it trains with: the SLURM job's tasks and nodes (one DDP
-    process per task, Lightning's SLURMEnvironment), or ``local_devices`` processes that Lightning starts itself."""
+def placement_args(campaign: Campaign, name: str) -> List[str]:
+    """Where the job writes, and how many processes it trains with: one DDP process per task of the job (SLURM's
+    tasks and nodes through Lightning's SLURMEnvironment; the local executor's tasks through
+    :func:`join_local_tasks`)."""
     args = ["--trainer.default_root_dir", campaign.run_folder(name), "--checkpoint.dirpath", campaign.checkpoints(name)]
+    job = submitit.JobEnvironment()
     if _under_slurm():
-        tasks, nodes = int(os.environ.get("SLURM_NTASKS", "1")), int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
         plugins = [{"class_path": "finegrained.resume.AtomicCheckpointIO"},
                    {"class_path": "lightning_fabric.plugins.environments.SLURMEnvironment",
                     "init_args": {"auto_requeue": False}}]
         args += ["--trainer.plugins", json.dumps(plugins)]
-        if tasks > 1:
-            args += ["--trainer.devices", str(tasks // nodes), "--trainer.num_nodes", str(nodes),
-                     "--trainer.strategy", "ddp"]
-    elif local_devices > 1:
-        args += ["--trainer.devices", str(local_devices), "--trainer.strategy", "ddp"]
+        if job.num_tasks > 1:
+            args += ["--trainer.devices", str(job.num_tasks // job.num_nodes), "--trainer.num_nodes",
+                     str(job.num_nodes), "--trainer.strategy", "ddp"]
+    elif job.num_tasks > 1:
+        args += ["--trainer.devices", str(job.num_tasks), "--trainer.strategy", "ddp"]
     return args
+
+
+def join_local_tasks() -> None:
+    """The local executor's tasks of one job as one DDP group: the variables torchrun would set (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``, from submitit's ``TorchDistributedEnvironment``), so
+    that Lightning uses these processes instead of starting its own (its launcher would re-run submitit's entry
+    point, not ``finegrained``)."""
+    distributed = submitit.helpers.TorchDistributedEnvironment()
+    distributed.master_addr = "127.0.0.1"
+    distributed.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 class CampaignJob(submitit.helpers.Checkpointable):
     """fit + test of ``spec`` in ``campaign_dir``; returns the record file's path."""
 
-    def __init__(self, campaign_dir: str, spec: JobSpec, cwd: str, local_devices: int = 1):
+    def __init__(self, campaign_dir: str, spec: JobSpec, cwd: str):
         self.campaign_dir = campaign_dir
         self.spec = spec
         self.cwd = cwd  # relative paths in the recipes and overrides are read from here, as at launch
-        self.local_devices = local_devices
 
     def __call__(self) -> str:
         from finegrained.cli import BAD_INPUT, one_line
 
         os.chdir(self.cwd)
         campaign, name = Campaign(self.campaign_dir), self.spec.name
-        first = submitit.JobEnvironment().global_rank == 0
+        job = submitit.JobEnvironment()
+        first = job.global_rank == 0
+        if job.num_tasks > 1 and not _under_slurm():
+            join_local_tasks()
         if campaign.is_done(name):
             print(f"{name}: already done ({campaign.record_path(name)})")
             return campaign.record_path(name)
@@ -102,7 +115,7 @@ class CampaignJob(submitit.helpers.Checkpointable):
 
     def _common_args(self, campaign: Campaign) -> List[str]:
         return (["--config", self.spec.recipe] + list(self.spec.overrides)
-                + placement_args(campaign, self.spec.name, self.local_devices))
+                + placement_args(campaign, self.spec.name))
 
     def _run(self, args: List[str]) -> None:
         from finegrained.cli import main

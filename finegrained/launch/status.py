@@ -55,7 +55,8 @@ def epoch_of(campaign: Campaign, name: str) -> str:
 def last_log_error(campaign: Campaign, job_id: str) -> str:
     """The last ``error:`` line of the job's stderr log, else its last line ('' without a log)."""
     lines: List[str] = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(campaign.logs), glob.escape(job_id), "*_log.err"))):
+    folder = job_id.removeprefix("local-")  # submitit names a local job's folder by its process id
+    for path in sorted(glob.glob(os.path.join(glob.escape(campaign.logs), glob.escape(folder), "*_log.err"))):
         with open(path, errors="replace") as f:
             lines += [line.strip() for line in f if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]

@@ -4,9 +4,9 @@
   running (``%N`` of ``--array``). One task per GPU (``tasks_per_node = gpus_per_node``), so that Lightning's
   ``SLURMEnvironment`` runs DDP across the job's GPUs and nodes. ``--signal USR2@<delay>`` before the time limit
   lets submitit requeue the job (:mod:`finegrained.launch.job`). The command returns once the array is queued.
-* ``local``: the jobs run on this machine, ``max_parallel`` at a time, each a process of submitit's
-  ``LocalExecutor`` (Lightning starts one DDP process per GPU where ``gpus_per_node`` > 1). The command waits
-  for them and reports each as it ends.
+* ``local``: the jobs run on this machine, ``max_parallel`` at a time, with submitit's ``LocalExecutor``: one
+  process per task (per GPU), joined into one DDP group as torchrun's would be. The command waits for them and
+  reports each as it ends.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def make_executor(campaign: Campaign, executor: str, resources: Resources, max_p
         if resources.nodes > 1:
             raise ValueError(f"--nodes {resources.nodes}: the local executor runs on this machine only; expected 1")
         runner = submitit.AutoExecutor(folder=folder, cluster="local")
-        runner.update_parameters(**common, tasks_per_node=1)
+        runner.update_parameters(**common, tasks_per_node=resources.tasks)
         return runner
     runner = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_requeues)
     optional = {"cpus_per_task": resources.cpus_per_task, "mem_gb": resources.mem_gb,
@@ -96,7 +96,7 @@ def submit_slurm(runner: submitit.Executor, campaign: Campaign, jobs: List[JobSp
 
 
 def run_local(runner: submitit.Executor, campaign: Campaign, jobs: List[JobSpec], cwd: str, max_parallel: int,
-              local_devices: int, report: Callable[[JobSpec, str, Optional[BaseException]], None],
+              report: Callable[[JobSpec, str, Optional[BaseException]], None],
               poll_s: float = 0.5) -> Dict[str, str]:
     """Run ``jobs`` here, ``max_parallel`` at a time, until all have ended; ``report(spec, job_id, error)`` is
     called as each ends. Returns their ids by job name."""
@@ -104,12 +104,12 @@ def run_local(runner: submitit.Executor, campaign: Campaign, jobs: List[JobSpec]
     while waiting or running:
         while waiting and len(running) < max_parallel:
             spec = waiting.pop(0)
-            job = runner.submit(CampaignJob(campaign.folder, spec, cwd, local_devices=local_devices))
-            ids[spec.name] = job.job_id
-            campaign.add_submission("local", {spec.name: job.job_id})
+            job = runner.submit(CampaignJob(campaign.folder, spec, cwd))
+            ids[spec.name] = f"local-{job.job_id}"  # as the job's run record names it
+            campaign.add_submission("local", {spec.name: ids[spec.name]})
             running.append((spec, job))
         time.sleep(poll_s)
         for spec, job in [pair for pair in running if pair[1].done()]:
             running.remove((spec, job))
-            report(spec, job.job_id, job.exception())
+            report(spec, ids[spec.name], job.exception())
     return ids
