@@ -166,7 +166,16 @@ class FineGrainedCLI(LightningCLI):
             config_args = [a for path in references for a in ("--config", recipe_text(path) if os.path.isfile(path)
                                                               else path)]
         try:
-            recipe = self.parser.parse_args([subcommand] + config_args)[subcommand]
+            parsed = self.parser.parse_args([subcommand] + config_args)
+            # With a checkpoint, Lightning gives the model the checkpoint's hyper-parameters (a resumed fit trains
+            # the checkpoint's model, whose changes from the recipe its first fit recorded): the recipe gets them too.
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path and os.path.isfile(ckpt_path):
+                hparams = dict(read_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters") or {})
+                hparams.pop("_instantiator", None)
+                if hparams and "_class_path" not in hparams:
+                    parsed = self.parser.parse_object({subcommand: {"model": hparams}}, parsed)
+            recipe = parsed[subcommand]
         except (argparse.ArgumentError, SystemExit):  # the recipe alone is incomplete: keep the command line
             rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
             return {"command line": " ".join(rest[1:])} if len(rest) > 1 else {}

@@ -155,6 +155,9 @@ def test_a_job_requeued_mid_fit_resumes_and_ends_as_the_uninterrupted_one(campai
     ours, twin = _only_record(campaigns["requeued"]), _only_record(campaigns["uninterrupted"])
     for metric in ("top1", "mean_class_acc", "epochs"):
         assert ours[metric] == twin[metric]
+    # the same row of the tables: the requeued job changed nothing from its recipe but the test's pause callback
+    changes = [part for part in ours["overrides"].split("; ") if not part.startswith("trainer.callbacks=")]
+    assert "; ".join(changes) == twin["overrides"]
     weights, twin_weights = _final_weights(campaigns["requeued"]), _final_weights(campaigns["uninterrupted"])
     assert weights.keys() == twin_weights.keys()
     for key in weights:
