@@ -19,10 +19,16 @@ import contextlib
 import glob
 import os
 import shutil
+import sys
 from typing import List, Tuple
+
+import yaml
 
 USAGE = ("finegrained launch RECIPE... --out CAMPAIGN_DIR [options] [--section.key VALUE ...] | "
          "finegrained launch status CAMPAIGN_DIR | finegrained launch collect CAMPAIGN_DIR [tables options]")
+
+
+SIGNAL_DELAY_S = 120  # how long before its time limit a SLURM job is told to requeue itself
 
 
 def split_recipe_settings(argv: List[str]) -> Tuple[List[str], List[str]]:
@@ -51,6 +57,14 @@ def expand_recipes(patterns: List[str]) -> List[str]:
         for path in matches:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: recipe not found; expected a YAML recipe file")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    content = yaml.safe_load(f)
+            except (UnicodeDecodeError, yaml.YAMLError):
+                content = None
+            if not isinstance(content, dict):
+                raise ValueError(f"{path}: not a recipe; expected a YAML mapping of settings (trainer:, model:, "
+                                 f"data:, or base:)")
             if os.path.abspath(path) not in recipes:
                 recipes.append(os.path.abspath(path))
     return recipes
@@ -109,6 +123,16 @@ def launch_command(argv: List[str]) -> int:
     for flag in ("max_parallel", "nodes", "max_requeues", "time"):
         if getattr(args, flag) < (0 if flag == "max_requeues" else 1):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
+    if args.executor == "slurm" and args.time * 60 < 2 * SIGNAL_DELAY_S:
+        raise ValueError(f"--time {args.time}: expected at least {2 * SIGNAL_DELAY_S // 60} minutes (a job is told "
+                         f"{SIGNAL_DELAY_S} s before its time limit to requeue itself)")
+    bad_seeds = [seed for seed in args.seeds if not 0 <= seed < 2 ** 32]
+    if bad_seeds:
+        raise ValueError(f"--seeds {bad_seeds[0]}: expected seeds from 0 to {2 ** 32 - 1} (what the random "
+                         f"generators accept)")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"{args.out}: not a folder; expected --out to name a new or empty folder, or an "
+                                 f"earlier campaign's")
     if args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
         raise ValueError("--gpus_per_node must be 0 or more and --tasks_per_node 1 or more")
     if len(set(args.seeds)) != len(args.seeds):
@@ -128,8 +152,9 @@ def check_settings(recipe: str, settings: List[str]):
     the fit's configuration: a typo fails here, in one line, not in every job after its wait in the queue."""
     from finegrained.cli.train import check_command_line
 
+    config = check_command_line(["fit", "--config", recipe] + settings)
     check_command_line(["test", "--config", recipe] + settings)
-    return check_command_line(["fit", "--config", recipe] + settings)
+    return config
 
 
 def estimate(recipes: List[str], configs: list, args: argparse.Namespace) -> int:
@@ -153,7 +178,7 @@ def estimate(recipes: List[str], configs: list, args: argparse.Namespace) -> int
 
 def launch(recipes: List[str], settings: List[str], args: argparse.Namespace) -> int:
     from finegrained.launch.campaign import Campaign, JobSpec, job_names
-    from finegrained.launch.status import slurm_states
+    from finegrained.launch.status import live_jobs
     from finegrained.launch.submit import Resources, make_executor, run_local, submit_slurm
 
     names = job_names(recipes, args.seeds)
@@ -163,30 +188,36 @@ def launch(recipes: List[str], settings: List[str], args: argparse.Namespace) ->
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
                           cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time,
                           partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-                          additional=dict(args.slurm_additional), max_requeues=args.max_requeues)
+                          additional=dict(args.slurm_additional), max_requeues=args.max_requeues,
+                          signal_delay_s=SIGNAL_DELAY_S)
     checked = campaign.check_jobs(specs)  # before anything is written
     runner = make_executor(campaign, args.executor, resources, args.max_parallel,
                            name=f"fg-{os.path.basename(os.path.abspath(args.out))}")
     recorded = {"executor": args.executor, **vars(resources)}
     queued = set()
-    if args.executor == "slurm" and campaign.exists() and campaign.job_ids():
-        live = slurm_states() or {}
+    if campaign.exists() and campaign.job_ids():  # a job still queued or running is not submitted twice
+        live = live_jobs(campaign.job_ids()) or {}
         queued = {name for name, job_id in campaign.job_ids().items() if job_id in live}
     todo = [spec for spec in specs if not campaign.is_done(spec.name) and spec.name not in queued]
     new = not campaign.exists()
     skipped = len(specs) - len(todo)
     if skipped:
-        print(f"{skipped} of {len(specs)} job(s) already done or queued in {campaign.folder}: not submitted again")
+        print(f"{skipped} of {len(specs)} job(s) already done, queued or running in {campaign.folder}: not "
+              f"submitted again")
     if not todo:
         return 0
     cwd = os.getcwd()
     if args.executor == "slurm":
+        before = set(os.listdir(campaign.logs)) if os.path.isdir(campaign.logs) else set()
         try:
             ids = submit_slurm(runner, campaign, todo, cwd)
-        except OSError:
-            if new:  # nothing was queued: leave no campaign behind (the folder was new or empty)
-                shutil.rmtree(campaign.logs, ignore_errors=True)
+        except OSError:  # nothing was queued: leave nothing of this submission behind
+            for entry in set(os.listdir(campaign.logs)) - before if os.path.isdir(campaign.logs) else ():
+                path = os.path.join(campaign.logs, entry)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if new:  # the folder was new or empty
                 with contextlib.suppress(OSError):
+                    os.rmdir(campaign.logs)
                     os.rmdir(campaign.folder)
             raise
         campaign.create_or_extend(specs, recorded, checked=checked)
@@ -209,8 +240,14 @@ def launch(recipes: List[str], settings: List[str], args: argparse.Namespace) ->
 
     campaign.create_or_extend(specs, recorded, checked=checked)
     print(f"Running {len(todo)} job(s) here, at most {args.max_parallel} at once (logs under {campaign.logs}/)")
-    run_local(runner, campaign, todo, cwd, args.max_parallel, report)
-    print(f"{len(todo) - len(failed)} of {len(todo)} job(s) done; records under {os.path.join(campaign.folder, 'runs')}/")
+    try:
+        run_local(runner, campaign, todo, cwd, args.max_parallel, report)
+    except KeyboardInterrupt:
+        print("Stopped by Ctrl-C; the running jobs were stopped. Launch again with the same --out to resume "
+              "them.", file=sys.stderr)
+        return 130
+    records = os.path.join(campaign.folder, "runs")
+    print(f"{len(todo) - len(failed)} of {len(todo)} job(s) done; records under {records}/")
     return 1 if failed else 0
 
 

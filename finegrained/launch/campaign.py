@@ -45,7 +45,7 @@ def job_names(recipes: List[str], seeds: List[int]) -> List[str]:
     safe (``a b.yaml`` and ``a_b.yaml``) get a short hash of their path."""
     def label(path: str, depth: int) -> str:
         parts = os.path.normpath(os.path.splitext(os.path.abspath(path))[0]).split(os.sep)[-depth:]
-        return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
+        return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(part for part in parts if part))
 
     paths = list(dict.fromkeys(os.path.abspath(r) for r in recipes))
     deepest = max(len(p.split(os.sep)) for p in paths)
@@ -156,9 +156,15 @@ class Campaign:
             earlier = known.get(job.name)
             if earlier is not None and earlier != asdict(job):
                 changed = [key for key in ("recipe", "seed", "overrides") if earlier[key] != asdict(job)[key]]
-                raise ValueError(f"{self.spec_path}: job {job.name} was launched with another {', '.join(changed)} "
-                                 f"({earlier[changed[0]]!r}, now {asdict(job)[changed[0]]!r}); expected the same "
-                                 f"settings to continue it, or a new --out for a new campaign")
+                if changed[0] == "overrides":  # the first setting that differs, not both lists
+                    was, now = earlier["overrides"], job.overrides
+                    first = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
+                    detail = (f"setting {first + 1}: {' '.join(was[first:first + 2]) or 'none'} then, "
+                              f"{' '.join(now[first:first + 2]) or 'none'} now")
+                else:
+                    detail = f"{changed[0]} {earlier[changed[0]]!r} then, {asdict(job)[changed[0]]!r} now"
+                raise ValueError(f"{self.spec_path}: job {job.name} was launched with other settings ({detail}); "
+                                 f"expected the same settings in the same order to continue it, or a new --out")
         return content
 
     def add_submission(self, executor: str, job_ids: Dict[str, str]) -> None:

@@ -27,7 +27,8 @@ TRAIN_IMAGES = {
 
 def measured_steps(bench_folder: str) -> pd.DataFrame:
     """Every GPU training-step measurement under ``bench_folder`` (``step_cuda*.csv``), newest last."""
-    frames = [pd.read_csv(path) for path in sorted(glob.glob(os.path.join(glob.escape(bench_folder), "step_cuda*.csv")))]
+    paths = sorted(glob.glob(os.path.join(glob.escape(bench_folder), "step_cuda*.csv")))
+    frames = [pd.read_csv(path) for path in paths]
     if not frames:
         return pd.DataFrame(columns=["backbone", "head", "size", "images_per_s", "gpu", "timestamp"])
     return pd.concat(frames, ignore_index=True).sort_values("timestamp", kind="stable")
@@ -53,7 +54,8 @@ def job_cost(config: Any, steps: pd.DataFrame) -> Dict[str, Any]:
 def cost_table(rows: List[Dict[str, Any]]) -> str:
     """The rows as a table, with what is missing said in words."""
     frame = pd.DataFrame(rows)
-    frame["images_per_s"] = frame["images_per_s"].map(lambda v: "not measured" if v is None or pd.isna(v) else f"{v:.0f}")
+    frame["images_per_s"] = frame["images_per_s"].map(
+        lambda v: "not measured" if v is None or pd.isna(v) else f"{v:.0f}")
     frame["train_images"] = frame["train_images"].map(lambda v: "unknown" if v is None or pd.isna(v) else int(v))
     frame["gpu_hours"] = frame["gpu_hours"].map(lambda v: "—" if v is None or pd.isna(v) else f"{v:.2f}")
     return frame.to_string(index=False)

@@ -122,8 +122,9 @@ class CampaignJob(submitit.helpers.Checkpointable):
 
         status = main(args)
         if status != 0:
-            raise CampaignJobError(f"finegrained {args[0]} stopped by SIGTERM before the end (status {status}); "
-                                   f"a requeued job resumes from last.ckpt" if status == 143 else
+            raise CampaignJobError(f"finegrained {args[0]} stopped by SIGTERM before the end (status {status}: "
+                                   f"requeued, cancelled or preempted); a requeued or relaunched job resumes from "
+                                   f"last.ckpt" if status == 143 else
                                    f"finegrained {args[0]} ended with status {status}")
 
     def _fit(self, campaign: Campaign) -> None:
@@ -148,6 +149,7 @@ class CampaignJob(submitit.helpers.Checkpointable):
                                                            "--ckpt_path", ckpt, "--runs_csv", partial])
         if first:
             os.replace(partial, record)
+            print(f"{self.spec.name}: record complete, moved to {record}", flush=True)
             campaign.write_state(self.spec.name, state="done", error="")
         return record
 

@@ -4,9 +4,10 @@ Columns: ``job`` (``<folder>-<recipe>-s<seed>``), ``seed``, ``job_id``, ``state`
 from the job's ``last.ckpt``), ``top1`` (its record), ``requeues`` and ``error`` (the job's one-line error).
 
 A job's state is, in this order: ``done`` (its record is in ``runs/``); ``failed`` or ``stopped`` (what it wrote
-when it stopped); SLURM's state while ``squeue`` lists it (``pending``, ``running``, ...); ``lost`` when it said it
-was running but SLURM no longer knows it (killed without a word: out of memory, node failure; the error is the
-last line of its log); otherwise what it last wrote, or ``not started``.
+when it stopped); SLURM's state while ``squeue`` lists it (``pending``, ``running``, ...), or ``running`` while a
+local job's process lives; ``lost`` when it said it was running or requeued but neither SLURM nor this machine
+runs it any more (killed without a word: out of memory, node failure, a requeue that never came; the error is
+the last ``error:`` line of its log); otherwise what it last wrote, or ``not started``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,34 @@ def slurm_states() -> Optional[Dict[str, str]]:
     if result.returncode != 0:
         return None
     return dict(line.split("|", 1) for line in result.stdout.split() if "|" in line)
+
+
+def _local_process_alive(pid: int) -> bool:
+    """Whether the submitit process ``pid`` of a local job still runs on this machine."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"submitit" in f.read()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return not os.path.isdir("/proc")  # without /proc, a live pid is all there is to go by
+
+
+def live_jobs(job_ids: Dict[str, str]) -> Optional[Dict[str, str]]:
+    """Which of ``job_ids`` (by job name) still run or wait, ``{job id: STATE}``: SLURM's jobs from ``squeue``,
+    local jobs (``local-<pid>``) from their process. None when SLURM cannot be asked (no squeue here)."""
+    live: Dict[str, str] = {}
+    if any(not job_id.startswith("local-") for job_id in job_ids.values()):
+        slurm = slurm_states()
+        if slurm is None:
+            return None
+        live.update(slurm)
+    for job_id in job_ids.values():
+        if job_id.startswith("local-") and job_id[6:].isdigit() and _local_process_alive(int(job_id[6:])):
+            live[job_id] = "RUNNING"
+    return live
 
 
 def epoch_of(campaign: Campaign, name: str) -> str:
@@ -64,13 +93,12 @@ def last_log_error(campaign: Campaign, job_id: str) -> str:
 
 
 def campaign_status(folder: str, live: Optional[Dict[str, str]] = None) -> pd.DataFrame:
-    """The status table of the campaign in ``folder``; ``live`` is SLURM's view (default: ``squeue`` when this
-    campaign was submitted to SLURM)."""
+    """The status table of the campaign in ``folder``; ``live`` is which jobs run or wait (default:
+    :func:`live_jobs`)."""
     campaign = Campaign(folder)
-    content = campaign.read()
     ids = campaign.job_ids()
-    if live is None and any(s["executor"] == "slurm" for s in content["submissions"]):
-        live = slurm_states()
+    if live is None:
+        live = live_jobs(ids)
     rows = []
     for spec in campaign.jobs():
         state = campaign.state(spec.name)
@@ -85,7 +113,7 @@ def campaign_status(folder: str, live: Optional[Dict[str, str]] = None) -> pd.Da
             shown = state["state"]
         elif queued:
             shown = queued.lower()
-        elif state.get("state") == "running" and live is not None:
+        elif state.get("state") in ("running", "requeued") and live is not None:
             shown = "lost"
             error = error or last_log_error(campaign, job_id) or "no longer in the queue, no error written"
         else:

@@ -101,15 +101,20 @@ def run_local(runner: submitit.Executor, campaign: Campaign, jobs: List[JobSpec]
     """Run ``jobs`` here, ``max_parallel`` at a time, until all have ended; ``report(spec, job_id, error)`` is
     called as each ends. Returns their ids by job name."""
     waiting, running, ids = list(jobs), [], {}
-    while waiting or running:
-        while waiting and len(running) < max_parallel:
-            spec = waiting.pop(0)
-            job = runner.submit(CampaignJob(campaign.folder, spec, cwd))
-            ids[spec.name] = f"local-{job.job_id}"  # as the job's run record names it
-            campaign.add_submission("local", {spec.name: ids[spec.name]})
-            running.append((spec, job))
-        time.sleep(poll_s)
-        for spec, job in [pair for pair in running if pair[1].done()]:
-            running.remove((spec, job))
-            report(spec, ids[spec.name], job.exception())
+    try:
+        while waiting or running:
+            while waiting and len(running) < max_parallel:
+                spec = waiting.pop(0)
+                job = runner.submit(CampaignJob(campaign.folder, spec, cwd))
+                ids[spec.name] = f"local-{job.job_id}"  # as the job's run record names it
+                campaign.add_submission("local", {spec.name: ids[spec.name]})
+                running.append((spec, job))
+            time.sleep(poll_s)
+            for spec, job in [pair for pair in running if pair[1].done()]:
+                running.remove((spec, job))
+                report(spec, ids[spec.name], job.exception())
+    except KeyboardInterrupt:  # Ctrl-C: stop the jobs this command started; launching again resumes them
+        for _, job in running:
+            job.cancel(check=False)
+        raise
     return ids

@@ -41,6 +41,10 @@ RUN_FIELDS = ["run_id", "timestamp", "git_commit", "recipe", "config_hash", "dat
 
 
 NOT_RECORDED = "not recorded"
+# The columns of the first run records; later columns (validation, selection, classifier, overrides, job_id) are
+# added, empty, to an older file.
+RUN_FIELDS_SINCE_THE_START = ["run_id", "timestamp", "recipe", "dataset", "method", "backbone", "top1",
+                              "mean_class_acc"]
 
 
 def git_commit(cwd: Optional[str] = None) -> str:
@@ -112,14 +116,23 @@ def read_runs(path: str) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError) as err:  # not text, not CSV
         raise ValueError(f"{path}: not a CSV of run records ({str(err).splitlines()[0][:120]}); expected the file "
                          f"finegrained test appends to") from None
+    missing = [field for field in RUN_FIELDS_SINCE_THE_START if field not in runs.columns]
+    if missing:  # columns added later are filled in below; these every record file of this tool has
+        raise ValueError(f"{path}: lacks the columns {missing} of a run record; expected the file finegrained test "
+                         f"appends to")
+    for column in ("top1", "top5", "mean_class_acc"):
+        given = runs[column].notna() & (runs[column].astype(str).str.strip() != "")
+        numbers = pd.to_numeric(runs[column].where(given), errors="coerce")
+        bad = given & (numbers.isna() | (numbers < 0) | (numbers > 1))
+        if bad.any():
+            row = int(bad.idxmax())
+            raise ValueError(f"{path}: row {row + 2}: {column} is {str(runs[column][row])!r}; expected a fraction "
+                             f"between 0 and 1 (a record finegrained test wrote)")
+        runs[column] = numbers
     if "overrides" not in runs.columns:
         runs["overrides"] = NOT_RECORDED
     runs["overrides"] = runs["overrides"].fillna("")
-    runs = runs.reindex(columns=list(runs.columns) + [f for f in RUN_FIELDS if f not in runs.columns])
-    missing = set(RUN_FIELDS) - set(runs.columns)
-    if missing:
-        raise ValueError(f"{path} lacks the columns {sorted(missing)} of a run record")
-    return runs
+    return runs.reindex(columns=list(runs.columns) + [f for f in RUN_FIELDS if f not in runs.columns])
 
 
 class RunArtifacts(pl.Callback):

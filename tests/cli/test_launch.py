@@ -50,6 +50,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch)
     assert "not a campaign folder" in _one_line_error(["launch", "status", str(users)], capsys)
     assert "expected CAMPAIGN_DIR" in _one_line_error(["launch", "collect", "--runs", "all"], capsys)
     assert "each seed once" in _one_line_error(["launch", RECIPE, "--out", str(out), "--seeds", "1", "1"], capsys)
+    assert "expected seeds from 0 to 4294967295" in _one_line_error(["launch", RECIPE, "--out", str(out), "--seeds",
+                                                                     "-1", "--executor", "local"], capsys)
+    assert "expected at least 4 minutes" in _one_line_error(["launch", RECIPE, "--out", str(out), "--time", "1"],
+                                                            capsys)
+    readme = os.path.join(REPO_ROOT, "README.md")
+    assert "README.md: not a folder" in _one_line_error(["launch", RECIPE, "--out", readme, "--executor", "local"],
+                                                        capsys)
+    noise = tmp_path / "noise.yaml"
+    noise.write_bytes(os.urandom(300))
+    assert f"{noise}: not a recipe; expected a YAML mapping" in _one_line_error(
+        ["launch", str(noise), "--out", str(out), "--executor", "local"], capsys)
+    assert not out.exists()
 
 
 def test_a_refused_submission_is_one_line_and_leaves_no_campaign(tmp_path, capsys, monkeypatch):
@@ -64,6 +76,16 @@ def test_a_refused_submission_is_one_line_and_leaves_no_campaign(tmp_path, capsy
     assert line.startswith("error: sbatch refused the job array: sbatch: error: Batch job submission failed: "
                            "Invalid partition name")
     assert not out.exists()
+    # Into an earlier campaign: its files stay, and nothing of the refused submission is left in it.
+    from finegrained.launch.campaign import Campaign, JobSpec
+
+    earlier = Campaign(str(tmp_path / "earlier"))
+    earlier.create_or_extend([JobSpec("other-s0", "other.yaml", 0)], {})
+    os.makedirs(os.path.join(earlier.logs, "12_0"))
+    before = sorted(os.listdir(earlier.folder)), sorted(os.listdir(earlier.logs))
+    _one_line_error(["launch", RECIPE, "--out", earlier.folder, "--partition", "nope"], capsys)
+    assert (sorted(os.listdir(earlier.folder)), sorted(os.listdir(earlier.logs))) == before
+    assert [job.name for job in earlier.jobs()] == ["other-s0"]
 
 
 def test_a_campaign_file_of_random_bytes_is_one_line(tmp_path, capsys):

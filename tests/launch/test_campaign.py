@@ -35,7 +35,7 @@ def test_a_campaign_refuses_a_folder_of_the_users_and_a_changed_job(tmp_path):
     campaign.create_or_extend([JobSpec("a-s0", "a.yaml", 0, ["--trainer.max_epochs", "1"]),
                                JobSpec("b-s0", "b.yaml", 0)], {"executor": "local"})
     assert [job.name for job in campaign.jobs()] == ["a-s0", "b-s0"]
-    with pytest.raises(ValueError, match="job a-s0 was launched with another overrides"):
+    with pytest.raises(ValueError, match="job a-s0 was launched with other settings .setting 2: 1 then, 2 now"):
         campaign.create_or_extend([JobSpec("a-s0", "a.yaml", 0, ["--trainer.max_epochs", "2"])], {})
 
 
@@ -80,3 +80,21 @@ def test_state_updates_keep_what_they_do_not_change(tmp_path):
     assert state["state"] == "running" and state["job_id"] == "4" and state["fit_done"] is True
     assert [p for p in os.listdir(campaign.run_folder("a-s0")) if "tmp" in p] == []  # written by rename
     assert pd.Timestamp(state["updated"])
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("a,b\n1,2\n", "lacks the columns"),
+    (",".join(RUN_FIELDS) + "\n" + ",".join("abc" if f == "top1" else "" for f in RUN_FIELDS) + "\n",
+     "row 2: top1 is 'abc'; expected a fraction between 0 and 1"),
+    (",".join(RUN_FIELDS) + "\n" + ",".join("87.5" if f == "top1" else "" for f in RUN_FIELDS) + "\n",
+     "top1 is '87.5'; expected a fraction"),
+])
+def test_a_record_file_with_garbage_is_named_with_what_was_expected(tmp_path, content, expected):
+    campaign = Campaign(str(tmp_path))
+    campaign.create_or_extend([JobSpec("a-s0", "a.yaml", 0)], {})
+    os.makedirs(os.path.dirname(campaign.record_path("a-s0")))
+    with open(campaign.record_path("a-s0"), "w") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=re.escape(expected)) as error:
+        read_campaign_runs(str(tmp_path))
+    assert str(error.value).startswith(campaign.record_path("a-s0"))

@@ -40,7 +40,7 @@ def test_two_seeds_here_fill_the_cell_with_their_mean(tmp_path, capsys, monkeypa
 
     # Launched again: both jobs are done, nothing runs, nothing is overwritten.
     before = {name: os.path.getmtime(Campaign(out).record_path(name)) for name in status.index}
-    assert "2 of 2 job(s) already done or queued" in printed_by(command, capsys)
+    assert "2 of 2 job(s) already done, queued or running" in printed_by(command, capsys)
     assert {name: os.path.getmtime(Campaign(out).record_path(name)) for name in status.index} == before
 
 

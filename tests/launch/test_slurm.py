@@ -22,7 +22,8 @@ from tests.conftest import REPO_ROOT, make_image_folder, printed_by, run_finegra
 from tests.replicas import write_cub
 from tests.results.test_tables import cells
 
-CUB_RECIPES = [os.path.join(REPO_ROOT, "recipes", "cub", name) for name in ("isqrt_resnet50.yaml", "isice_resnet50.yaml")]
+CUB_RECIPES = [os.path.join(REPO_ROOT, "recipes", "cub", name)
+               for name in ("isqrt_resnet50.yaml", "isice_resnet50.yaml")]
 SMALL = ["--trainer.max_epochs", "1", "--model.backbone_weights", "null", "--data.init_args.batch_size", "2",
          "--data.init_args.resize_size", "[36, 36]", "--data.init_args.crop_size", "32",
          "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]

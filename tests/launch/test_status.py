@@ -1,10 +1,12 @@
 """``launch status``: each job's state from what it wrote and what SLURM says, and the numbers it prints."""
 import os
+import subprocess
+import sys
 
 import torch
 
 from finegrained.launch.campaign import Campaign, JobSpec
-from finegrained.launch.status import campaign_status, status_summary
+from finegrained.launch.status import campaign_status, live_jobs, status_summary
 from finegrained.results.runs import append_run
 
 
@@ -43,12 +45,24 @@ def test_each_state_and_the_error_shown(tmp_path):
     assert status_summary(table) == ("6 job(s): " + ", ".join(f"1 {s}" for s in table["state"].value_counts().index))
 
 
-def test_a_job_this_machine_runs_is_running_without_squeue(tmp_path):
+def test_a_local_job_runs_while_its_process_lives(tmp_path):
+    """A job of the local executor is running while its submitit process lives, and lost once it is gone without
+    a word (the launch killed with -9, then the job): a launch again submits the lost one, not the running one."""
     campaign = Campaign(str(tmp_path))
-    campaign.create_or_extend([JobSpec("a-s0", "a.yaml", 0)], {})
-    campaign.add_submission("local", {"a-s0": "4242"})
-    campaign.write_state("a-s0", state="running")
-    assert campaign_status(str(tmp_path))["state"].tolist() == ["running"]
+    campaign.create_or_extend([JobSpec("alive-s0", "a.yaml", 0), JobSpec("gone-s1", "a.yaml", 1)], {})
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass", "submitit"])
+    gone.wait()
+    try:
+        campaign.add_submission("local", {"alive-s0": f"local-{process.pid}", "gone-s1": f"local-{gone.pid}"})
+        campaign.write_state("alive-s0", state="running")
+        campaign.write_state("gone-s1", state="requeued")
+        assert live_jobs(campaign.job_ids()) == {f"local-{process.pid}": "RUNNING"}
+        table = campaign_status(str(tmp_path)).set_index("job")
+        assert table["state"].to_dict() == {"alive-s0": "running", "gone-s1": "lost"}
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_epoch_is_read_from_the_jobs_last_checkpoint(tmp_path):

@@ -319,7 +319,8 @@ def test_older_run_records_gain_the_new_columns(tmp_path):
 
     old = [f for f in RUN_FIELDS if f not in ("validation", "selection")]
     path = tmp_path / "runs.csv"
-    path.write_text(",".join(old) + "\n" + ",".join("x" for _ in old) + "\n")
+    path.write_text(",".join(old) + "\n" + ",".join("0.5" if f in ("top1", "top5", "mean_class_acc") else "x"
+                                                     for f in old) + "\n")
     append_run(str(path), {"method": "isqrt", "validation": "held-out", "selection": "last epoch"})
     runs = read_runs(str(path))
     assert list(runs.columns) == RUN_FIELDS and len(runs) == 2
