@@ -120,6 +120,19 @@ def launch_command(argv: List[str]) -> int:
         return collect_command(argv[1:])
     own, settings = split_recipe_settings(argv)
     args = _parser().parse_args(own)
+    _refuse_bad_arguments(args)
+    recipes = expand_recipes(args.recipes)
+    configs = [check_settings(recipe, settings) for recipe in recipes]
+    if args.estimate:
+        return estimate(recipes, configs, args)
+    if not args.out:
+        raise ValueError("finegrained launch: --out CAMPAIGN_DIR is required (the folder of the campaign's jobs, "
+                         "checkpoints and records)")
+    return launch(recipes, settings, args)
+
+
+def _refuse_bad_arguments(args: argparse.Namespace) -> None:
+    """Every value that SLURM or the jobs would refuse later, refused now in one line."""
     for flag in ("max_parallel", "nodes", "max_requeues", "time"):
         if getattr(args, flag) < (0 if flag == "max_requeues" else 1):
             raise ValueError(f"--{flag} {getattr(args, flag)}: expected a positive number")
@@ -137,14 +150,6 @@ def launch_command(argv: List[str]) -> int:
         raise ValueError("--gpus_per_node must be 0 or more and --tasks_per_node 1 or more")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
-    recipes = expand_recipes(args.recipes)
-    configs = [check_settings(recipe, settings) for recipe in recipes]
-    if args.estimate:
-        return estimate(recipes, configs, args)
-    if not args.out:
-        raise ValueError("finegrained launch: --out CAMPAIGN_DIR is required (the folder of the campaign's jobs, "
-                         "checkpoints and records)")
-    return launch(recipes, settings, args)
 
 
 def check_settings(recipe: str, settings: List[str]):
@@ -158,10 +163,10 @@ def check_settings(recipe: str, settings: List[str]):
 
 
 def estimate(recipes: List[str], configs: list, args: argparse.Namespace) -> int:
-    from finegrained.cli.results import _project_file
+    from finegrained.cli.results import project_file
     from finegrained.launch.cost import cost_table, job_cost, measured_steps, total_hours
 
-    bench = args.bench or (_project_file("results/bench") if not os.path.isdir("results/bench") else "results/bench")
+    bench = args.bench or project_file("results/bench")
     steps = measured_steps(bench)
     rows = [{"recipe": os.path.relpath(recipe), **job_cost(config, steps)} for recipe, config in zip(recipes, configs)]
     print(cost_table(rows))

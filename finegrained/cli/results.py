@@ -44,7 +44,7 @@ def tables_command(argv: List[str]) -> int:
                                     f"appends to)")
         every_run, source = read_runs(args.runs_csv), args.runs_csv
     args.out, args.runs = args.out or "results/tables", args.runs or "latest"
-    reference = load_reference(args.reference or _project_file("results/reference.csv"))
+    reference = load_reference(args.reference or project_file("results/reference.csv"))
     runs = select_runs(every_run, args.runs, modified=args.modified)
     paths = write_tables(reference, runs, args.out, runs_source=source)
     with open(os.path.join(args.out, "finegrained.md")) as f:
@@ -61,9 +61,10 @@ def tables_command(argv: List[str]) -> int:
     return 0
 
 
-def _project_file(relative: str) -> str:
-    """``relative`` in the current folder if it is there, else in the project this package belongs to."""
-    if os.path.isfile(relative):
+def project_file(relative: str) -> str:
+    """``relative`` (a file or folder) in the current folder if it is there, else in the project this package
+    belongs to."""
+    if os.path.exists(relative):
         return relative
     project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return os.path.join(project, relative)
