@@ -3,8 +3,8 @@ import ast
 import glob
 import importlib
 import os
+import re
 import sys
-import warnings
 
 import pytest
 import torch
@@ -17,8 +17,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
            "finegrained.network", "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
            "finegrained.data_contract", "finegrained.callbacks", "finegrained.pretrained", "finegrained.losses",
-           "finegrained.metrics", "finegrained.svm", "finegrained.export", "finegrained.predict", "finegrained.resume",
-           "finegrained.linalg")
+           "finegrained.metrics", "finegrained.svm", "finegrained.export", "finegrained.predict", "finegrained.resume")
 # The network and everything it needs work in any PyTorch training loop: no Lightning, no torchmetrics.
 WITHOUT_LIGHTNING = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.network",
                      "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
@@ -205,14 +204,30 @@ def test_backbone_registry_takes_a_new_family():
         _REGISTRY.pop("tiny_test_net", None)
 
 
-# ---- the deprecated module --------------------------------------------------------------------------------
-def test_linalg_is_a_deprecated_re_export_of_ops():
-    import finegrained.ops as ops
+# ---- one version -----------------------------------------------------------------------------------------
+def test_the_version_is_set_in_one_place():
+    """setup.cfg takes the package's ``__version__``; the ``finegrained.linalg`` re-export of 0.1.0 is gone."""
+    import configparser
 
-    sys.modules.pop("finegrained.linalg", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        linalg = importlib.import_module("finegrained.linalg")
-    assert any(issubclass(w.category, DeprecationWarning) and "finegrained.ops" in str(w.message) for w in caught)
-    for name in ops.__all__:
-        assert getattr(linalg, name) is getattr(ops, name)
+    import finegrained
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    assert config["metadata"]["version"] == "attr: finegrained.__version__"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", finegrained.__version__)
+    assert importlib.util.find_spec("finegrained.linalg") is None
+
+def test_the_licence_and_the_citation_file_agree_with_setup_cfg():
+    import configparser
+
+    import yaml
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    licence = config["metadata"]["license"]
+    assert open(os.path.join(ROOT, "LICENSE")).readline().strip() == f"{licence} License"
+    citation = yaml.safe_load(open(os.path.join(ROOT, "CITATION.cff")))
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == licence
+    assert citation["title"].startswith(config["metadata"]["name"]) and citation["authors"]
+    assert all(reference["title"] and reference["authors"] and reference["year"]
+               for reference in citation["references"])
