@@ -13,7 +13,7 @@ CONSTRAINTS := constraints.txt
 STAMP  := $(VENV)/.finegrained-installed
 DEMO   := runs/demo
 
-.PHONY: setup assets demo test clean lock
+.PHONY: setup assets demo test clean lock docs docs-serve
 
 setup: $(STAMP) assets
 
@@ -64,5 +64,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -n auto --dist worksteal
 
+# The documentation site (Material for MkDocs; the API reference from the docstrings), built into site/.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache site

@@ -13,9 +13,10 @@ def tables_command(argv: List[str]) -> int:
     from finegrained.results.runs import read_runs
     from finegrained.results.tables import accuracy_vs_dim_points, load_reference, select_runs, write_tables
 
-    parser = argparse.ArgumentParser(prog="finegrained tables",
+    parser = argparse.ArgumentParser(prog="finegrained tables", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Regenerate results/tables/*.md and *.tex: the papers' numbers "
-                                                 "beside ours from the run records.")
+                                                 "beside ours from the run records.",
+                                     epilog=published_tables_text(project_file("results/reference.csv")))
     parser.add_argument("--reference", default=None,
                         help="the papers' numbers (default: results/reference.csv here, else the project's)")
     parser.add_argument("--runs-csv", default="results/runs.csv", help="run records written by finegrained test")
@@ -59,6 +60,23 @@ def tables_command(argv: List[str]) -> int:
         path = plot_accuracy_vs_dim(accuracy_vs_dim_points(reference, runs), os.path.join(args.out, "accuracy_vs_dim.png"))
         print(f"wrote {path}")
     return 0
+
+
+def published_tables_text(reference_csv: str) -> str:
+    """The published tables ``finegrained tables`` holds, one line each: its name, how many numbers, their source."""
+    import re
+
+    import pandas as pd
+
+    try:
+        reference = pd.read_csv(reference_csv)
+    except (OSError, ValueError):
+        return f"(the published numbers: {reference_csv}, not readable here)"
+    lines = [f"The published tables ({os.path.relpath(reference_csv)}, every number with its source):"]
+    for table, rows in reference.groupby("table", sort=False):
+        source = re.sub(r"^seed \((.*?)\):", r"\1:", str(rows["source"].iloc[0]))
+        lines.append(f"  {table} ({len(rows)} numbers): {source[:110]}")
+    return "\n".join(lines)
 
 
 def project_file(relative: str) -> str:

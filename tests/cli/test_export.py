@@ -279,8 +279,9 @@ def test_the_contract_is_embedded_in_both_formats(onnx_model, exported_run, tmp_
         ExportedModel(swapped)
 
 
-def _readme_client():
-    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+def _documented_client():
+    """The ONNX client the documentation shows (Getting started)."""
+    text = open(os.path.join(REPO_ROOT, "docs", "getting-started.md"), encoding="utf-8").read()
     after = text.split("**A client with only onnxruntime, PIL and numpy.**", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -312,7 +313,7 @@ def _client_images(folder):
 
 
 @pytest.mark.parametrize("upright_and_banner", [False, True])
-def test_the_readme_client_reproduces_predict_images(trained_run, exported_run, tmp_path, upright_and_banner):
+def test_the_documented_client_reproduces_predict_images(trained_run, exported_run, tmp_path, upright_and_banner):
     """The README's client, run as a script with onnxruntime, PIL and numpy, prints the class and probability
     predict-images writes, also for a model whose preprocessing removes a banner and turns images upright."""
     import subprocess
@@ -331,7 +332,7 @@ def test_the_readme_client_reproduces_predict_images(trained_run, exported_run, 
     images = _client_images(str(tmp_path / "imgs"))
     rows, failures = predict_images(artifact, images, topk=1, csv_path=str(tmp_path / "p.csv"))
     assert not failures
-    (tmp_path / "client.py").write_text(_readme_client())
+    (tmp_path / "client.py").write_text(_documented_client())
     done = subprocess.run([sys.executable, str(tmp_path / "client.py"), artifact] + images, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr

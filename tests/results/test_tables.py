@@ -325,3 +325,14 @@ def test_older_run_records_gain_the_new_columns(tmp_path):
     runs = read_runs(str(path))
     assert list(runs.columns) == RUN_FIELDS and len(runs) == 2
     assert runs["selection"].fillna("").tolist() == ["", "last epoch"]
+
+
+def test_tables_help_names_every_published_table(capsys):
+    with pytest.raises(SystemExit):
+        main(["tables", "--help"])
+    printed = capsys.readouterr().out
+    with open(REFERENCE, newline="") as f:
+        counts = pd.Series([row["table"] for row in csv.DictReader(f)]).value_counts()
+    for table, n in counts.items():
+        assert f"  {table} ({n} numbers): " in printed
+    assert "seed (" not in printed
