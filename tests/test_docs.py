@@ -18,6 +18,12 @@ def test_the_site_builds_strictly(tmp_path):
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "FineGrainedNetwork" in api and "build_head" in api  # rendered from the docstrings
     assert "Unreleased" in (tmp_path / "site" / "changelog" / "index.html").read_text()  # CHANGELOG.md included
+    # the benchmark page shows the table file bench-table wrote, not a copy of it
+    bench = open(os.path.join(REPO_ROOT, "results", "tables", "bench_fashion_mnist.md"), encoding="utf-8").read()
+    first_row = next(line for line in bench.splitlines() if line.startswith("| ") and "Method" not in line)
+    method = first_row.split("|")[1].strip()
+    page = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
+    assert bench.splitlines()[0].lstrip("# ").split(":")[0] in page and f">{method}</td>" in page
 
 
 def test_the_readme_is_short_and_links_only_to_files_that_exist():
