@@ -64,8 +64,6 @@ def tables_command(argv: List[str]) -> int:
 
 def published_tables_text(reference_csv: str) -> str:
     """The published tables ``finegrained tables`` holds, one line each: its name, how many numbers, their source."""
-    import re
-
     import pandas as pd
 
     try:
@@ -74,8 +72,7 @@ def published_tables_text(reference_csv: str) -> str:
         return f"(the published numbers: {reference_csv}, not readable here)"
     lines = [f"The published tables ({os.path.relpath(reference_csv)}, every number with its source):"]
     for table, rows in reference.groupby("table", sort=False):
-        source = re.sub(r"^seed \((.*?)\):", r"\1:", str(rows["source"].iloc[0]))
-        lines.append(f"  {table} ({len(rows)} numbers): {source[:110]}")
+        lines.append(f"  {table} ({len(rows)} numbers): {str(rows['source'].iloc[0])[:110]}")
     return "\n".join(lines)
 
 

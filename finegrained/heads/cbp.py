@@ -11,7 +11,7 @@ then sign(z)√(|z| + ε) and l2 as in the paper.
   ``torch.fft``; the old ``torch.rfft`` API that broke earlier ports is not used.
 * ``variant="rm"``: Random Maclaurin, φ = (x W₁) ∘ (x W₂)/√d with fixed Rademacher W₁, W₂.
 
-Default d = 8192 (the paper's and the seed table's VGG-16 setting). Projections are not learned
+Default d = 8192 (the paper's and the tutorial's table's VGG-16 setting). Projections are not learned
 (the paper's fixed variant).
 
 Shapes: (B, C, H, W) -> (B, output_dim).

@@ -14,7 +14,7 @@ channels, each scaled by a learnable scale (initialised 0.5 for the first layers
 trained at ×10 the head's learning rate, ``parameter_lr_mult``). The projections start from Rademacher
 ±1/√D (``hihca_setup.m``).
 
-Defaults from the paper: r = 2, D = 8192 filters (the seed table's 9K).
+Defaults from the paper: r = 2, D = 8192 filters (the tutorial's table's 9K).
 
 Shapes: (B, C, H, W), or a list of (B, C_i, H, W), -> (B, D).
 """

@@ -11,7 +11,7 @@ series of a Gaussian RBF kernel exp(−γ‖x − y‖²) on unit vectors: α_i�
 Defaults: p = 4 (the paper: order 4 suffices to approximate a Gaussian RBF kernel), d = 4096 per
 order ≥ 2 (paper), γ = 1 (weights e^{−2}·2^i/i! spread evenly over the orders; the paper tunes γ per
 dataset — pass ``gamma``). Output 1 + C + (p − 1)·d: 12,801 for VGG-16 (C = 512), 14,337 for
-ResNet-50 (C = 2048) — the seed table's 13K and 14K.
+ResNet-50 (C = 2048) — the tutorial's table's 13K and 14K.
 
 Shapes: (B, C, H, W) -> (B, 1 + C + (p − 1)·d).
 """

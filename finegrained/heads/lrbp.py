@@ -9,7 +9,7 @@ W_k = U_k U_kᵀ − V_k V_kᵀ (U_k, V_k: m × r/2), without ever forming the m
 
 summed over the M positions as in the paper and its code (``bisvm_posneg_UUreg_forward.m``);
 ``positions="mean"`` divides by M. This head is the classifier (``produces_logits``): it takes
-``num_classes`` and its output is the logits. Defaults from the paper and its code: m = 100 (the seed
+``num_classes`` and its output is the logits. Defaults from the paper and its code: m = 100 (the tutorial
 table's 10K = 100² equivalent dimension), rank r = 8, U_k and V_k from 0.01·N(0, 1), P set by PCA
 (:meth:`LowRankBilinearHead.init_reduction`, the data-dependent initialisation) and then frozen
 (``freeze_reduction``).

@@ -8,7 +8,7 @@ learned means μ_k and learned diagonal scales σ_k = s_k² + 10⁻⁶ (squared 
     F₂(:, k) = (1/M) Σ_m a_k(x_m) (x_m − μ_k)² / σ_k²
     -> l2 of F₁, l2 of F₂ (each over all K·C values) -> concatenate -> l2
 
-Default K = 64 clusters (the NetVLAD setting; the seed table lists NetFV without a dimension).
+Default K = 64 clusters (the NetVLAD setting; the tutorial's table lists NetFV without a dimension).
 
 Shapes: (B, C, H, W) -> (B, 2·K·C).
 """

@@ -6,7 +6,7 @@ recognition", CVPR 2016.
     x̂_m = x_m/‖x_m‖,  a_k(x̂) = softmax_k(w_kᵀx̂ + b_k),  w_k = 2α·c_k,  b_k = −α‖c_k‖²
     V(:, k) = Σ_m a_k(x̂_m)(x̂_m − c_k)  ->  l2 per cluster (intra-normalisation)  ->  l2
 
-Defaults: K = 64 clusters (paper; 512 × 64 = 32,768 values on VGG-16, the seed table's 32K).
+Defaults: K = 64 clusters (paper; 512 × 64 = 32,768 values on VGG-16, the tutorial's table's 32K).
 :meth:`NetVLADHead.init_centroids` (the data-dependent initialisation) sets c by k-means on
 l2-normalised descriptors (scikit-learn) and α from the data by the official rule for these weights (the
 ``vladv2`` branch of ``addLayers.m``, Relja/netvlad): α = −log(0.01) / mean(d₂² − d₁²), with d₁² ≤ d₂² the

@@ -1,6 +1,6 @@
-"""Comparison tables: the seed's numbers beside ours, from ``results/reference.csv`` and run records.
+"""Comparison tables: the tutorial's numbers beside ours, from ``results/reference.csv`` and run records.
 
-Layout follows the seed: one row per (method, backbone, dim), one column per dataset (Birds,
+Layout follows the tutorial: one row per (method, backbone, dim), one column per dataset (Birds,
 Aircraft, Cars) for the fine-grained tables, or per metric (top-1 / top-5 error, time) for the
 others. A cell reads ``paper / ours (Δ)``; the best paper value and the best of ours in a column
 are bold; a number that does not exist is ``—``, never invented. A column prints every number with
@@ -258,7 +258,7 @@ def render(paper: pd.DataFrame, ours: pd.DataFrame, columns, table: str, fmt: st
     def name(key, names):
         text = names.get(key, key)
         if table == "finegrained" and key == "isqrt" and names is METHOD_NAMES:
-            text = "MPN-COV (iSQRT-COV)"  # the seed's label for its ResNet rows
+            text = "MPN-COV (iSQRT-COV)"  # the tutorial's label for its ResNet rows
         return text.replace("²", "$^2$") if fmt == "tex" else text
 
     records = []

@@ -22,7 +22,7 @@ DATASETS = ("cub", "aircraft", "cars")
 ROWS = ["isqrt_resnet50", "cbp_resnet50", "kp_resnet50", "gap_resnet50", "mpncov_vgg16", "netvlad_vgg16",
         "cbp_vgg16", "kp_vgg16", "lrbp_vgg16", "improved_bcnn_vgg16", "g2de_vgg16", "hihca_vgg16", "netfv_vgg16",
         "bcnn_vgg16", "gap_vgg16", "isqrt_resnet101", "gap_resnet101",
-        # After the seed: iSICE (its paper's rows), MPA-Lya, and the timm backbones with four heads.
+        # After the tutorial: iSICE (its paper's rows), MPA-Lya, and the timm backbones with four heads.
         "isice_resnet50", "isice_vgg16", "mpa_resnet50"] + [
         f"{head}_{backbone}" for head in ("gap", "isqrt", "sot", "dropcov") for backbone in ("convnext-t", "vit-s16")]
 
@@ -35,7 +35,7 @@ def test_one_recipe_per_row_and_dataset():
 
 DATAMODULES = {"cub": "datamodules.CUB200DataModule", "aircraft": "datamodules.FGVCAircraftDataModule",
                "cars": "datamodules.StanfordCarsDataModule", **MORE_DATASETS}
-# row method -> (head, backbone family): the seed's "MPN-COV" VGG row is iSQRT-COV on VGG-16 with BN.
+# row method -> (head, backbone family): the tutorial's "MPN-COV" VGG row is iSQRT-COV on VGG-16 with BN.
 HEAD_OF_ROW = {"mpncov": "isqrt"}
 BACKBONE_OF_ROW = {("mpncov", "vgg16"): "vgg16_bn", ("isice", "vgg16"): "vgg16_bn",
                    **{(head, "convnext-t"): "timm/convnext_tiny" for head in ("gap", "isqrt", "sot", "dropcov")},
@@ -73,14 +73,14 @@ def test_recipe_states_the_published_protocol(recipe):
     assert len(paper) == 1, f"{recipe}: one 'Paper top-1' line expected"
     rows = _reference_rows()
     rows = rows[(rows["method"] == method) & (rows["backbone"] == backbone) & (rows["dataset"] == dataset)]
-    if rows.empty:  # a baseline the seed does not report
+    if rows.empty:  # a baseline the tutorial does not report
         assert paper[0].startswith("# Paper top-1: none"), f"{recipe}: no reference row, yet {paper[0]!r}"
         return
     stated = float(paper[0].split(":")[1].split()[0])
     assert stated in set(rows["value"]), f"{recipe}: header says {stated}, results/reference.csv {sorted(rows['value'])}"
     size = rows["dim"].dropna()
     size = size[size.str.endswith("K")]  # the dim column also names model variants ("[D,D]")
-    if len(size):  # the seed's "32K", "263K": the representation, rounded as the seed rounds (K = 1,000 or 1,024)
+    if len(size):  # the tutorial's "32K", "263K": the representation, rounded as the tutorial rounds (K = 1,000 or 1,024)
         head = build_head(model["head"], IN_CHANNELS[model["backbone"]], num_classes=200, **model["head_kwargs"])
         dim = model["head_kwargs"]["reduction"] ** 2 if head.produces_logits else head.output_dim  # LRBP: r×r map
         thousands = float(size.iloc[0].rstrip("K"))

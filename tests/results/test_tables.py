@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 
 REFERENCE = os.path.join(REPO_ROOT, "results", "reference.csv")
 
-# The seed's fine-grained table, typed in again independently of results/reference.csv.
+# The tutorial's fine-grained table, typed in again independently of results/reference.csv.
 SEED_FINEGRAINED = {
     ("isqrt", "resnet50"): (88.1, 90.0, 92.8), ("cbp", "resnet50"): (81.6, 81.6, 88.6),
     ("kp", "resnet50"): (84.7, 85.7, 91.1), ("mpncov", "vgg16"): (87.2, 90.0, 92.5),
