@@ -139,14 +139,21 @@ def completed_epochs(checkpoint: Dict[str, Any]) -> int:
         return int(checkpoint.get("epoch", -1)) + 1
 
 
-def checkpoint_selection(path: str, checkpoint: Dict[str, Any]) -> str:
-    """``best <metric>`` for the monitored checkpoint, ``last epoch`` for one written at the end of the fit's last
-    epoch, else ``epoch N of M`` (a fit that stopped or was stopped early) or ``epoch N``."""
-    epochs = completed_epochs(checkpoint)
+def planned_epochs(checkpoint: Dict[str, Any]) -> Optional[int]:
+    """The epochs the fit that wrote ``checkpoint`` planned (its ``max_epochs``, kept by the run-artifacts
+    callback), or None for a checkpoint without it."""
     planned = None
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if "RunArtifacts" in str(key) and isinstance(state, dict):
             planned = state.get("max_epochs")
+    return planned
+
+
+def checkpoint_selection(path: str, checkpoint: Dict[str, Any]) -> str:
+    """``best <metric>`` for the monitored checkpoint, ``last epoch`` for one written at the end of the fit's last
+    epoch, else ``epoch N of M`` (a fit that stopped or was stopped early) or ``epoch N``."""
+    epochs = completed_epochs(checkpoint)
+    planned = planned_epochs(checkpoint)
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("monitor"):
             if os.path.basename(state.get("best_model_path") or "") == os.path.basename(path):

@@ -47,6 +47,7 @@ class FineGrainedCLI(LightningCLI):
         self.command_line = list(command_line or [])
         self._test_started = 0.0
         self.overrides: Dict[str, Any] = {}
+        self._checkpoint_hparams: Dict[str, Any] = {}  # those of --ckpt_path, read once in parse_arguments
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> Dict[str, Set[str]]:
@@ -140,6 +141,8 @@ class FineGrainedCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             checkpoint = read_checkpoint_file(ckpt_path, mmap=True)  # mapped: nothing is read twice
+            if os.path.isfile(ckpt_path):  # what Lightning gives the model next; the recipe comparison needs it too
+                self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
             missing = [key for key in ("state_dict", "hyper_parameters", "pytorch-lightning_version")
                        if not isinstance(checkpoint, dict) or key not in checkpoint]
             if missing:
@@ -169,12 +172,10 @@ class FineGrainedCLI(LightningCLI):
             parsed = self.parser.parse_args([subcommand] + config_args)
             # With a checkpoint, Lightning gives the model the checkpoint's hyper-parameters (a resumed fit trains
             # the checkpoint's model, whose changes from the recipe its first fit recorded): the recipe gets them too.
-            ckpt_path = self.config[subcommand].get("ckpt_path")
-            if ckpt_path and os.path.isfile(ckpt_path):
-                hparams = dict(read_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters") or {})
-                hparams.pop("_instantiator", None)
-                if hparams and "_class_path" not in hparams:
-                    parsed = self.parser.parse_object({subcommand: {"model": hparams}}, parsed)
+            hparams = dict(self._checkpoint_hparams)
+            hparams.pop("_instantiator", None)
+            if hparams and "_class_path" not in hparams:
+                parsed = self.parser.parse_object({subcommand: {"model": hparams}}, parsed)
             recipe = parsed[subcommand]
         except (argparse.ArgumentError, SystemExit):  # the recipe alone is incomplete: keep the command line
             rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]

@@ -64,13 +64,12 @@ def _now() -> str:
 
 
 def write_json_atomically(path: str, content: Dict[str, Any]) -> None:
-    """Write ``content`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
+    """Write ``content`` to ``path`` through a temporary file and a rename (:func:`finegrained.resume.replacing`): a
+    reader never sees half a file, and a failed write leaves the previous one."""
+    from finegrained.resume import replacing
+
+    with replacing(path, "campaign file") as temporary, open(temporary, "w") as f:
         json.dump(content, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:

@@ -67,7 +67,7 @@ def live_jobs(job_ids: Dict[str, str]) -> Optional[Dict[str, str]]:
 
 def epoch_of(campaign: Campaign, name: str) -> str:
     """``completed/planned`` epochs of the job's last.ckpt, '' before there is one."""
-    from finegrained.resume import CheckpointFileError, completed_epochs, read_checkpoint_file
+    from finegrained.resume import CheckpointFileError, completed_epochs, planned_epochs, read_checkpoint_file
 
     path = os.path.join(campaign.checkpoints(name), "last.ckpt")
     if not os.path.isfile(path):
@@ -76,8 +76,7 @@ def epoch_of(campaign: Campaign, name: str) -> str:
         checkpoint = read_checkpoint_file(path, mmap=True)
     except CheckpointFileError:
         return "?"
-    planned = next((state.get("max_epochs") for key, state in (checkpoint.get("callbacks") or {}).items()
-                    if "RunArtifacts" in str(key) and isinstance(state, dict)), None)
+    planned = planned_epochs(checkpoint)
     return f"{completed_epochs(checkpoint)}/{planned}" if planned else str(completed_epochs(checkpoint))
 
 
