@@ -32,3 +32,50 @@ def test_the_readme_is_short_and_links_only_to_files_that_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert os.path.exists(os.path.join(REPO_ROOT, target)), target
+
+
+METHODS = os.path.join(REPO_ROOT, "docs", "methods")
+
+
+def _method_pages():
+    from finegrained.heads import available_heads
+    return {name: open(os.path.join(METHODS, f"{name}.md"), encoding="utf-8").read() for name in available_heads()}
+
+
+def test_every_head_has_a_methods_page_in_the_navigation():
+    from finegrained.heads import available_heads
+    nav = open(os.path.join(REPO_ROOT, "mkdocs.yml"), encoding="utf-8").read()
+    pages = {f[:-3] for f in os.listdir(METHODS) if f.endswith(".md")} - {"index"}
+    assert pages == set(available_heads())
+    index = open(os.path.join(METHODS, "index.md"), encoding="utf-8").read()
+    for name, text in _method_pages().items():
+        assert f"methods/{name}.md" in nav and f"]({name}.md)" in index, name
+        for row in ("| paper to cite |", "| official code |", "| output dimension |"):
+            assert row in text, (name, row)
+        assert f"::: finegrained.heads." in text and "## How it was checked" in text, name
+
+
+def test_the_output_dimensions_the_methods_pages_state_are_the_heads():
+    import doctest
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for name, text in _method_pages().items():
+        examples = "\n\n".join(re.findall(r"```pycon\n(.*?)```", text, re.S))
+        test = parser.get_doctest(examples, {}, name, f"docs/methods/{name}.md", 0)
+        assert len(test.examples) >= 2, name  # the import and the output_dim
+        result = runner.run(test, out=lambda s: None)
+        assert result.failed == 0, f"docs/methods/{name}.md: its example's output dimension is not the head's"
+
+
+def test_the_tests_the_methods_pages_cite_exist():
+    cited = 0
+    for name, text in _method_pages().items():
+        file = None
+        for path, test in re.findall(r"`(tests/[\w/]+\.py)?(?:::(\w+))?`", text):
+            if not path and not test:
+                continue
+            file = path or file  # "::name" alone is a test of the file cited before it
+            source = open(os.path.join(REPO_ROOT, file), encoding="utf-8").read()
+            if test:
+                assert re.search(rf"^def {test}\(", source, re.M), f"docs/methods/{name}.md: {file}::{test}"
+                cited += 1
+    assert cited >= 40

@@ -11,6 +11,8 @@ Shapes: features (B, C, H, W) or (B, C, M); sketches (B, d).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +34,7 @@ def count_sketch_matrix(in_dim: int, out_dim: int, generator: torch.Generator) -
 
 
 @full_precision
-def tensor_sketch(x: Tensor, sketches, orders: int = 2):
+def tensor_sketch(x: Tensor, sketches: Sequence[Tensor], orders: int = 2):
     """Tensor Sketch of the order-k self tensor products of every position, averaged over positions.
 
     TS_k(x) = FFT⁻¹(Π_{i ≤ k} FFT(x P_i)) estimates x^{⊗k} without bias:
