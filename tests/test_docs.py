@@ -79,3 +79,23 @@ def test_the_tests_the_methods_pages_cite_exist():
                 assert re.search(rf"^def {test}\(", source, re.M), f"docs/methods/{name}.md: {file}::{test}"
                 cited += 1
     assert cited >= 40
+
+
+def test_no_tracked_file_cites_a_file_outside_the_repository():
+    """A clone is all a user has: no file may point to notes kept beside the repository."""
+    import pytest
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    # Spelled in pieces so that this file does not match itself.
+    outside = re.compile("|".join(["shared" + "/", "protocols" + "-official", "methods-after" + "-seed",
+                                   "datasets" + "-more"]))
+    found = []
+    for path in listed.stdout.splitlines():
+        full = os.path.join(REPO_ROOT, path)
+        if os.path.splitext(path)[1] not in {".py", ".md", ".yaml", ".yml", ".cfg", ".toml", ".txt", ".sh", ".csv",
+                                             ".cff", ".html", ""} or not os.path.isfile(full):
+            continue
+        with open(full, encoding="utf-8", errors="replace") as f:
+            found += [f"{path}:{i}" for i, line in enumerate(f, 1) if outside.search(line)]
+    assert not found, found

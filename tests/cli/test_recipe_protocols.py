@@ -25,7 +25,7 @@ BC, CB1, CB2 = "BC run_experiments_bcnn_train.m", "CB ft_last_layer.solver/.prot
 MO, HI, LR = "MO script_run_exp.m, imdb_g2denet_train_dag.m", "HI hihca_main.m, getInitFCParams.m", \
     "LR main101_demo_posnegCoMatrixDecomp_bisvm.m"
 
-IS = "IS iSICE README, train_iSICE_model.sh, main.py (methods-after-seed.md)"
+IS = "IS iSICE README, train_iSICE_model.sh, main.py (docs/methods/isice.md)"
 CHOSEN = "chosen here (recipes/_base/protocol/timm_finetune.yaml)"
 
 # protocol -> {setting: (value, source)}. Settings are dotted paths into the merged recipe; "batch" is the
@@ -72,7 +72,7 @@ PROTOCOLS = {
         "stage1.route": ("cached", MO), "stage1.epochs": (300, MO), "stage1.lr": (1.0, MO),
         "stage1.weight_decay": (0.0, MO), "stage1.batch_size": (256, MO),
         "stage1.init_std": (0.001, MO), "stage1.init_bias": (0.1, MO),
-        "model.optim.lr": (1e-3, MO), "model.optim.lr_mult.classifier": (1000.0, "recipes.md"), "model.optim.weight_decay": (5e-4, MO),
+        "model.optim.lr": (1e-3, MO), "model.optim.lr_mult.classifier": (1000.0, "BC, chosen here for G²DeNet"), "model.optim.weight_decay": (5e-4, MO),
         "model.optim.weight_decay_mult.classifier": (0.0, MO), "clip_activation_grad.bound": (1.0, "MO vl_GlbGaussian_nn.m"),
         "model.optim.scheduler": ("constant", MO), "trainer.max_epochs": (100, MO), "batch": (16, MO),
         "data.init_args.train_crop": ("center", MO), "input/cub": ((448, 448), MO), "input/aircraft": ((448, 448), MO),

@@ -1,5 +1,5 @@
 """NABirds, Stanford Dogs, Flowers-102, Oxford-IIIT Pet, Food-101 and iNaturalist on replicas in their official
-formats (datasets-more.md): labels and class order as the official files define them, root at every level,
+formats (docs/guide/datasets.md): labels and class order as the official files define them, root at every level,
 bounding boxes, errors that name the file, and agreement with torchvision where it reads the set."""
 import io
 import os

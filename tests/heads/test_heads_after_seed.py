@@ -1,4 +1,4 @@
-"""SoT, DropCov, iSICE and MPA-Lya against their formulas written plainly in float64 (methods-after-seed.md)."""
+"""SoT, DropCov, iSICE and MPA-Lya against their formulas written plainly in float64 (docs/methods/{sot,dropcov,isice,mpa}.md)."""
 import numpy as np
 import pytest
 import torch
@@ -207,7 +207,7 @@ def test_isice_sparsity_shrinks_the_off_diagonal():
 
 
 # -- MPA-Lya / MTP-Lya -------------------------------------------------------------------------------------
-PADE_P = [1, -11 / 4, 11 / 4, -77 / 64, 55 / 256, -11 / 1024]  # methods-after-seed.md, checked with mpmath
+PADE_P = [1, -11 / 4, 11 / 4, -77 / 64, 55 / 256, -11 / 1024]  # KingJamesSong/FastDifferentiableMatSqrt torch_utils.py
 PADE_Q = [1, -9 / 4, 7 / 4, -35 / 64, 15 / 256, -1 / 1024]
 TAYLOR = [1, -1 / 2, -1 / 8, -1 / 16, -5 / 128, -7 / 256, -21 / 1024, -33 / 2048, -429 / 32768, -715 / 65536,
           -2431 / 262144]
