@@ -24,6 +24,9 @@ def test_the_site_builds_strictly(tmp_path):
     method = first_row.split("|")[1].strip()
     page = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
     assert bench.splitlines()[0].lstrip("# ").split(":")[0] in page and f">{method}</td>" in page
+    # and every CSV that finegrained bench wrote, with when and where it was measured
+    for name in sorted(os.listdir(os.path.join(REPO_ROOT, "results", "bench"))):
+        assert f"results/bench/{name}</code>: measured " in page, name
 
 
 def test_the_readme_is_short_and_links_only_to_files_that_exist():
@@ -99,3 +102,23 @@ def test_no_tracked_file_cites_a_file_outside_the_repository():
         with open(full, encoding="utf-8", errors="replace") as f:
             found += [f"{path}:{i}" for i, line in enumerate(f, 1) if outside.search(line)]
     assert not found, found
+
+
+def test_a_bench_csv_is_shown_with_when_and_where_it_was_measured(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_csv", os.path.join(REPO_ROOT, "docs_hooks", "bench_csv.py"))
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    csv = tmp_path / "heads_cuda.csv"
+    csv.write_text("case,median_ms,vs_(a),torch,finegrained,gpu,timestamp\n"
+                   "fused,2.368356,0.7127,2.14.1,0.1.0,NVIDIA H100,2026-12-01T03:09:51+00:00\n"
+                   "eigh,38.8009,,2.14.1,0.1.0,NVIDIA H100,2026-12-01T03:09:52+00:00\n")
+    text = hook.bench_table(str(csv), "case, median_ms, vs_(a)")
+    header, _, table = text.partition("\n\n")
+    assert header == f"*`{csv}`: measured 2026-12-01 on NVIDIA H100; torch 2.14.1, finegrained 0.1.0.*"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+    assert rows[0] == ["case", "median_ms", "vs_(a)"]
+    assert rows[2:] == [["fused", "2.37", "0.713"], ["eigh", "38.8", ""]]  # 3 significant digits; NaN left empty
+    page = f"before\n<!-- bench-csv: {csv.name} | case -->\nafter"
+    shown = hook.on_page_markdown(page, None, {"config_file_path": str(tmp_path / "mkdocs.yml")}, None)
+    assert shown.startswith("before\n*`heads_cuda.csv`: measured 2026-12-01") and "| fused  |" in shown

@@ -17,11 +17,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+import finegrained
+
 
 def machine_info(device: torch.device) -> Dict[str, str]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-            "torch": torch.__version__, "device": str(device)}
+            "torch": torch.__version__, "finegrained": finegrained.__version__, "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

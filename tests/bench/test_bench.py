@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+import finegrained
 from finegrained.bench import baselines, timing
 from finegrained.bench.heads import _check
 from finegrained.cli import main
@@ -224,6 +225,7 @@ def test_bench_loader_and_step_run_and_write_csv(tmp_path, capsys):
     assert loader["speedup"].tolist() == pytest.approx((rates / rates[0]).tolist(), rel=1e-9)
     assert len(loader) == 3 and loader["pipeline"][2].startswith("WebDataset shards")
     assert {"platform", "torch", "timestamp"} <= set(loader.columns)
+    assert set(loader["finegrained"].astype(str)) == {finegrained.__version__}  # the version the numbers are of
     assert main(["bench", "step", "--backbone", "resnet18,timm/vit_small_patch16_224", "--head", "isqrt,sot",
                  "--size", "64", "--batch", "2", "--repeats", "1", "--device", "cpu", "--out", out]) == 0
     step = pd.read_csv(os.path.join(out, "step_cpu.csv"))

@@ -281,7 +281,7 @@ def test_the_contract_is_embedded_in_both_formats(onnx_model, exported_run, tmp_
 
 def _documented_client():
     """The ONNX client the documentation shows (Getting started)."""
-    text = open(os.path.join(REPO_ROOT, "docs", "getting-started.md"), encoding="utf-8").read()
+    text = open(os.path.join(REPO_ROOT, "docs", "guide", "export.md"), encoding="utf-8").read()
     after = text.split("**A client with only onnxruntime, PIL and numpy.**", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
