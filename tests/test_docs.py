@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 
@@ -17,6 +19,7 @@ def test_the_site_builds_strictly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "FineGrainedNetwork" in api and "build_head" in api  # rendered from the docstrings
+    assert not re.search(r":(func|class|meth|mod|attr):<code>", api)  # Sphinx roles shown as plain code
     assert "Unreleased" in (tmp_path / "site" / "changelog" / "index.html").read_text()  # CHANGELOG.md included
     # the benchmark page shows the table file bench-table wrote, not a copy of it
     bench = open(os.path.join(REPO_ROOT, "results", "tables", "bench_fashion_mnist.md"), encoding="utf-8").read()
@@ -24,6 +27,10 @@ def test_the_site_builds_strictly(tmp_path):
     method = first_row.split("|")[1].strip()
     page = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
     assert bench.splitlines()[0].lstrip("# ").split(":")[0] in page and f">{method}</td>" in page
+    # every head's arguments as a parameter table (a class docstring whose Args: is not a section shows as prose)
+    from finegrained.heads import available_heads
+    for name in available_heads():
+        assert "Parameters:" in (tmp_path / "site" / "methods" / name / "index.html").read_text(), name
     # and every CSV that finegrained bench wrote, with when and where it was measured
     for name in sorted(os.listdir(os.path.join(REPO_ROOT, "results", "bench"))):
         assert f"results/bench/{name}</code>: measured " in page, name
@@ -86,7 +93,6 @@ def test_the_tests_the_methods_pages_cite_exist():
 
 def test_no_tracked_file_cites_a_file_outside_the_repository():
     """A clone is all a user has: no file may point to notes kept beside the repository."""
-    import pytest
     listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True)
     if listed.returncode != 0:
         pytest.skip("not a git checkout")
@@ -104,21 +110,48 @@ def test_no_tracked_file_cites_a_file_outside_the_repository():
     assert not found, found
 
 
-def test_a_bench_csv_is_shown_with_when_and_where_it_was_measured(tmp_path):
+def _bench_hook():
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_csv", os.path.join(REPO_ROOT, "docs_hooks", "bench_csv.py"))
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)
+    return hook
+
+
+def test_a_bench_csv_is_shown_with_when_and_where_it_was_measured(tmp_path):
+    hook = _bench_hook()
     csv = tmp_path / "heads_cuda.csv"
     csv.write_text("case,median_ms,vs_(a),torch,finegrained,gpu,timestamp\n"
-                   "fused,2.368356,0.7127,2.14.1,0.1.0,NVIDIA H100,2026-12-01T03:09:51+00:00\n"
-                   "eigh,38.8009,,2.14.1,0.1.0,NVIDIA H100,2026-12-01T03:09:52+00:00\n")
-    text = hook.bench_table(str(csv), "case, median_ms, vs_(a)")
+                   "fused,2.368356,0.7127,2.14.1,1.0,NVIDIA H100,2026-12-01T03:09:51+00:00\n"
+                   "(b) official,4.4,1.33,2.14.1,1.0,NVIDIA H100,2026-12-01T03:09:51+00:00\n"
+                   "eigh,38.8009,,2.14.1,1.0,NVIDIA H100,2026-12-02T03:09:52+00:00\n")
+    text = hook.bench_table(str(csv), "case, median_ms, vs_(a)", "(b)")
     header, _, table = text.partition("\n\n")
-    assert header == f"*`{csv}`: measured 2026-12-01 on NVIDIA H100; torch 2.14.1, finegrained 0.1.0.*"
+    # the version as written (pandas reads 1.0 as a number), both days, the rows without "(b)"
+    assert header == f"*`{csv}`: measured 2026-12-01, 2026-12-02 on NVIDIA H100; torch 2.14.1, finegrained 1.0.*"
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
     assert rows[0] == ["case", "median_ms", "vs_(a)"]
     assert rows[2:] == [["fused", "2.37", "0.713"], ["eigh", "38.8", ""]]  # 3 significant digits; NaN left empty
-    page = f"before\n<!-- bench-csv: {csv.name} | case -->\nafter"
-    shown = hook.on_page_markdown(page, None, {"config_file_path": str(tmp_path / "mkdocs.yml")}, None)
-    assert shown.startswith("before\n*`heads_cuda.csv`: measured 2026-12-01") and "| fused  |" in shown
+    page = f"before\n<!-- bench-csv: {csv.name} | case --> \nafter"  # a trailing space is no reason to fail
+    shown = hook.render(page, str(tmp_path), "bench.md")
+    assert shown.startswith("before\n*`heads_cuda.csv`: measured 2026-12-01") and "| fused " in shown
+
+
+@pytest.mark.parametrize("content,marker,expected", [
+    (None, "<!-- bench-csv: x.csv -->", "x.csv: expected a CSV written by finegrained bench"),
+    ("", "<!-- bench-csv: x.csv -->", "x.csv: expected a CSV written by finegrained bench"),
+    ("case,torch,timestamp\n", "<!-- bench-csv: x.csv -->", "x.csv: expected rows"),
+    ("case,torch\na,2\n", "<!-- bench-csv: x.csv -->", "missing: timestamp"),
+    ("case,torch,timestamp\na,2,2026\n", "<!-- bench-csv: x.csv | speedup -->", "x.csv: no column speedup"),
+    ("case,torch,timestamp\na,2,2026\n", "<!-- bench_csv: x.csv -->", "bench.md:2: expected <!-- bench-csv: PATH"),
+    ("case,torch,timestamp\na,2,2026\n", "<!-- bench-csv: x.csv  | case -->", "bench.md:2: expected"),
+])
+def test_a_bench_csv_or_marker_that_cannot_serve_stops_the_build_with_one_line(tmp_path, content, marker, expected):
+    from mkdocs.exceptions import PluginError
+    hook = _bench_hook()
+    if content is not None:
+        (tmp_path / "x.csv").write_text(content)
+    with pytest.raises(PluginError) as raised:
+        hook.render(f"text\n{marker}\n", str(tmp_path), "bench.md")
+    message = str(raised.value)
+    assert message.startswith("error: bench.md:2: ") and expected in message and "\n" not in message

@@ -15,7 +15,12 @@ from finegrained.ops import float32_matrices, gram, signed_sqrt
 
 @register_head("bcnn", "B-CNN")
 class BCNNHead(PoolingHead):
-    """Bilinear pooling; ``eps`` sits inside the square root so the gradient is finite at 0."""
+    """B-CNN head.
+
+    Args:
+        in_channels: C.
+        eps: ε of the signed square root sign(g)√(|g| + ε); inside the root, so the gradient is finite at 0.
+    """
 
     def __init__(self, in_channels: int, eps: float = 1e-5):
         super().__init__()

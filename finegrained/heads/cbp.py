@@ -26,7 +26,9 @@ from finegrained.ops import CountSketches, float32_matrices, random_maclaurin, s
 
 @register_head("cbp", "CBP")
 class CompactBilinearHead(PoolingHead):
-    """Args:
+    """Compact bilinear pooling head.
+
+    Args:
         in_channels: C.
         output_dim: d of the sketch (8192, paper).
         variant: ``"ts"`` (Tensor Sketch) or ``"rm"`` (Random Maclaurin).

@@ -33,7 +33,9 @@ RATE_CONSTANT = 10.0
 
 @register_head("dropcov", "DropCov")
 class DropCovHead(CovariancePoolingHead):
-    """Args:
+    """DropCov head.
+
+    Args:
         in_channels: C.
         reduction: d after the 1×1 reduction (256); ``None`` keeps C.
         kernel_size: of the ECA Conv1d (3).

@@ -50,14 +50,18 @@ def gaussian_embedding(x: Tensor) -> Tensor:
 
 @register_head("g2de", "G²DeNet")
 class G2DeNetHead(PoolingHead):
-    """Args:
+    """G²DeNet head.
+
+    Args:
         in_channels: C.
         reduction: channels after a 1×1 reduction (BN, ReLU); ``None`` (default, paper) keeps C.
         method: ``"eig"`` (paper) or ``"ns"`` (Newton–Schulz, ``iterations``).
-        alpha, eps: the power and the eigenvalue offset (½, 1e-3).
+        alpha: the power (½, the paper's square root).
+        eps: the eigenvalue offset (1e-3).
         triu: output the upper triangle instead of all (d+1)² values.
         iterations: Newton–Schulz iterations for ``method="ns"`` (5, as iSQRT-COV).
         substitute_iterations: Newton–Schulz iterations of the ONNX substitute for ``eig``.
+        sqrt_eps: ε of the signed square root sign(z)√(|z| + ε) of the output.
     """
 
     def __init__(self, in_channels: int, reduction: Optional[int] = None, method: str = "eig", alpha: float = 0.5,

@@ -10,7 +10,11 @@ from finegrained.heads import PoolingHead, register_head
 
 @register_head("gap", "GAP")
 class GlobalAvgPoolHead(PoolingHead):
-    """Mean over positions; ``output_dim = in_channels``."""
+    """Mean over positions.
+
+    Args:
+        in_channels: C, which is also ``output_dim``.
+    """
 
     def __init__(self, in_channels: int):
         super().__init__()

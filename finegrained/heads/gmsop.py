@@ -74,12 +74,16 @@ def top_k_gates(logits: Tensor, k: int, random_ties: bool = False) -> Tensor:
 
 @register_head("gmsop", "GM-SOP")
 class GatedMixtureSOPHead(PoolingHead):
-    """Args:
+    """GM-SOP head.
+
+    Args:
         in_channels: C.
         components: N (16).
         top_k: K kept per image (8).
         balance_weight: w of the load-balance loss (100).
-        mid_channels, out_channels, iterations: of every SR-SOP block (256, 128, 3).
+        mid_channels: channels after every SR-SOP block's first convolution (256).
+        out_channels: channels after its second convolution (128): 8,256 values.
+        iterations: its Newton–Schulz iterations (3).
     """
 
     def __init__(self, in_channels: int, components: int = 16, top_k: int = 8, balance_weight: float = 100.0,

@@ -31,7 +31,9 @@ from finegrained.ops import at_least_float32, signed_sqrt
 
 @register_head("hihca", "HIHCA")
 class HIHCAHead(PoolingHead):
-    """Args:
+    """HIHCA head.
+
+    Args:
         in_channels: C, or one C per fused layer (several layers: learnable layer scales).
         filters: D (8192, paper).
         degree: r (2, paper).

@@ -21,7 +21,9 @@ from finegrained.ops import float32_matrices, gram, signed_sqrt, sqrtm_newton_sc
 
 @register_head("improved_bcnn", "Improved B-CNN")
 class ImprovedBCNNHead(PoolingHead):
-    """Args:
+    """Improved B-CNN head.
+
+    Args:
         in_channels: C.
         iterations: forward Newton–Schulz iterations (5, paper).
         backward_iterations: Lyapunov-solver iterations of the backward (5, paper).

@@ -28,7 +28,9 @@ from finegrained.ops.covariance import batch_trace, safe_normaliser
 
 @register_head("isice", "iSICE")
 class ISICEHead(CovariancePoolingHead):
-    """Args:
+    """iSICE head.
+
+    Args:
         in_channels: C.
         reduction: d after the 1×1 reduction (256); ``None`` keeps C.
         sparsity: λ (0.01). step_size: η (1.0). steps: projected-gradient steps n (5).

@@ -33,7 +33,9 @@ def rbf_taylor_weights(order: int, gamma: float) -> Tensor:
 
 @register_head("kp", "KP")
 class KernelPoolingHead(PoolingHead):
-    """Args:
+    """Kernel pooling head.
+
+    Args:
         in_channels: C.
         order: p ≥ 2 (4, paper).
         sketch_dim: d per order ≥ 2 (4096, paper).

@@ -29,7 +29,9 @@ from finegrained.ops import float32_matrices
 
 @register_head("lrbp", "LRBP")
 class LowRankBilinearHead(PoolingHead):
-    """Args:
+    """LRBP head (the classifier itself).
+
+    Args:
         in_channels: C.
         num_classes: K.
         reduction: m (100, paper).

@@ -27,7 +27,9 @@ from finegrained.ops.pade import METHODS as PADE_METHODS
 
 @register_head("mpa", "MPA-Lya")
 class MPALyaHead(CovariancePoolingHead):
-    """Args:
+    """MPA-Lya covariance pooling head.
+
+    Args:
         in_channels: C.
         reduction: d after the 1×1 reduction (256); ``None`` keeps C.
         method: ``"mpa"`` (Padé, the authors' default) or ``"mtp"`` (Taylor, faster, less accurate).

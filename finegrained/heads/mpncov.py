@@ -27,7 +27,9 @@ from finegrained.ops import eig_power, powm_newton_schulz
 
 @register_head("mpncov", "MPN-COV")
 class MPNCovHead(CovariancePoolingHead):
-    """Args:
+    """MPN-COV head.
+
+    Args:
         in_channels: C.
         reduction: channels after the 1×1 reduction (256); ``None`` keeps C.
         alpha: the matrix power (½).

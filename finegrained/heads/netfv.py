@@ -22,7 +22,9 @@ from finegrained.ops import float32_matrices
 
 @register_head("netfv", "NetFV")
 class NetFVHead(PoolingHead):
-    """Args:
+    """NetFV head.
+
+    Args:
         in_channels: C.
         clusters: K (64).
     """

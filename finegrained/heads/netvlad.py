@@ -31,7 +31,9 @@ from finegrained.ops import float32_matrices
 
 @register_head("netvlad", "NetVLAD")
 class NetVLADHead(PoolingHead):
-    """Args:
+    """NetVLAD head.
+
+    Args:
         in_channels: C.
         clusters: K (64, paper).
         alpha: assignment sharpness α before the data-dependent initialisation (100).

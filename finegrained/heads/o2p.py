@@ -27,11 +27,14 @@ from finegrained.ops import eig_log, logm_newton_schulz
 
 @register_head("o2p", "DeepO2P")
 class DeepO2PHead(CovariancePoolingHead):
-    """Args:
+    """DeepO2P head.
+
+    Args:
         in_channels: C.
         reduction: channels after a 1×1 reduction (BN, ReLU); ``None`` (default) keeps C.
         eps: the regulariser ε (1e-3).
-        substitute_roots / substitute_iterations: of the ONNX substitute's inverse scaling and squaring.
+        substitute_roots: square roots taken by the ONNX substitute's inverse scaling and squaring.
+        substitute_iterations: Newton–Schulz iterations of each of those roots.
     """
 
     def __init__(self, in_channels: int, reduction: Optional[int] = None, eps: float = 1e-3,

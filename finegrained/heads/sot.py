@@ -49,7 +49,9 @@ def _centred_cross_covariance(q: Tensor, k: Tensor) -> Tensor:
 
 @register_head("sot", "SoT")
 class SoTHead(PoolingHead):
-    """Args:
+    """SoT head.
+
+    Args:
         in_channels: D of the tokens (the backbone's channels).
         class_token_dim: D of the backbone's class token, 0 for none (set by the model from the backbone).
         heads: h (6).

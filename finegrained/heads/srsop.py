@@ -20,7 +20,9 @@ from finegrained.ops import covariance, float32_matrices, sqrtm_newton_schulz, t
 
 @register_head("srsop", "SR-SOP")
 class SquareRootSOPHead(PoolingHead):
-    """Args:
+    """SR-SOP head.
+
+    Args:
         in_channels: C.
         mid_channels: first 1×1 conv (256).
         out_channels: second 1×1 conv, the covariance size d (128).
