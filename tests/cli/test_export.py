@@ -280,7 +280,7 @@ def test_the_contract_is_embedded_in_both_formats(onnx_model, exported_run, tmp_
 
 
 def _documented_client():
-    """The ONNX client the documentation shows (Getting started)."""
+    """The ONNX client the documentation shows (docs/guide/export.md)."""
     text = open(os.path.join(REPO_ROOT, "docs", "guide", "export.md"), encoding="utf-8").read()
     after = text.split("**A client with only onnxruntime, PIL and numpy.**", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
@@ -314,7 +314,7 @@ def _client_images(folder):
 
 @pytest.mark.parametrize("upright_and_banner", [False, True])
 def test_the_documented_client_reproduces_predict_images(trained_run, exported_run, tmp_path, upright_and_banner):
-    """The README's client, run as a script with onnxruntime, PIL and numpy, prints the class and probability
+    """The documented client, run as a script with onnxruntime, PIL and numpy, prints the class and probability
     predict-images writes, also for a model whose preprocessing removes a banner and turns images upright."""
     import subprocess
     import sys
