@@ -26,7 +26,8 @@ class FineGrainedDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         resize_size: int = shorter side (aspect kept) or [h, w].
         crop_size: square crop side, or [h, w].
-        mean, std: normalisation (ImageNet by default).
+        mean: per-channel mean of the normalisation (ImageNet's by default).
+        std: per-channel standard deviation of the normalisation (ImageNet's by default).
         hflip: random horizontal flips in training.
         train_crop: ``"random"`` or ``"center"`` crop of ``crop_size`` in training (the protocol's choice:
             the official iSQRT-COV fine-tuning crops the centre, compact bilinear pooling a random patch).

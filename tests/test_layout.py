@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import finegrained
 from finegrained.backbones import available_backbones, build_backbone, register_backbone
 from finegrained.heads import PoolingHead, available_heads, build_head, head_display_name, register_head
 from tests.conftest import small_head
@@ -229,5 +230,6 @@ def test_the_licence_and_the_citation_file_agree_with_setup_cfg():
     citation = yaml.safe_load(open(os.path.join(ROOT, "CITATION.cff")))
     assert citation["cff-version"] == "1.2.0" and citation["license"] == licence
     assert citation["title"].startswith(config["metadata"]["name"]) and citation["authors"]
+    assert citation["version"] == finegrained.__version__  # the version defined once, cited as it is
     assert all(reference["title"] and reference["authors"] and reference["year"]
                for reference in citation["references"])

@@ -29,6 +29,7 @@ One module per command family: :mod:`~finegrained.cli.train` (LightningCLI), :mo
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -57,6 +58,7 @@ BAD_INPUT = (OSError, ValueError, WeightsUnavailableError, MisconfigurationExcep
 DEBUG_ENVIRONMENT = "FINEGRAINED_DEBUG"
 
 
+TRAINING_COMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's subcommands
 TOOLS: Dict[str, Callable[[List[str]], int]] = {
     "bench": bench_command,
     "tables": tables_command,
@@ -120,8 +122,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; exceptions propagate (for use from Python; the command line uses :func:`entry_point`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     show_package_messages()
+    if args[:1] == ["--version"]:
+        from finegrained import __version__
+        print(f"finegrained {__version__}")
+        return 0
     if args and args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
+    if args and not args[0].startswith("-") and args[0] not in TRAINING_COMMANDS:
+        commands = list(TRAINING_COMMANDS) + list(TOOLS)
+        close = difflib.get_close_matches(args[0], commands, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"the command line: no command {args[0]!r}{hint}; the commands are {', '.join(commands)}")
     try:
         run_lightning_cli(args, other_commands=list(TOOLS))
     except SIGTERMException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import sys
 from typing import List
 
 
@@ -72,17 +73,25 @@ def published_tables_text(reference_csv: str) -> str:
         return f"(the published numbers: {reference_csv}, not readable here)"
     lines = [f"The published tables ({os.path.relpath(reference_csv)}, every number with its source):"]
     for table, rows in reference.groupby("table", sort=False):
-        lines.append(f"  {table} ({len(rows)} numbers): {str(rows['source'].iloc[0])[:110]}")
+        sources = list(dict.fromkeys(str(source) for source in rows["source"]))  # each once, in file order
+        if len(sources) == 1:
+            lines.append(f"  {table} ({len(rows)} numbers): {sources[0]}")
+        else:
+            lines.append(f"  {table} ({len(rows)} numbers): {len(sources)} sources")
+            lines += [f"    - {source}" for source in sources]
     return "\n".join(lines)
 
 
 def project_file(relative: str) -> str:
-    """``relative`` (a file or folder) in the current folder if it is there, else in the project this package
-    belongs to."""
-    if os.path.exists(relative):
-        return relative
-    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(project, relative)
+    """``relative`` (a file or folder) in the current folder if it is there, else in the checkout this package
+    runs from, else in the copy an installed package keeps (``<prefix>/share/finegrained``, setup.cfg's
+    data_files: the papers' numbers and the recipes)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    installed = os.path.join(sys.prefix, "share", "finegrained")
+    for folder in (".", checkout, installed):
+        if os.path.exists(os.path.join(folder, relative)):
+            return relative if folder == "." else os.path.join(folder, relative)
+    return os.path.join(checkout, relative)  # named as missing where a checkout would hold it
 
 
 def _recipe_beside(checkpoint: str) -> str:

@@ -380,3 +380,17 @@ def test_unknown_head_or_backbone_lists_the_known_names(trained_run):
         main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.head", "nope"])
     with pytest.raises(ValueError, match="unknown backbone 'resnet5'; known backbones: .*resnet50"):
         main(["fit", "--config", recipe, "--trainer.fast_dev_run", "true", "--model.backbone", "resnet5"])
+
+
+def test_a_mistyped_command_is_one_line_naming_every_command(capsys):
+    from finegrained.cli import TOOLS, TRAINING_COMMANDS, entry_point
+    assert entry_point(["tabels"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the command line: no command 'tabels' (did you mean tables?); the commands are ")
+    assert "\n" not in err and all(name in err for name in list(TRAINING_COMMANDS) + list(TOOLS))
+
+
+def test_version(capsys):
+    import finegrained
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"finegrained {finegrained.__version__}\n"

@@ -332,7 +332,10 @@ def test_tables_help_names_every_published_table(capsys):
         main(["tables", "--help"])
     printed = capsys.readouterr().out
     with open(REFERENCE, newline="") as f:
-        counts = pd.Series([row["table"] for row in csv.DictReader(f)]).value_counts()
+        rows = list(csv.DictReader(f))
+    counts = pd.Series([row["table"] for row in rows]).value_counts()
     for table, n in counts.items():
         assert f"  {table} ({n} numbers): " in printed
+    for row in rows:  # every source in full
+        assert row["source"] in printed, row["source"]
     assert "seed (" not in printed
