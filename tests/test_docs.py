@@ -53,7 +53,7 @@ def _method_pages():
 
 
 def test_every_head_has_a_methods_page_in_the_navigation():
-    from finegrained.heads import available_heads
+    from finegrained.heads import available_heads, head_paper
     nav = open(os.path.join(REPO_ROOT, "mkdocs.yml"), encoding="utf-8").read()
     pages = {f[:-3] for f in os.listdir(METHODS) if f.endswith(".md")} - {"index"}
     assert pages == set(available_heads())
@@ -62,6 +62,7 @@ def test_every_head_has_a_methods_page_in_the_navigation():
         assert f"methods/{name}.md" in nav and f"]({name}.md)" in index, name
         for row in ("| paper to cite |", "| official code |", "| output dimension |"):
             assert row in text, (name, row)
+        assert f"| paper to cite | {head_paper(name)} |" in text, name  # the head's paper, as model cards cite it
         assert f"::: finegrained.heads." in text and "## How it was checked" in text, name
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from finegrained.heads.base import PoolingHead
 
-__all__ = ["PoolingHead", "register_head", "available_heads", "head_display_name", "build_head", "head_arguments",
+__all__ = ["PoolingHead", "register_head", "available_heads", "head_display_name", "head_paper", "build_head", "head_arguments",
            "check_head_arguments", "onnx_substitutes"]
 
 _REGISTRY: Dict[str, Type[PoolingHead]] = {}
@@ -67,6 +67,11 @@ def head_display_name(name: str) -> str:
     """The method's name as its paper spells it, e.g. ``"G²DeNet"`` for ``"g2de"``."""
     _head_class(name)
     return _DISPLAY_NAMES[name]
+
+
+def head_paper(name: str) -> str:
+    """The paper to cite for the head ``name`` (its class's ``paper``)."""
+    return _head_class(name).paper
 
 
 def build_head(name: str, in_channels: int, num_classes: Optional[int] = None, class_token_dim: int = 0,

@@ -24,6 +24,8 @@ member                      meaning
 ``uses_class_token``        class attribute: the head takes ``class_token_dim`` and, from a
                             backbone with a class token (ViT), receives ``(map, class_token)``
                             instead of the map alone (SoT's fusion)
+``paper``                   class attribute: the paper to cite, as the Methods page and model cards
+                            give it
 ==========================  ====================================================================
 
 Heads register under a name with :func:`finegrained.heads.register_head`; that registry also holds
@@ -57,6 +59,7 @@ class PoolingHead(nn.Module):
     uses_class_token: ClassVar[bool] = False
     classifier_init_std: ClassVar[Optional[float]] = None
     parameter_lr_mult: ClassVar[Dict[str, float]] = {}
+    paper: ClassVar[str] = ""
 
     def __init__(self) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ class BCNNHead(PoolingHead):
         in_channels: C.
         eps: ε of the signed square root sign(g)√(|g| + ε); inside the root, so the gradient is finite at 0.
     """
+    paper = 'Lin, RoyChowdhury, Maji, "Bilinear CNN Models for Fine-grained Visual Recognition", ICCV 2015.'
 
     def __init__(self, in_channels: int, eps: float = 1e-5):
         super().__init__()

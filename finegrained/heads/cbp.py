@@ -35,6 +35,7 @@ class CompactBilinearHead(PoolingHead):
         seed: of the fixed random projections.
         eps: inside the signed square root.
     """
+    paper = 'Gao, Beijbom, Zhang, Darrell, "Compact Bilinear Pooling", CVPR 2016.'
 
     def __init__(self, in_channels: int, output_dim: int = 8192, variant: str = "ts", seed: int = 0,
                  eps: float = 1e-5):

@@ -40,6 +40,8 @@ class DropCovHead(CovariancePoolingHead):
         reduction: d after the 1×1 reduction (256); ``None`` keeps C.
         kernel_size: of the ECA Conv1d (3).
     """
+    paper = ('Wang, Gao, Li, Zuo, Li, "DropCov: A Simple yet Effective Method for Improving Deep Architectures", '
+             "NeurIPS 2022.")
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, kernel_size: int = 3):
         super().__init__(in_channels, reduction)

@@ -63,6 +63,8 @@ class G2DeNetHead(PoolingHead):
         substitute_iterations: Newton–Schulz iterations of the ONNX substitute for ``eig``.
         sqrt_eps: ε of the signed square root sign(z)√(|z| + ε) of the output.
     """
+    paper = ('Wang, Li, Zhang, "G²DeNet: Global Gaussian Distribution Embedding Network and Its Application to '
+             'Visual Recognition", CVPR 2017.')
 
     def __init__(self, in_channels: int, reduction: Optional[int] = None, method: str = "eig", alpha: float = 0.5,
                  eps: float = 1e-3, triu: bool = False, iterations: int = 5, substitute_iterations: int = 20,

@@ -15,6 +15,7 @@ class GlobalAvgPoolHead(PoolingHead):
     Args:
         in_channels: C, which is also ``output_dim``.
     """
+    paper = 'Lin, Chen, Yan, "Network In Network", ICLR 2014 (the first-order baseline of every table).'
 
     def __init__(self, in_channels: int):
         super().__init__()

@@ -85,6 +85,8 @@ class GatedMixtureSOPHead(PoolingHead):
         out_channels: channels after its second convolution (128): 8,256 values.
         iterations: its Newton–Schulz iterations (3).
     """
+    paper = ('Wang, Gao, Xie, Zuo, Li, "Global Gated Mixture of Second-order Pooling for Improving Deep '
+             'Convolutional Neural Networks", NeurIPS 2018.')
 
     def __init__(self, in_channels: int, components: int = 16, top_k: int = 8, balance_weight: float = 100.0,
                  mid_channels: int = 256, out_channels: int = 128, iterations: int = 3):

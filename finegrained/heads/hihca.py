@@ -40,6 +40,8 @@ class HIHCAHead(PoolingHead):
         eps: inside the signed square root.
         seed: of the Rademacher initialisation of the projections.
     """
+    paper = ('Cai, Zuo, Zhang, "Higher-order Integration of Hierarchical Convolutional Activations for '
+             'Fine-grained Visual Categorization", ICCV 2017.')
 
     parameter_lr_mult = {"layer_scales": 10.0}
 

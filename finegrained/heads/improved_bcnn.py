@@ -29,6 +29,7 @@ class ImprovedBCNNHead(PoolingHead):
         backward_iterations: Lyapunov-solver iterations of the backward (5, paper).
         eps: inside the element-wise signed square root (B-CNN).
     """
+    paper = 'Lin, Maji, "Improved Bilinear Pooling with CNNs", BMVC 2017.'
 
     def __init__(self, in_channels: int, iterations: int = 5, backward_iterations: int = 5, eps: float = 1e-5):
         super().__init__()

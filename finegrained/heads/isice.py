@@ -36,6 +36,8 @@ class ISICEHead(CovariancePoolingHead):
         sparsity: λ (0.01). step_size: η (1.0). steps: projected-gradient steps n (5).
         inverse_iterations: Newton–Schulz iterations per inverse (7).
     """
+    paper = ('Rahman, Koniusz, Harandi, Wang, Li et al., "Learning Partial Correlation based Deep Visual '
+             'Representation for Image Classification", CVPR 2023.')
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, sparsity: float = 0.01,
                  step_size: float = 1.0, steps: int = 5, inverse_iterations: int = 7):

@@ -28,6 +28,8 @@ class ISqrtCovHead(CovariancePoolingHead):
         reduction: channels after the 1×1 reduction (256 in the paper); ``None`` keeps C.
         iterations: Newton–Schulz iterations (5 in the paper's fine-grained models).
     """
+    paper = ('Li, Xie, Wang, Gao, "Towards Faster Training of Global Covariance Pooling Networks by Iterative '
+             'Matrix Square Root Normalization", CVPR 2018.')
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, iterations: int = 5):
         super().__init__(in_channels, reduction)

@@ -43,6 +43,7 @@ class KernelPoolingHead(PoolingHead):
         seed: of the fixed count sketches.
         eps: inside the signed square root.
     """
+    paper = 'Cui, Zhou, Wang, Liu, Lin, Belongie, "Kernel Pooling for Convolutional Neural Networks", CVPR 2017.'
 
     def __init__(self, in_channels: int, order: int = 4, sketch_dim: int = 4096, gamma: float = 1.0,
                  seed: int = 0, eps: float = 1e-5):

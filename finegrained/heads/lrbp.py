@@ -39,6 +39,7 @@ class LowRankBilinearHead(PoolingHead):
         freeze_reduction: keep P at its data-dependent initialisation (the official code).
         positions: ``"sum"`` (paper) or ``"mean"`` over the positions.
     """
+    paper = 'Kong, Fowlkes, "Low-rank Bilinear Pooling for Fine-Grained Classification", CVPR 2017.'
 
     produces_logits = True
 

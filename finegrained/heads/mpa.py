@@ -36,6 +36,7 @@ class MPALyaHead(CovariancePoolingHead):
         backward_iterations: coupled sign iterations of the Lyapunov backward (8).
         substitute_iterations: Newton–Schulz iterations of the ONNX substitute.
     """
+    paper = 'Song, Sebe, Wang, "Fast Differentiable Matrix Square Root", ICLR 2022.'
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, method: str = "mpa",
                  backward_iterations: int = 8, substitute_iterations: int = 20):

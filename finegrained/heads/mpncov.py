@@ -36,6 +36,7 @@ class MPNCovHead(CovariancePoolingHead):
         eps: added to the eigenvalues (0).
         substitute_iterations: Newton–Schulz iterations per square root of the ONNX substitute.
     """
+    paper = 'Li, Xie, Wang, Zuo, "Is Second-order Information Helpful for Large-scale Visual Recognition?", ICCV 2017.'
 
     def __init__(self, in_channels: int, reduction: Optional[int] = 256, alpha: float = 0.5, eps: float = 0.0,
                  substitute_iterations: int = 20):

@@ -28,6 +28,8 @@ class NetFVHead(PoolingHead):
         in_channels: C.
         clusters: K (64).
     """
+    paper = ('Arandjelović et al., CVPR 2016 (the NetVLAD line of work) and Miech, Laptev, Sivic, "Learnable '
+             'pooling with Context Gating for video classification", 2017 (the learnable NetFV).')
 
     def __init__(self, in_channels: int, clusters: int = 64):
         super().__init__()

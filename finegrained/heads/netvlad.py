@@ -39,6 +39,8 @@ class NetVLADHead(PoolingHead):
         alpha: assignment sharpness α before the data-dependent initialisation (100).
         alpha_from_data: set α from the descriptors in :meth:`init_centroids` (the official code).
     """
+    paper = ('Arandjelović, Gronat, Torii, Pajdla, Sivic, "NetVLAD: CNN architecture for weakly supervised place '
+             'recognition", CVPR 2016.')
 
     def __init__(self, in_channels: int, clusters: int = 64, alpha: float = 100.0, alpha_from_data: bool = True):
         super().__init__()

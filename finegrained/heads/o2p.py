@@ -36,6 +36,8 @@ class DeepO2PHead(CovariancePoolingHead):
         substitute_roots: square roots taken by the ONNX substitute's inverse scaling and squaring.
         substitute_iterations: Newton–Schulz iterations of each of those roots.
     """
+    paper = ('Ionescu, Vantzos, Sminchisescu, "Matrix Backpropagation for Deep Networks with Structured Layers", '
+             "ICCV 2015.")
 
     def __init__(self, in_channels: int, reduction: Optional[int] = None, eps: float = 1e-3,
                  substitute_roots: int = 6, substitute_iterations: int = 22):

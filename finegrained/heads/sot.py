@@ -59,6 +59,8 @@ class SoTHead(PoolingHead):
         dropout: on z in training (0.5 for SoT-Small).
         alpha: svPN's power (½).
     """
+    paper = ('Xie, Zeng, Long, Li, Wang, "SoT: Delving Deeper into Classification Head for Transformer", 2021 '
+             "(arXiv 2104.10935).")
 
     uses_class_token = True
     classifier_init_std = 0.02

@@ -29,6 +29,8 @@ class SquareRootSOPHead(PoolingHead):
         iterations: Newton–Schulz iterations (3).
         batch_norm: BN after each conv (GM-SOP's gating branch).
     """
+    paper = ('Wang, Gao, Xie, Zuo, Li, "Global Gated Mixture of Second-order Pooling for Improving Deep '
+             'Convolutional Neural Networks", NeurIPS 2018 (the component of GM-SOP).')
 
     def __init__(self, in_channels: int, mid_channels: int = 256, out_channels: int = 128, iterations: int = 3,
                  batch_norm: bool = False):

@@ -1,4 +1,5 @@
 """Heads: shapes, exact formulas against plain float64 references, degenerate inputs, autocast."""
+import re
 import pytest
 import scipy.linalg
 import torch
@@ -222,3 +223,10 @@ def test_bf16_autocast_keeps_matrix_part_in_float32(name):
     assert torch.isfinite(out).all()
     reference = _float32_with_bf16_layers(head, x, bf16_layers)
     torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-4)
+
+
+def test_every_head_names_the_paper_to_cite():
+    from finegrained.heads import head_paper
+    for name in available_heads():
+        paper = head_paper(name)
+        assert re.search(r"(19|20)\d\d", paper) and '"' in paper, (name, paper)  # authors, "title", venue year
