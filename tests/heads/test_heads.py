@@ -1,5 +1,6 @@
 """Heads: shapes, exact formulas against plain float64 references, degenerate inputs, autocast."""
 import re
+
 import pytest
 import scipy.linalg
 import torch
