@@ -20,4 +20,4 @@ Library layout (what may import what is checked by ``tests/test_layout.py``):
 from finegrained.heads import available_heads, build_head  # noqa: F401
 from finegrained.network import FineGrainedNetwork  # noqa: F401
 
-__version__ = "0.1.0"
+from finegrained.version import __version__  # noqa: F401

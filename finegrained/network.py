@@ -15,12 +15,17 @@ classifier; a head that sets ``aux_loss`` in training (GM-SOP's load balance) le
 Weights (ImageNet, a file, the authors' second-order models, ``init_from``) come through
 :mod:`finegrained.network_weights`. :class:`InferenceNetwork` adds the test protocol (the mean of the logits of
 each image and its horizontal flip); it is what ``finegrained test`` evaluates and what export writes.
+
+Sharing: ``save_pretrained(folder)``, ``FineGrainedNetwork.from_pretrained(folder_or_repo_id)`` and
+``push_to_hub(repo_id)`` come from huggingface_hub's ``PyTorchModelHubMixin``; :mod:`finegrained.network_hub` says what
+the folder holds (config.json, model.safetensors, a model card) and loads it strictly, without pickle.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from finegrained.backbones import build_backbone
@@ -28,8 +33,11 @@ from finegrained.heads import build_head
 from finegrained.network_weights import authors_checkpoint, load_authors_head, load_matching_weights
 
 
-class FineGrainedNetwork(nn.Module):
-    """Args:
+class FineGrainedNetwork(nn.Module, PyTorchModelHubMixin, library_name="finegrained", license="mit",
+                         pipeline_tag="image-classification", tags=["fine-grained-classification"]):
+    """Backbone -> pooling head -> linear classifier.
+
+    Args:
         num_classes: number of outputs.
         backbone: a name from :func:`finegrained.backbones.available_backbones`, ``"timm/<model name>"`` for any
             timm model (ConvNeXt, ViT, Swin, EVA, ...), or an ``nn.Module`` mapping images to (B, C, h, w) with an
@@ -47,6 +55,10 @@ class FineGrainedNetwork(nn.Module):
         init_from: a checkpoint of ``finegrained fit`` to start from: tensors whose names and shapes match are
             copied, the others (a classifier for another number of classes) stay at their initialisation;
             the names dropped are kept in ``dropped_from_init``.
+
+    ``architecture`` holds the arguments that rebuild the network (what ``save_pretrained`` writes to config.json);
+    ``pretrained_cfg`` what its outputs mean and how its inputs are made (``class_names``, ``preprocessing``,
+    ``test_flip``: set by ``finegrained export --format hf`` and read back by ``from_pretrained``).
     """
 
     def __init__(self, num_classes: int, backbone: Union[str, nn.Module] = "resnet50",
@@ -71,6 +83,12 @@ class FineGrainedNetwork(nn.Module):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.dropped_from_init: List[str] = load_matching_weights(self, init_from) if init_from else []
+        self.architecture: Dict[str, Any] = {
+            "num_classes": self.num_classes, "backbone": backbone if isinstance(backbone, str) else None,
+            "last_stride": int(last_stride), "head": head, "head_kwargs": dict(head_kwargs or {}),
+            "dropout": self.dropout, "backbone_layers": list(backbone_layers) if backbone_layers else None,
+            "channels_last": self.channels_last}
+        self.pretrained_cfg: Dict[str, Any] = {}
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         if self.head.produces_logits or num_classes == 0:  # 0: no classifier, the features are the output (timm)
@@ -107,6 +125,28 @@ class FineGrainedNetwork(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
 
+    def inference_network(self, test_flip: Optional[bool] = None) -> "InferenceNetwork":
+        """This network as ``finegrained test`` evaluates it: with ``test_flip`` (default: ``pretrained_cfg``'s,
+        else off) the mean of the logits of each image and its horizontal flip."""
+        flip = self.pretrained_cfg.get("test_flip", False) if test_flip is None else test_flip
+        return InferenceNetwork(self, flip)
+
+    # -- huggingface_hub's PyTorchModelHubMixin: what save_pretrained writes and from_pretrained reads ----------
+    def _save_pretrained(self, save_directory) -> None:
+        from finegrained.network_hub import save_network
+
+        save_network(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir, force_download: bool,
+                         local_files_only: bool, token, config: Optional[Dict[str, Any]] = None,
+                         map_location: str = "cpu", **ignored) -> "FineGrainedNetwork":
+        from finegrained.network_hub import load_network
+
+        return load_network(cls, model_id, config, map_location=map_location, revision=revision,
+                            cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
+                            token=token)
+
     def reset_classifier(self, num_classes: int) -> None:
         """A new classifier for ``num_classes`` outputs, initialised as at construction (fine-tuning on other
         classes); 0 removes it, so the network returns its features (as timm's). A head that computes class scores
@@ -115,6 +155,8 @@ class FineGrainedNetwork(nn.Module):
             raise ValueError(f"{type(self.head).__name__} computes class scores itself; build a new network "
                              f"for {num_classes} classes (init_from keeps the matching tensors)")
         self.num_classes = int(num_classes)
+        self.architecture["num_classes"] = self.num_classes
+        self.pretrained_cfg.pop("class_names", None)  # they named the outputs of the classifier replaced here
         device = next(self.parameters()).device
         self.classifier = self._new_classifier(self.num_classes).to(device)
 

@@ -18,9 +18,11 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.optim", "finegrained.model",
            "finegrained.network", "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
            "finegrained.data_contract", "finegrained.callbacks", "finegrained.pretrained", "finegrained.losses",
-           "finegrained.metrics", "finegrained.svm", "finegrained.export", "finegrained.predict", "finegrained.resume")
+           "finegrained.metrics", "finegrained.svm", "finegrained.export", "finegrained.predict", "finegrained.resume",
+           "finegrained.network_hub", "finegrained.export_hub", "finegrained.version")
 # The network and everything it needs work in any PyTorch training loop: no Lightning, no torchmetrics.
 WITHOUT_LIGHTNING = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.network",
+                     "finegrained.network_hub", "finegrained.version",
                      "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
                      "finegrained.pretrained", "finegrained.optim", "finegrained.data_contract", "finegrained.svm")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli", "finegrained.launch")
@@ -77,7 +79,10 @@ def _modules_in(prefix):
                            "finegrained.callbacks", "finegrained.checkpoint_file", "finegrained.optim",
                            "finegrained.losses", "finegrained.metrics")),
     ("finegrained.network", ("finegrained.network", "finegrained.network_weights", "finegrained.heads",
-                             "finegrained.backbones")),
+                             "finegrained.backbones", "finegrained.network_hub")),
+    ("finegrained.network_hub", ("finegrained.heads", "finegrained.version")),
+    ("finegrained.export_hub", ("finegrained.network", "finegrained.network_hub", "finegrained.model",
+                                "finegrained.export", "datamodules.transforms")),
     ("finegrained.network_weights", ("finegrained.backbones", "finegrained.checkpoint_file", "finegrained.pretrained")),
     ("finegrained.callbacks", ("finegrained.callbacks", "finegrained.features", "finegrained.optim",
                                "finegrained.data_contract", "finegrained.svm")),
@@ -214,7 +219,7 @@ def test_the_version_is_set_in_one_place():
 
     config = configparser.ConfigParser()
     config.read(os.path.join(ROOT, "setup.cfg"))
-    assert config["metadata"]["version"] == "attr: finegrained.__version__"
+    assert config["metadata"]["version"] == "attr: finegrained.version.__version__"
     assert re.fullmatch(r"\d+\.\d+\.\d+", finegrained.__version__)
     assert importlib.util.find_spec("finegrained.linalg") is None
 

@@ -325,3 +325,30 @@ def run_record(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, 
         "overrides": run_overrides(fit_state, recipes, overrides),
         "job_id": scheduler_job_id(),
     }
+
+
+def checkpoint_record(checkpoint: str, runs_csv: str, run_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The newest softmax record of ``finegrained test`` for ``checkpoint`` in ``runs_csv`` (or the record
+    ``run_id``), or None. An SVM record is not the network's own accuracy and is never chosen."""
+    runs = read_runs(runs_csv)
+    if run_id is not None:
+        chosen = runs[runs["run_id"].astype(str) == str(run_id)]
+        if chosen.empty:
+            raise ValueError(f"{runs_csv}: no run {run_id!r}; expected a run_id of finegrained test")
+    else:
+        target = os.path.realpath(checkpoint)
+        same = [bool(p) and os.path.realpath(p) == target for p in runs["checkpoint"].fillna("").astype(str)]
+        softmax = [c != "svm" for c in runs["classifier"].fillna("").astype(str)]
+        chosen = runs[[a and b for a, b in zip(same, softmax)]]
+        if chosen.empty:
+            return None
+    row = chosen.sort_values("timestamp").iloc[-1]
+    fields = ("run_id", "timestamp", "dataset", "recipe", "epochs", "top1", "top5", "mean_class_acc", "selection",
+              "validation", "classifier", "overrides")
+    record = {}
+    for key in fields:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and value != value):
+            continue
+        record[key] = value.item() if hasattr(value, "item") else value
+    return record
