@@ -42,17 +42,24 @@ def _draft_request(size, resize):
     return int(resize[1]), int(resize[0])
 
 
-def decode_cropped(path: str | os.PathLike, resize: Optional[Union[int, Sequence[int]]] = None, bottom_crop: int = 0,
-                   box: Optional[Tuple[float, float, float, float]] = None,
-                   exif_transpose: bool = False) -> Image.Image:
-    """Decode ``path`` as every loader does before its transforms, for training, test and prediction alike.
+def decode_cropped(path: str | os.PathLike | bytes, resize: Optional[Union[int, Sequence[int]]] = None,
+                   bottom_crop: int = 0, box: Optional[Tuple[float, float, float, float]] = None,
+                   exif_transpose: bool = False, name: str = "image") -> Image.Image:
+    """Decode ``path`` as every loader does before its transforms, for training, test and prediction alike
+    (``path`` may be the file's bytes, received by a server: errors then name it ``name``).
 
     Large JPEGs are draft-decoded for ``resize`` (see :func:`decode_rgb`) unless a ``box`` (left, upper,
     right, lower in stored pixels) must stay exact; ``bottom_crop`` stored rows are removed (FGVC-Aircraft's
     copyright banner), then the box is cropped. With ``exif_transpose`` the result is then turned upright by its
     EXIF orientation (boxes and banner rows are in stored pixels, so they are cut first).
     """
-    image, scale, orientation = _decode_path(path, None if box is not None else resize, exif_transpose)
+    target = None if box is not None else resize
+    if isinstance(path, (bytes, bytearray)):
+        if not path:
+            raise ImageLoadError(f"{name}: empty (0 bytes); expected an image ({', '.join(IMAGE_EXTENSIONS)})")
+        image, scale, orientation = _decode(io.BytesIO(path), name, target, exif_transpose)
+    else:
+        image, scale, orientation = _decode_path(path, target, exif_transpose)
     width, height = image.size
     bottom = height - round(bottom_crop * scale)
     if box is not None:

@@ -66,11 +66,8 @@ class ExportedModel:
             self._session = None
 
     def preprocess(self, path: str) -> torch.Tensor:
-        """(3, h, w): decoded (JPEG draft, banner rows, EXIF orientation) and transformed exactly as the test
-        loader did; a preprocessing without ``exif_transpose`` keeps the stored orientation."""
-        spec = self.preprocessing
-        return self.transform(decode_cropped(path, spec["resize"], spec.get("bottom_crop", 0),
-                                             exif_transpose=bool(spec.get("exif_transpose", False))))
+        """(3, h, w): :func:`preprocess_image` of the file at ``path``."""
+        return preprocess_image(path, self.preprocessing, self.transform)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         if self._session is not None:
@@ -82,6 +79,16 @@ class ExportedModel:
             raise ValueError(f"{self._manifest_path}: {len(self.class_names)} class names but the model gives outputs "
                              f"of shape {tuple(logits.shape)}; re-export the model")
         return logits
+
+
+def preprocess_image(source, spec: Dict, transform=None, name: str = "image") -> torch.Tensor:
+    """(3, h, w): an image file's path or bytes decoded (JPEG draft, banner rows, EXIF orientation) and transformed
+    exactly as the test loader did, by the preprocessing ``spec`` (a preprocessing without ``exif_transpose`` keeps
+    the stored orientation). ``predict-images`` and ``finegrained serve`` both use it. ``transform``: the spec's
+    :func:`~datamodules.transforms.eval_transform`, built once by the caller."""
+    transform = transform or eval_transform(spec)
+    return transform(decode_cropped(source, spec["resize"], spec.get("bottom_crop", 0),
+                                    exif_transpose=bool(spec.get("exif_transpose", False)), name=name))
 
 
 MANIFEST_FORMATS = ("onnx", "torchscript")

@@ -205,3 +205,17 @@ def copy_export(artifact, folder):
     shutil.copyfile(artifact, target)
     shutil.copyfile(artifact + ".json", target + ".json")
     return target
+
+
+@pytest.fixture(scope="session")
+def hf_folder(trained_run, tmp_path_factory):
+    """trained_run tested on its whole test split, then exported with --format hf: (folder, runs.csv)."""
+    from finegrained.cli import main
+
+    recipe, ckpt, _ = trained_run
+    tmp = tmp_path_factory.mktemp("served")
+    runs = str(tmp / "runs.csv")
+    assert main(["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs,
+                 "--trainer.limit_test_batches", "1.0"]) == 0
+    assert main(["export", "--ckpt", ckpt, "--format", "hf", "--out", str(tmp / "hf"), "--runs-csv", runs]) == 0
+    return str(tmp / "hf"), runs

@@ -18,16 +18,11 @@ from tests.conftest import printed_by
 
 
 @pytest.fixture(scope="module")
-def hub_export(trained_run, tmp_path_factory):
-    """trained_run tested on its whole test split (a run record), then exported with --format hf."""
+def hub_export(trained_run, hf_folder):
+    """trained_run tested on its whole test split and exported with --format hf: (recipe, ckpt, runs.csv, folder)."""
     recipe, ckpt, _ = trained_run
-    tmp = tmp_path_factory.mktemp("hub")
-    runs = str(tmp / "runs.csv")
-    assert main(["test", "--config", recipe, "--ckpt_path", ckpt, "--runs_csv", runs,
-                 "--trainer.limit_test_batches", "1.0"]) == 0
-    out = str(tmp / "birds")
-    assert main(["export", "--ckpt", ckpt, "--format", "hf", "--out", out, "--runs-csv", runs]) == 0
-    return recipe, ckpt, runs, out
+    folder, runs = hf_folder
+    return recipe, ckpt, runs, folder
 
 
 def _test_images(recipe):

@@ -25,7 +25,7 @@ WITHOUT_LIGHTNING = ("finegrained.ops", "finegrained.heads", "finegrained.backbo
                      "finegrained.network_hub", "finegrained.version",
                      "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
                      "finegrained.pretrained", "finegrained.optim", "finegrained.data_contract", "finegrained.svm")
-TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli", "finegrained.launch")
+TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli", "finegrained.launch", "finegrained.serve")
 
 
 def _module_name(path):

@@ -9,7 +9,8 @@ Training and evaluation go through LightningCLI with YAML recipes::
 
 Tools around trained models and data::
 
-    finegrained export --ckpt CKPT --format onnx|torchscript --out FILE
+    finegrained export --ckpt CKPT --format onnx|torchscript|hf --out FILE_OR_FOLDER
+    finegrained serve --model HF_FOLDER_OR_EXPORT [--port 8000] [--max_batch_size 16] [--workers N]
     finegrained predict-images --model FILE IMG_OR_DIR... [--topk 5] [--csv OUT.csv]
     finegrained data samples --config RECIPE --split test --n 8 --out DIR
     finegrained tables [--runs latest|best|all|ID,...] [--modified mark|hide] [--plots]
@@ -25,7 +26,8 @@ Campaigns of recipes × seeds on a SLURM cluster (submitit) or on this machine::
 
 One module per command family: :mod:`~finegrained.cli.train` (LightningCLI), :mod:`~finegrained.cli.export`
 (export, predict-images), :mod:`~finegrained.cli.data`, :mod:`~finegrained.cli.results` (tables, report),
-:mod:`~finegrained.cli.bench` (bench, bench-table) and :mod:`~finegrained.cli.launch` (launch).
+:mod:`~finegrained.cli.bench` (bench, bench-table), :mod:`~finegrained.cli.launch` (launch) and
+:mod:`~finegrained.cli.serve` (serve).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from finegrained.cli.data import data_command, datamodule_from_config
 from finegrained.cli.export import export_command, predict_images_command
 from finegrained.cli.launch import launch_command
 from finegrained.cli.results import report_command, tables_command
+from finegrained.cli.serve import serve_command
 from finegrained.cli.train import FineGrainedCLI, run_lightning_cli
 
 from finegrained.backbones import WeightsUnavailableError
@@ -68,6 +71,7 @@ TOOLS: Dict[str, Callable[[List[str]], int]] = {
     "predict-images": predict_images_command,
     "data": data_command,
     "launch": launch_command,
+    "serve": serve_command,
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import List
 
 import torch
@@ -56,12 +57,26 @@ def bench_command(argv: List[str]) -> int:
     step.add_argument("--head", default=",".join(DEFAULT_HEADS), help="comma-separated heads, each timed beside GAP")
     step.add_argument("--size", type=int, default=448)
     step.add_argument("--batch", type=int, default=2)
+    serve = sub.add_parser("serve", help="latency and throughput of finegrained serve under load, batching off and on")
+    serve.add_argument("--model", required=True, help="a folder of finegrained export --format hf, or an export")
+    serve.add_argument("--images", required=True, help="a folder of images to send (the first 64)")
+    serve.add_argument("--requests", type=int, default=200)
+    serve.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    serve.add_argument("--max_batch_size", type=int, default=16, help="the batched setting's batch size")
+    serve.add_argument("--batch_timeout", type=float, default=0.01)
+    serve.add_argument("--malformed", type=float, default=0.1, help="share of bad requests mixed in (must get 4xx)")
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--serve_device", default="cpu", choices=["cpu", "cuda", "auto"])
+    serve.add_argument("--requests_csv", default=None, help="also write every request (kind, status, latency) here")
+    serve.add_argument("--out", default="results/bench")
     for p in (heads, loader, step):
         p.add_argument("--repeats", type=int, default=9 if p is heads else 5 if p is loader else 7)
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present, the CPU too)")
         p.add_argument("--threads", type=int, default=2, help="CPU threads (the published setting: 2)")
         p.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _bench_serve(args)
     sides = [int(s) for s in args.sides.split(",")] if args.command == "heads" else []
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
@@ -104,3 +119,24 @@ def bench_command(argv: List[str]) -> int:
         print(format_rows(rows))
         print(f"wrote {write_csv(rows, args.command, device, args.out)}")
     return 0
+
+
+def _bench_serve(args) -> int:
+    """``finegrained bench serve``: prints and records one row per batching setting; exit status 1 if a request
+    got an unexpected answer or the server was not healthy after the load."""
+    from finegrained.bench.serve import bench_serve
+    from finegrained.bench.timing import format_rows, write_csv
+
+    rows = bench_serve(args.model, args.images, requests=args.requests, clients=args.clients,
+                       max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
+                       malformed=args.malformed, workers=args.workers, device=args.serve_device,
+                       requests_csv=args.requests_csv)
+    print(f"## bench serve: {args.requests} requests ({args.malformed:.0%} malformed) from {args.clients} clients\n")
+    print(format_rows(rows))
+    device = torch.device("cuda" if args.serve_device == "cuda" else "cpu")
+    print(f"wrote {write_csv(rows, 'serve', device, args.out)}")
+    bad = [r for r in rows if r["unexpected"] or not r["healthy_after"]]
+    for row in bad:
+        print(f"error: batching {row['batching']}: {row['unexpected']} unexpected answers, healthy after the load: "
+              f"{row['healthy_after']}", file=sys.stderr)
+    return 1 if bad else 0

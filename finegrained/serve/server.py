@@ -1,0 +1,121 @@
+"""The ``LitServer`` of ``finegrained serve``: its checks before a request reaches a worker, and start-up.
+
+LitServe parses a request in its API process (``request.json()`` or ``request.form()``) and passes it to a worker;
+a body that is neither would end as an "Internal server error". :class:`RequestChecks` (an ASGI middleware in front
+of ``/predict``) answers such requests itself, with a 4xx and ``{"error": <one line>}``: an unsupported content type
+(415), a body larger than the server accepts (413, from Content-Length before reading, else while reading), a JSON
+body that does not parse or a multipart body that does not parse (400). What passes is replayed to LitServe
+unchanged. Uploaded files stay in memory up to that size, so LitServe can hand the parsed form to its workers.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from typing import Any, Dict
+
+from finegrained.serve.model import ServedModel, describe
+from finegrained.serve.requests import EXPECTED
+
+PREDICT_PATH = "/predict"
+
+
+class RequestChecks:
+    """ASGI middleware: refuse, with one line, the bodies LitServe could not parse (see the module docstring)."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        from starlette.formparsers import MultiPartParser
+        from starlette.requests import Request
+
+        # Files up to the body limit stay in memory: a spooled file on disk could not be handed to a worker.
+        MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, self.max_body_bytes)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("application/json", "multipart/form-data"):
+            return await _refuse(send, 415, f"content type {kind or 'missing'}; {EXPECTED}")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _refuse(send, 413, f"body of {declared} bytes; the server accepts at most "
+                                            f"{self.max_body_bytes} bytes")
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await _refuse(send, 413, f"body of more than {self.max_body_bytes} bytes; the server "
+                                                f"accepts at most {self.max_body_bytes} bytes")
+
+        def replay():
+            sent = False
+
+            async def again():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return again
+
+        if kind == "application/json":
+            try:
+                if not isinstance(json.loads(body), dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                return await _refuse(send, 400, f"the body is not a JSON object; {EXPECTED}")
+        else:
+            try:
+                await Request(scope, replay()).form()
+            except Exception as err:  # starlette's MultiPartException and the parser's own errors
+                return await _refuse(send, 400, f"the multipart body does not parse ({err}); {EXPECTED}")
+        return await self.app(scope, replay(), send)
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise OSError(f"{host}:{port}: cannot listen there ({err.strerror}); expected a free port (--port)") \
+                from None
+
+
+def serve(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
+          batch_timeout: float = 0.01, workers: int = 1, device: str = "auto", topk: int = 5,
+          max_image_bytes: int = 20 << 20, max_pixels: int = 50_000_000, timeout: float = 30.0) -> Dict[str, Any]:
+    """Check everything a user can get wrong, then serve ``source`` until interrupted (blocks)."""
+    import litserve as ls
+
+    from finegrained.serve.api import ClassifierAPI
+
+    if max_batch_size < 1 or workers < 1 or topk < 1 or batch_timeout < 0:
+        raise ValueError(f"--max_batch_size, --workers and --topk must be at least 1 and --batch_timeout at least 0, "
+                         f"got {max_batch_size}, {workers}, {topk} and {batch_timeout}")
+    metadata = describe(source)
+    ServedModel(source, "cpu")  # a broken model is one line here, not a traceback in a worker
+    check_port(host, port)
+    accelerator = "cpu" if metadata["format"] != "hf" else device
+    api = ClassifierAPI(source, topk=topk, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                        max_image_bytes=max_image_bytes, max_pixels=max_pixels)
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=workers, timeout=timeout,
+                          model_metadata=metadata,
+                          middlewares=[(RequestChecks, {"max_body_bytes": max_image_bytes * 4 // 3 + (64 << 10)})])
+    print(f"serving {source} ({metadata['format']}, {len(metadata['classes'])} classes) at "
+          f"http://{host}:{port}{PREDICT_PATH}; health /health, metadata /info; batches of up to {max_batch_size} "
+          f"within {batch_timeout} s, {workers} worker(s)", file=sys.stderr, flush=True)
+    server.run(host=host, port=port, generate_client_file=False)
+    return metadata
