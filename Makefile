@@ -45,6 +45,7 @@ demo: setup
 	$(FG) fit --config recipes/demo.yaml
 	$(FG) test --config recipes/demo.yaml --ckpt_path $(DEMO)/checkpoints/best.ckpt
 	$(FG) export --ckpt $(DEMO)/checkpoints/best.ckpt --format onnx --out $(DEMO)/demo.onnx
+	$(FG) export --ckpt $(DEMO)/checkpoints/best.ckpt --format hf --out $(DEMO)/hf --runs-csv $(DEMO)/runs.csv
 	$(FG) data samples --config recipes/demo.yaml --split test --n 8 --out $(DEMO)/samples
 	$(FG) predict-images --model $(DEMO)/demo.onnx $(DEMO)/samples --csv $(DEMO)/predictions.csv
 	$(FG) bench-table --out $(DEMO)/bench_fashion_mnist
@@ -54,6 +55,7 @@ demo: setup
 	@echo "  checkpoints      $(DEMO)/checkpoints/{best,last}.ckpt"
 	@echo "  logs + config    $(DEMO)/lightning_logs/"
 	@echo "  ONNX model       $(DEMO)/demo.onnx (+ $(DEMO)/demo.onnx.json manifest)"
+	@echo "  Hub folder       $(DEMO)/hf/ (model card README.md; serve it: .venv/bin/finegrained serve --model $(DEMO)/hf)"
 	@echo "  sample images    $(DEMO)/samples/"
 	@echo "  predictions      $(DEMO)/predictions.csv"
 	@echo "  head table       $(DEMO)/bench_fashion_mnist.md (printed above)"

@@ -99,8 +99,8 @@ def model_card(config: Dict[str, Any]) -> str:
                                 "tags": ["finegrained", "fine-grained-classification", "second-order-pooling",
                                          head, backbone.replace("/", "-")]}
     if "top1" in evaluation:
-        metrics = [{"type": "accuracy", "name": "top-1", "value": float(evaluation["top1"])}]
-        metrics += [{"type": "accuracy", "name": name, "value": float(evaluation[key])}
+        metrics = [{"type": "accuracy", "name": "top-1", "value": round(float(evaluation["top1"]), 6)}]
+        metrics += [{"type": "accuracy", "name": name, "value": round(float(evaluation[key]), 6)}
                     for key, name in (("top5", "top-5"), ("mean_class_acc", "mean per-class"))
                     if evaluation.get(key, "") != ""]
         metadata["model-index"] = [{"name": f"{method} {backbone}", "results": [{

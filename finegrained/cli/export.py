@@ -54,7 +54,7 @@ def _export_hub_folder(args, images) -> int:
     written = export_hub_folder(args.ckpt, args.out, evaluation=evaluation, images=images)
     config = written["config"]
     evaluation = config.get("evaluation")
-    print(f"wrote {written['folder']} (config.json, model.safetensors, README.md; {len(config['class_names'])} classes, "
+    print(f"wrote {args.out} (config.json, model.safetensors, README.md; {len(config['class_names'])} classes, "
           f"max |loaded - checkpoint| logits = {written['parity_max_abs_diff']:.2e})")
     if evaluation:
         print(f"model card: top-1 {float(evaluation['top1']):.4f} from run {evaluation['run_id']} of {args.runs_csv}")

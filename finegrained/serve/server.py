@@ -9,7 +9,10 @@ unchanged. Uploaded files stay in memory up to that size, so LitServe can hand t
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
 import socket
 import sys
 from typing import Any, Dict
@@ -117,5 +120,22 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size
     print(f"serving {source} ({metadata['format']}, {len(metadata['classes'])} classes) at "
           f"http://{host}:{port}{PREDICT_PATH}; health /health, metadata /info; batches of up to {max_batch_size} "
           f"within {batch_timeout} s, {workers} worker(s)", file=sys.stderr, flush=True)
-    server.run(host=host, port=port, generate_client_file=False)
+    # SIGTERM (a process manager's stop) takes the path of Ctrl-C: LitServe's graceful shutdown, which stops its API
+    # servers and workers; the default action would end this process alone and orphan them, still bound to the port.
+    previous = signal.signal(signal.SIGTERM, functools.partial(_interrupt, os.getpid()))
+    try:
+        server.run(host=host, port=port, generate_client_file=False)
+    except KeyboardInterrupt:  # an interrupt before LitServe's own handler is in place
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("finegrained serve: stopped", file=sys.stderr, flush=True)
     return metadata
+
+
+def _interrupt(main_pid: int, signum, frame):
+    if os.getpid() != main_pid:  # an API server forked by LitServe inherits this: there SIGTERM keeps its default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt

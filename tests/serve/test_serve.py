@@ -167,3 +167,44 @@ def test_serve_refuses_what_it_cannot_serve_before_starting(hf_folder, tmp_path,
     assert f"127.0.0.1:{port}: cannot listen there" in capsys.readouterr().err
     assert entry_point(["serve", "--model", hf_folder[0], "--max_batch_size", "0"]) == 2
     assert "--max_batch_size" in capsys.readouterr().err
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_sigterm_stops_the_server_and_every_process_it_started(hf_folder, tmp_path):
+    """As a process manager stops it: SIGTERM to the server's own process only, not to its group."""
+    import signal
+    import tempfile
+    import time
+
+    from finegrained.bench.serve import free_port, start_server
+
+    with tempfile.TemporaryFile() as log:
+        process, url = start_server(hf_folder[0], free_port(), 4, 0.01, 2, "cpu", log)
+        started = _descendants(process.pid)
+        assert len(started) >= 3  # API server and two workers, at least
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    deadline = time.monotonic() + 10
+    while [p for p in started if os.path.exists(f"/proc/{p}")] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if os.path.exists(f"/proc/{p}")], output[-2000:]
+    assert "Traceback" not in output and output.rstrip().endswith("finegrained serve: stopped")
