@@ -52,6 +52,8 @@ def export_hub_folder(checkpoint: str, out_dir: str, evaluation: Optional[Dict[s
     from finegrained.model import load_classifier
     from finegrained.network import FineGrainedNetwork
 
+    if not str(out_dir).strip():
+        raise ValueError("--out is empty; expected the path of a new or empty folder")
     replace = _previous_folder_export(out_dir)
     model = load_classifier(checkpoint)
     hp, network = model.hparams, model.network
@@ -61,6 +63,10 @@ def export_hub_folder(checkpoint: str, out_dir: str, evaluation: Optional[Dict[s
         "preprocessing": {**preprocessing, "steps": preprocessing_steps(preprocessing)},
         "test_flip": bool(hp.test_flip)}
     if evaluation:
+        recorded = (evaluation.get("method"), evaluation.get("backbone"))
+        if recorded != (hp.head, hp.backbone):
+            raise ValueError(f"run {evaluation.get('run_id')} tested {recorded[0]} on {recorded[1]}, but {checkpoint} "
+                             f"is {hp.head} on {hp.backbone}; expected a record of this checkpoint")
         network.pretrained_cfg["evaluation"] = evaluation
     if images is None:
         height, width = _crop_hw(network.pretrained_cfg["preprocessing"])

@@ -22,6 +22,7 @@ the folder holds (config.json, model.safetensors, a model card) and loads it str
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -132,6 +133,20 @@ class FineGrainedNetwork(nn.Module, PyTorchModelHubMixin, library_name="finegrai
         return InferenceNetwork(self, flip)
 
     # -- huggingface_hub's PyTorchModelHubMixin: what save_pretrained writes and from_pretrained reads ----------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any) -> "FineGrainedNetwork":
+        """The network of a folder written by ``save_pretrained`` (or ``finegrained export --format hf``), or of a
+        Hub repository id (``"user/name"``), in evaluation mode; weights from ``model.safetensors`` only, checked
+        to be exactly the network's. A local path (one that exists, or is written as a path) is checked first,
+        so that a mistyped folder is one clear error rather than a Hub lookup."""
+        from finegrained.network_hub import read_local_config
+
+        name = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        if (os.path.isdir(name) or os.path.isabs(name) or name.startswith(".") or name.endswith(("/", os.sep))
+                or name.count("/") > 1):
+            read_local_config(name)
+        return super().from_pretrained(name, *args, **kwargs)
+
     def _save_pretrained(self, save_directory) -> None:
         from finegrained.network_hub import save_network
 

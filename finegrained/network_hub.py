@@ -50,13 +50,59 @@ def save_network(network, folder) -> None:
         json.dump(config, f, indent=2)
     with open(os.path.join(folder, CARD_FILE), "w", encoding="utf-8") as f:
         f.write(model_card(config))
+    # safetensors writes its file readable by its owner alone; the folder's files get the permissions the umask
+    # gives new files, as config.json and README.md have, so that a service account can read what was exported.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(os.path.join(folder, WEIGHTS_FILE), 0o666 & ~umask)
+
+
+def read_local_config(folder: str) -> Dict[str, Any]:
+    """The config.json of a local folder, with one clear error for a folder or file that is not one."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not found; expected a folder written by save_pretrained or finegrained "
+                                f"export --format hf")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot be read ({err.strerror}); expected the config.json of a folder "
+                                f"written by save_pretrained or finegrained export --format hf") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: not JSON ({err}); expected the config.json of finegrained") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a JSON {type(config).__name__}; expected the object config.json of finegrained")
+    return config
+
+
+def _check_tensors(network, weights: str) -> Dict[str, Any]:
+    """The tensors of ``weights``, refused unless they are exactly the network's: the same names, shapes and dtypes
+    (a float16 file is not silently widened). One line names the first differences."""
+    import safetensors.torch
+
+    try:
+        tensors = safetensors.torch.load_file(weights, device="cpu")
+    except PermissionError as err:
+        raise PermissionError(f"{weights}: cannot be read ({err.strerror})") from None
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{weights}: not a safetensors file ({first})") from None
+    expected = network.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: {tuple(tensors[k].shape)} {tensors[k].dtype}, expected {tuple(v.shape)} {v.dtype}"
+                 for k, v in expected.items() if k in tensors
+                 and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)]
+    if problems:
+        raise ValueError(f"{weights}: not the weights of the network config.json describes ({len(problems)} "
+                         f"differences: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''})")
+    return tensors
 
 
 def load_network(cls, model_id: str, config: Optional[Dict[str, Any]], map_location: str = "cpu",
                  **download: Any):
     """The network of a folder (or Hub repository) that :func:`save_network` wrote, in evaluation mode."""
-    import safetensors.torch
-
     where = model_id if os.path.isdir(model_id) else f"the Hub repository {model_id}"
     if not isinstance(config, dict):
         raise FileNotFoundError(f"{where}: no config.json; expected a folder written by save_pretrained or "
@@ -77,13 +123,9 @@ def load_network(cls, model_id: str, config: Optional[Dict[str, Any]], map_locat
         from huggingface_hub import hf_hub_download
 
         weights = hf_hub_download(repo_id=model_id, filename=WEIGHTS_FILE, **download)
-    try:
-        safetensors.torch.load_model(network, weights, strict=True, device=map_location)
-    except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{weights}: not the weights of the network config.json describes ({first})") from None
+    network.load_state_dict(_check_tensors(network, weights), strict=True)
     network.pretrained_cfg = {k: config[k] for k in PRETRAINED_CFG if k in config}
-    return network.eval()
+    return network.to(map_location).eval()
 
 
 def model_card(config: Dict[str, Any]) -> str:
@@ -108,17 +150,19 @@ def model_card(config: Dict[str, Any]) -> str:
             "metrics": metrics}]}]
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(), "---", "",
              f"# {method} on {backbone}" + (f" ({dataset})" if dataset else ""), "",
-             f"A fine-grained image classifier trained with finegrained "
-             f"{config.get('finegrained_version', '')}: the {backbone} backbone, the {method} pooling head and a "
-             f"linear classifier over {len(classes)} classes.", "",
+             f"An image classifier trained with finegrained {config.get('finegrained_version', '')}: the {backbone} "
+             f"backbone, the {method} pooling head and a linear classifier over {config.get('num_classes')} "
+             f"classes.", "",
              "## Method", "", f"- Head: `{head}` ({method}), arguments {json.dumps(config.get('head_kwargs') or {})}.",
              f"- Paper: {paper}",
              f"- Backbone: `{backbone}`, last stride {config.get('last_stride')}.", ""]
     lines += ["## Evaluation", ""]
     if "top1" in evaluation:
-        checkpoint = evaluation.get("selection") or "not recorded"
+        named = f"`{os.path.basename(str(evaluation['checkpoint']))}`, " if evaluation.get("checkpoint") else ""
+        checkpoint = named + (evaluation.get("selection") or "selection not recorded")
         lines += [f"Recorded by `finegrained test` (run {evaluation.get('run_id', '?')}, "
-                  f"{evaluation.get('timestamp', '?')}) on the {dataset or 'test'} test set"
+                  f"{evaluation.get('timestamp', '?')}) on the test split of its data (dataset `{dataset or '?'}`; "
+                  f"recipe {evaluation.get('recipe') or 'not recorded'})"
                   + (" with the logits of each image and its horizontal flip averaged" if config.get("test_flip")
                      else "") + ":", "",
                   "| metric | value |", "|---|---|",
@@ -143,7 +187,7 @@ def model_card(config: Dict[str, Any]) -> str:
     else:
         lines += ["Not recorded."]
     lines += ["", "## Intended use", "",
-              f"Classifying photos into the {len(classes)} classes it was trained on"
+              f"Classifying images into the {config.get('num_classes')} classes it was trained on"
               + (f" ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})" if classes else "")
               + ". It gives one of these classes for any input: it does not say when an image shows none of them, "
                 "and its accuracy holds for images like those of its test set, not for others.", "",
@@ -154,7 +198,8 @@ def model_card(config: Dict[str, Any]) -> str:
               "from finegrained import FineGrainedNetwork", "",
               'network = FineGrainedNetwork.from_pretrained("THIS_FOLDER_OR_REPO_ID")   # safetensors, strict',
               "logits = network.inference_network()(images)   # images preprocessed as above: (B, 3, H, W)",
-              'classes = network.pretrained_cfg["class_names"]', "```", "",
+              'classes = network.pretrained_cfg.get("class_names")', "```", "",
               "or serve it: `finegrained serve --model THIS_FOLDER`.", "",
-              "## Citation", "", f"Cite the method's paper: {paper}", ""]
+              "## Citation", "", f"Cite the method's paper: {paper}", "",
+              "and the toolkit that trained it, finegrained (MIT licence; its CITATION.cff gives the entry).", ""]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -39,6 +40,10 @@ def test_the_folder_loads_back_as_the_tested_model_and_its_card_gives_the_record
 
     recipe, ckpt, runs, out = hub_export
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(out):  # readable as the umask lets new files be (safetensors alone would make 0600)
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
     classifier = load_classifier(ckpt).eval()
     network = FineGrainedNetwork.from_pretrained(out)
     config = json.load(open(os.path.join(out, "config.json")))
@@ -97,13 +102,29 @@ def test_export_hf_prints_what_it_wrote_and_replaces_only_its_own_folder(hub_exp
     assert os.listdir(users) == ["notes.txt"] and (users / "notes.txt").read_text() == "keep me"
 
 
-def test_without_a_run_record_the_card_states_no_accuracy(trained_run, tmp_path, capsys):
-    _, ckpt, _ = trained_run
+def test_the_card_cites_only_a_record_of_this_checkpoint(hub_export, tmp_path, capsys):
+    _, ckpt, runs, _ = hub_export
+    copy = tmp_path / "runs.csv"  # a test of another model, and a test older than the checkpoint
+    records = read_runs(runs)
+    other = records.iloc[[-1]].assign(run_id="other", method="bcnn", backbone="resnet50", dataset="cub", top1=0.99,
+                                      checkpoint="elsewhere/best.ckpt")
+    old = records.iloc[[-1]].assign(run_id="old", timestamp="2000-01-01T00:00:00+00:00")
+    pd.concat([other, old]).to_csv(copy, index=False)
     printed = printed_by(["export", "--ckpt", ckpt, "--format", "hf", "--out", str(tmp_path / "m"),
-                          "--runs-csv", str(tmp_path / "none.csv")], capsys)
-    assert "the card states no accuracy" in printed
+                          "--runs-csv", str(copy)], capsys)
+    assert "the card states no accuracy" in printed  # neither record names this checkpoint as it is now
     card = (tmp_path / "m" / "README.md").read_text()
     assert "model-index" not in card and "this card states no accuracy" in card
+    for run_id, message in [("other", "tested bcnn on resnet50, but"), ("old", "is older than")]:
+        assert entry_point(["export", "--ckpt", ckpt, "--format", "hf", "--out", str(tmp_path / run_id),
+                            "--runs-csv", str(copy), "--run-id", run_id]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and not os.path.exists(tmp_path / run_id)
+    assert entry_point(["export", "--ckpt", ckpt, "--format", "hf", "--out", str(tmp_path / "x"),
+                        "--runs-csv", str(tmp_path / "typo.csv")]) == 2
+    assert f"error: {tmp_path / 'typo.csv'}: not found" in capsys.readouterr().err
+    assert entry_point(["export", "--ckpt", ckpt, "--format", "hf", "--out", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: --out is empty")
 
 
 def test_loading_is_strict_and_never_unpickles(hub_export, tmp_path):
@@ -111,7 +132,7 @@ def test_loading_is_strict_and_never_unpickles(hub_export, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "model.safetensors").write_bytes(os.urandom(4096))
-    with pytest.raises(ValueError, match=r"model.safetensors: not the weights of the network config.json describes"):
+    with pytest.raises(ValueError, match=r"model.safetensors: not a safetensors file \("):
         FineGrainedNetwork.from_pretrained(str(broken))
 
     other = tmp_path / "other"  # a config that asks for another head: the weights do not fit, nothing is guessed
@@ -128,8 +149,24 @@ def test_loading_is_strict_and_never_unpickles(hub_export, tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors: not found"):
         FineGrainedNetwork.from_pretrained(str(pickled))
 
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="config.json: cannot be read"):
         FineGrainedNetwork.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not found; expected a folder written by save_pretrained"):
+        FineGrainedNetwork.from_pretrained(str(tmp_path / "missing"))
+    for text, message in [("{oops", "config.json: not JSON"), ("[1, 2]", "config.json: a JSON list")]:
+        bad = tmp_path / f"bad{len(text)}"
+        shutil.copytree(out, bad)
+        (bad / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            FineGrainedNetwork.from_pretrained(str(bad))
+
+    half = tmp_path / "half"  # the right names and shapes in float16: not silently widened
+    shutil.copytree(out, half)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(half / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"differences: .*torch.float16, expected .*torch.float32"):
+        FineGrainedNetwork.from_pretrained(str(half))
 
 
 def test_the_hub_path_loads_from_the_huggingface_hub_cache_offline(hub_export, tmp_path, monkeypatch):

@@ -133,7 +133,8 @@ def _bench_serve(args) -> int:
                        requests_csv=args.requests_csv)
     print(f"## bench serve: {args.requests} requests ({args.malformed:.0%} malformed) from {args.clients} clients\n")
     print(format_rows(rows))
-    device = torch.device("cuda" if args.serve_device == "cuda" else "cpu")
+    on_gpu = args.serve_device == "cuda" or (args.serve_device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if on_gpu else "cpu")
     print(f"wrote {write_csv(rows, 'serve', device, args.out)}")
     bad = [r for r in rows if r["unexpected"] or not r["healthy_after"]]
     for row in bad:

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List
 
 from finegrained.cli.data import datamodule_from_config
+
+
+RUNS_CSV = "results/runs.csv"
 
 
 def export_command(argv: List[str]) -> int:
@@ -19,7 +23,7 @@ def export_command(argv: List[str]) -> int:
     parser.add_argument("--format", choices=["onnx", "torchscript", "hf"], default="onnx")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt); for hf a new or empty folder, or "
                                                      "a previous hf export (replaced)")
-    parser.add_argument("--runs-csv", default="results/runs.csv",
+    parser.add_argument("--runs-csv", default=RUNS_CSV,
                         help="hf: the run records finegrained test wrote; the newest softmax record of --ckpt gives "
                              "the card's accuracy")
     parser.add_argument("--run-id", default=None, help="hf: the record to cite instead (its run_id)")
@@ -50,7 +54,8 @@ def _export_hub_folder(args, images) -> int:
     from finegrained.export_hub import export_hub_folder
     from finegrained.results.runs import checkpoint_record
 
-    evaluation = checkpoint_record(args.ckpt, args.runs_csv, args.run_id)
+    quiet_default = args.runs_csv == RUNS_CSV and args.run_id is None and not os.path.isfile(RUNS_CSV)
+    evaluation = None if quiet_default else checkpoint_record(args.ckpt, args.runs_csv, args.run_id)
     written = export_hub_folder(args.ckpt, args.out, evaluation=evaluation, images=images)
     config = written["config"]
     evaluation = config.get("evaluation")

@@ -329,22 +329,33 @@ def run_record(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, 
 
 def checkpoint_record(checkpoint: str, runs_csv: str, run_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """The newest softmax record of ``finegrained test`` for ``checkpoint`` in ``runs_csv`` (or the record
-    ``run_id``), or None. An SVM record is not the network's own accuracy and is never chosen."""
+    ``run_id``), or None. A record is of the checkpoint when it names the same file (as ``finegrained test`` was
+    given it, resolved from here) and is not older than the file: a checkpoint written again since has not been
+    tested. An SVM record is not the network's own accuracy and is never chosen. The record's ``method`` and
+    ``backbone`` travel with it, for the caller to check against the checkpoint."""
+    if not os.path.isfile(runs_csv):
+        raise FileNotFoundError(f"{runs_csv}: not found; expected the run records finegrained test writes "
+                                f"(--runs-csv)")
     runs = read_runs(runs_csv)
+    written = datetime.datetime.fromtimestamp(os.path.getmtime(checkpoint), datetime.timezone.utc)
+    tested_after = [_parse_time(t) >= written.replace(microsecond=0) for t in runs["timestamp"].astype(str)]
     if run_id is not None:
         chosen = runs[runs["run_id"].astype(str) == str(run_id)]
         if chosen.empty:
             raise ValueError(f"{runs_csv}: no run {run_id!r}; expected a run_id of finegrained test")
+        if not tested_after[chosen.index[-1]]:
+            raise ValueError(f"{runs_csv}: run {run_id} ({chosen['timestamp'].iloc[-1]}) is older than {checkpoint}; "
+                             f"expected a test of this checkpoint")
     else:
         target = os.path.realpath(checkpoint)
         same = [bool(p) and os.path.realpath(p) == target for p in runs["checkpoint"].fillna("").astype(str)]
         softmax = [c != "svm" for c in runs["classifier"].fillna("").astype(str)]
-        chosen = runs[[a and b for a, b in zip(same, softmax)]]
+        chosen = runs[[a and b and c for a, b, c in zip(same, softmax, tested_after)]]
         if chosen.empty:
             return None
     row = chosen.sort_values("timestamp").iloc[-1]
-    fields = ("run_id", "timestamp", "dataset", "recipe", "epochs", "top1", "top5", "mean_class_acc", "selection",
-              "validation", "classifier", "overrides")
+    fields = ("run_id", "timestamp", "dataset", "method", "backbone", "recipe", "epochs", "checkpoint", "top1",
+              "top5", "mean_class_acc", "selection", "validation", "classifier", "overrides")
     record = {}
     for key in fields:
         value = row.get(key)
@@ -352,3 +363,11 @@ def checkpoint_record(checkpoint: str, runs_csv: str, run_id: Optional[str] = No
             continue
         record[key] = value.item() if hasattr(value, "item") else value
     return record
+
+
+def _parse_time(text: str) -> datetime.datetime:
+    try:
+        stamp = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=datetime.timezone.utc)

@@ -9,6 +9,7 @@ images only; :meth:`ClassifierAPI.encode_response` answers each request alone (a
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, List, Union
 
 import litserve as ls
@@ -18,6 +19,8 @@ from starlette.responses import JSONResponse
 from datamodules.io import ImageLoadError
 from finegrained.serve.model import ServedModel
 from finegrained.serve.requests import BadRequest, check_image_size, image_bytes
+
+log = logging.getLogger(__name__)
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -40,12 +43,17 @@ class ClassifierAPI(ls.LitAPI):
     def decode_request(self, request) -> Union[torch.Tensor, BadRequest]:
         try:
             data = image_bytes(request, self.max_image_bytes)
-            check_image_size(data, self.max_pixels)
+            check_image_size(data, self.max_pixels, self.model.preprocessing["resize"])
             return self.model.preprocess(data, name="the image")
         except BadRequest as bad:
             return bad
         except ImageLoadError as err:
             return BadRequest(400, str(err))
+        except MemoryError:
+            return BadRequest(413, "the image is too large to decode in the memory this server has")
+        except Exception as err:  # whatever else one image does, it fails alone (and is logged)
+            log.exception("decoding a request failed")
+            return BadRequest(500, f"could not process this image ({type(err).__name__}); see the server's log")
 
     def batch(self, inputs: List[Any]) -> List[Any]:
         return list(inputs)  # images and refusals side by side; predict stacks the images

@@ -7,7 +7,6 @@ read without loading the weights).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict
 
@@ -15,7 +14,7 @@ import torch
 
 from datamodules.transforms import eval_transform
 from finegrained.export import manifest_path
-from finegrained.network_hub import CONFIG_FILE
+from finegrained.network_hub import CONFIG_FILE, read_local_config
 from finegrained.predict import ExportedModel, preprocess_image, read_manifest
 
 
@@ -29,16 +28,8 @@ def _summary(config: Dict[str, Any]) -> Dict[str, Any]:
 def describe(source: str) -> Dict[str, Any]:
     """The metadata of ``source`` for ``/info``: format, class names, preprocessing and the model card's summary."""
     if os.path.isdir(source):
-        path = os.path.join(source, CONFIG_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except OSError as err:
-            raise FileNotFoundError(f"{path}: not found ({err.strerror}); expected a folder written by finegrained "
-                                    f"export --format hf") from None
-        except ValueError as err:
-            raise ValueError(f"{path}: not JSON ({err}); expected the config.json of finegrained export --format hf")
-        if not isinstance(config, dict) or not config.get("class_names") or not config.get("preprocessing"):
+        config, path = read_local_config(source), os.path.join(source, CONFIG_FILE)
+        if not config.get("class_names") or not config.get("preprocessing"):
             raise ValueError(f"{path}: no class_names or preprocessing; expected a folder written by finegrained "
                              f"export --format hf")
         return {"format": "hf", "source": os.path.abspath(source), "classes": config["class_names"],

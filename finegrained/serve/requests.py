@@ -3,7 +3,8 @@
 Two forms are accepted on ``POST /predict``:
 
 * ``multipart/form-data`` with the image file in the field ``image`` (``curl -F image=@photo.jpg``);
-* ``application/json``: ``{"image": "<base64 of the image file>"}``.
+* ``application/json``: ``{"image": "<base64 of the image file>"}`` (line breaks and a ``data:`` URI prefix are
+  allowed).
 
 A bad request is a :class:`BadRequest` (HTTP status and message); the server answers it with that status and
 ``{"error": message}`` and keeps serving the others, also those batched with it.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -41,6 +44,7 @@ def image_bytes(payload, max_bytes: int) -> bytes:
         if len(value) > (max_bytes + 2) // 3 * 4 + 4:
             raise BadRequest(413, f"image of more than {max_bytes} bytes; the server accepts at most "
                                   f"{max_bytes} bytes")
+        value = re.sub(r"\s+", "", re.sub(r"^data:[^,]*;base64,", "", value, count=1))  # line breaks, a data: URI
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
@@ -63,9 +67,19 @@ def image_bytes(payload, max_bytes: int) -> bytes:
     return data
 
 
-def check_image_size(data: bytes, max_pixels: int) -> None:
-    """Refuse, from the file's header alone, what is not an image or claims more than ``max_pixels`` pixels
-    (a decompression bomb: a few kilobytes that would decode to gigabytes)."""
+def resized_pixels(width: int, height: int, resize) -> int:
+    """Pixels of a ``width`` × ``height`` image once resized as the preprocessing does (``resize``: the shorter
+    side, or [h, w])."""
+    if isinstance(resize, int):
+        short, long = sorted((width, height))
+        return resize * math.ceil(resize * long / max(short, 1))
+    return int(resize[0]) * int(resize[1])
+
+
+def check_image_size(data: bytes, max_pixels: int, resize=None) -> None:
+    """Refuse, from the file's header alone, what is not an image, claims more than ``max_pixels`` pixels (a
+    decompression bomb: a few kilobytes that would decode to gigabytes), or would have more once resized by
+    ``resize`` (a thin image: 1 × 100,000 pixels resized to a shorter side of 108 is 108 × 10.8 million)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the server's
@@ -78,3 +92,6 @@ def check_image_size(data: bytes, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise BadRequest(413, f"image of {width}×{height} = {width * height} pixels; the server accepts at most "
                               f"{max_pixels} pixels")
+    if resize is not None and resized_pixels(width, height, resize) > max_pixels:
+        raise BadRequest(413, f"image of {width}×{height} pixels would have {resized_pixels(width, height, resize)} "
+                              f"once resized (resize {resize}); the server accepts at most {max_pixels} pixels")

@@ -17,6 +17,8 @@ import socket
 import sys
 from typing import Any, Dict
 
+import torch
+
 from finegrained.serve.model import ServedModel, describe
 from finegrained.serve.requests import EXPECTED
 
@@ -71,7 +73,7 @@ class RequestChecks:
             try:
                 if not isinstance(json.loads(body), dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
                 return await _refuse(send, 400, f"the body is not a JSON object; {EXPECTED}")
         else:
             try:
@@ -105,13 +107,19 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size
 
     from finegrained.serve.api import ClassifierAPI
 
-    if max_batch_size < 1 or workers < 1 or topk < 1 or batch_timeout < 0:
-        raise ValueError(f"--max_batch_size, --workers and --topk must be at least 1 and --batch_timeout at least 0, "
-                         f"got {max_batch_size}, {workers}, {topk} and {batch_timeout}")
+    if max_batch_size < 1 or workers < 1 or topk < 1 or batch_timeout < 0 or max_image_bytes < 1 or max_pixels < 1:
+        raise ValueError(f"--max_batch_size, --workers, --topk, --max_image_mb and --max_pixels must be positive and "
+                         f"--batch_timeout at least 0, got {max_batch_size}, {workers}, {topk}, "
+                         f"{max_image_bytes / (1 << 20):g}, {max_pixels} and {batch_timeout}")
+    if not 1024 <= port <= 65535:  # LitServe's own range
+        raise ValueError(f"--port {port}; expected a port from 1024 to 65535")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device here; expected --device cpu or auto")
     metadata = describe(source)
     ServedModel(source, "cpu")  # a broken model is one line here, not a traceback in a worker
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     check_port(host, port)
-    accelerator = "cpu" if metadata["format"] != "hf" else device
+    accelerator = device if metadata["format"] == "hf" else "cpu"
     api = ClassifierAPI(source, topk=topk, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                         max_image_bytes=max_image_bytes, max_pixels=max_pixels)
     server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=workers, timeout=timeout,

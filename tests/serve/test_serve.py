@@ -52,9 +52,10 @@ def test_the_answers_are_predict_images_answers(onnx_server, exported_run, train
         expected.setdefault(row["path"], []).append((row["class"], row["index"], row["probability"]))
     for k, path in enumerate(images):
         data = open(path, "rb").read()
-        if k % 2:  # both request forms
-            status, answer = _post(onnx_server, json.dumps({"image": base64.b64encode(data).decode()}).encode(),
-                                   "application/json")
+        if k % 2:  # both request forms; base64 with line breaks (base64 without -w0) or as a data: URI
+            encoded = base64.encodebytes(data).decode() if k % 4 == 1 else \
+                "data:image/png;base64," + base64.b64encode(data).decode()
+            status, answer = _post(onnx_server, json.dumps({"image": encoded}).encode(), "application/json")
         else:
             status, answer = _post(onnx_server, *multipart("image", os.path.basename(path), data))
         assert status == 200
@@ -94,6 +95,10 @@ def _bad_requests(tmp_path):
         ("bomb", *multipart("image", "b.png", _png_header(100_000, 100_000)), 413, "pixels"),
         ("over max_pixels", *multipart("image", "b.png", _png_header(2000, 1000)), 413,
          "image of 2000×1000 = 2000000 pixels; the server accepts at most 1000000 pixels"),
+        ("thin image", *multipart("image", "t.png", _png_header(1, 100_000)), 413,
+         "image of 1×100000 pixels would have 518400000 once resized (resize 72)"),
+        ("deeply nested JSON", b'{"image": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "application/json", 400,
+         "the body is not a JSON object"),
         ("too large", *multipart("image", "c.jpg", b"\xff" * 60_000), 413, "the server accepts at most 52428 bytes"),
         ("huge body", *multipart("image", "c.jpg", b"\xff" * 200_000), 413, "the server accepts at most"),
         ("wrong field", *multipart("file", "a.jpg", jpeg.getvalue()), 400, "no single file in the form field 'image'"),
@@ -158,15 +163,24 @@ def test_serve_refuses_what_it_cannot_serve_before_starting(hf_folder, tmp_path,
     (broken / "model.safetensors").write_bytes(os.urandom(1000))
     assert entry_point(["serve", "--model", str(broken)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {broken / 'model.safetensors'}: not the weights") and err.count("\n") == 1
+    assert err.startswith(f"error: {broken / 'model.safetensors'}: not a safetensors file") and err.count("\n") == 1
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         assert entry_point(["serve", "--model", hf_folder[0], "--port", str(port)]) == 2
     assert f"127.0.0.1:{port}: cannot listen there" in capsys.readouterr().err
-    assert entry_point(["serve", "--model", hf_folder[0], "--max_batch_size", "0"]) == 2
-    assert "--max_batch_size" in capsys.readouterr().err
+    for option, value, message in [("--max_batch_size", "0", "must be positive"),
+                                   ("--max_image_mb", "0", "must be positive"),
+                                   ("--port", "70000", "expected a port from 1024 to 65535"),
+                                   ("--port", "80", "expected a port from 1024 to 65535")]:
+        assert entry_point(["serve", "--model", hf_folder[0], option, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (option, value, err)
+    if not torch.cuda.is_available():
+        assert entry_point(["serve", "--model", hf_folder[0], "--device", "cuda"]) == 2
+        assert capsys.readouterr().err == ("error: --device cuda, but torch sees no CUDA device here; expected "
+                                           "--device cpu or auto\n")
 
 
 def _descendants(pid):
