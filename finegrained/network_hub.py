@@ -20,6 +20,7 @@ import os
 from typing import Any, Dict, Optional
 
 from finegrained.heads import head_display_name, head_paper
+from finegrained.json_file import read_json_object
 from finegrained.version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
@@ -63,17 +64,8 @@ def read_local_config(folder: str) -> Dict[str, Any]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: not found; expected a folder written by save_pretrained or finegrained "
                                 f"export --format hf")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except OSError as err:
-        raise FileNotFoundError(f"{path}: cannot be read ({err.strerror}); expected the config.json of a folder "
-                                f"written by save_pretrained or finegrained export --format hf") from None
-    except ValueError as err:
-        raise ValueError(f"{path}: not JSON ({err}); expected the config.json of finegrained") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: a JSON {type(config).__name__}; expected the object config.json of finegrained")
-    return config
+    return read_json_object(path, "the config.json of a folder written by save_pretrained or finegrained export "
+                                  "--format hf")
 
 
 def _check_tensors(network, weights: str) -> Dict[str, Any]:

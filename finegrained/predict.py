@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -22,6 +21,7 @@ from datamodules.io import IMAGE_EXTENSIONS, ImageLoadError, decode_cropped
 from datamodules.samples import safe_name
 from datamodules.transforms import eval_transform
 from finegrained.export import contract, embedded_contract, manifest_path, sha256_file
+from finegrained.json_file import read_json_object
 from finegrained.resume import write_atomically
 
 
@@ -97,14 +97,7 @@ REQUIRED_PREPROCESSING = ("resize", "crop", "mean", "std")
 
 def read_manifest(mpath: str) -> Dict:
     """The manifest at ``mpath``, checked for what prediction needs (one clear error otherwise)."""
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except ValueError as err:
-        raise ValueError(f"{mpath}: not a JSON manifest ({err}); expected the .json file finegrained export "
-                         f"writes") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(mpath, "the .json manifest finegrained export writes")
     if manifest.get("format") not in MANIFEST_FORMATS:
         raise ValueError(f"{mpath}: format {manifest.get('format')!r}; expected one of {', '.join(MANIFEST_FORMATS)}")
     names = manifest.get("class_names")

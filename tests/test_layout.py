@@ -19,10 +19,10 @@ LIBRARY = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "fin
            "finegrained.network", "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
            "finegrained.data_contract", "finegrained.callbacks", "finegrained.pretrained", "finegrained.losses",
            "finegrained.metrics", "finegrained.svm", "finegrained.export", "finegrained.predict", "finegrained.resume",
-           "finegrained.network_hub", "finegrained.export_hub", "finegrained.version")
+           "finegrained.network_hub", "finegrained.export_hub", "finegrained.version", "finegrained.json_file")
 # The network and everything it needs work in any PyTorch training loop: no Lightning, no torchmetrics.
 WITHOUT_LIGHTNING = ("finegrained.ops", "finegrained.heads", "finegrained.backbones", "finegrained.network",
-                     "finegrained.network_hub", "finegrained.version",
+                     "finegrained.network_hub", "finegrained.version", "finegrained.json_file",
                      "finegrained.network_weights", "finegrained.features", "finegrained.checkpoint_file",
                      "finegrained.pretrained", "finegrained.optim", "finegrained.data_contract", "finegrained.svm")
 TOOLING = ("finegrained.bench", "finegrained.results", "finegrained.cli", "finegrained.launch", "finegrained.serve")
@@ -80,7 +80,7 @@ def _modules_in(prefix):
                            "finegrained.losses", "finegrained.metrics")),
     ("finegrained.network", ("finegrained.network", "finegrained.network_weights", "finegrained.heads",
                              "finegrained.backbones", "finegrained.network_hub")),
-    ("finegrained.network_hub", ("finegrained.heads", "finegrained.version")),
+    ("finegrained.network_hub", ("finegrained.heads", "finegrained.version", "finegrained.json_file")),
     ("finegrained.export_hub", ("finegrained.network", "finegrained.network_hub", "finegrained.model",
                                 "finegrained.export", "datamodules.transforms")),
     ("finegrained.network_weights", ("finegrained.backbones", "finegrained.checkpoint_file", "finegrained.pretrained")),
