@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,6 +55,13 @@ def manifest_path(artifact_path: str) -> str:
     return artifact_path + ".json"
 
 
+def checkpoint_outputs(hp) -> Tuple[List[str], Dict[str, Any]]:
+    """The class names (``"0"``, ``"1"``, ... when the checkpoint has none) and the test preprocessing (the published
+    512 -> 448 protocol when it has none) of a classifier's hyper-parameters: what every export promises."""
+    return (list(hp.get("class_names") or [str(i) for i in range(hp.num_classes)]),
+            dict(hp.get("preprocessing") or _DEFAULT_PREPROCESSING))
+
+
 def contract(class_names, preprocessing: Dict[str, Any], flip_averaged: bool) -> Dict[str, Any]:
     """What the artifact's outputs mean and how its inputs are made: embedded in the artifact, repeated in the
     manifest."""
@@ -82,7 +89,7 @@ def embedded_contract(path: str, fmt: str) -> Optional[Dict[str, Any]]:
     return json.loads(text) if text else None
 
 
-def _crop_hw(preprocessing: Dict[str, Any]):
+def crop_hw(preprocessing: Dict[str, Any]):
     crop = preprocessing["crop"]
     return (crop, crop) if isinstance(crop, int) else tuple(crop)
 
@@ -116,10 +123,10 @@ def export_classifier(checkpoint_path: str, fmt: str, out_path: str, opset: Opti
     # Export plain modules: the artifact holds the network as `finegrained test` evaluates it (flip
     # averaging included), not the Lightning trainer plumbing.
     network = model.inference_network().eval()
-    class_names = list(hp.get("class_names") or [str(i) for i in range(hp.num_classes)])
-    promised = contract(class_names, hp.get("preprocessing") or _DEFAULT_PREPROCESSING, network.test_flip)
+    class_names, preprocessing = checkpoint_outputs(hp)
+    promised = contract(class_names, preprocessing, network.test_flip)
     preprocessing = promised["preprocessing"]
-    height, width = _crop_hw(preprocessing)
+    height, width = crop_hw(preprocessing)
     measured_on = "validation images" if images is not None else "random inputs"
     if images is None:
         images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))

@@ -48,7 +48,7 @@ def export_hub_folder(checkpoint: str, out_dir: str, evaluation: Optional[Dict[s
     inputs). ``evaluation``: the run record of ``finegrained test`` the model card cites. Written beside ``out_dir``
     and renamed into place once checked. Returns the config and the check."""
     from datamodules.transforms import preprocessing_steps
-    from finegrained.export import _DEFAULT_PREPROCESSING, _crop_hw
+    from finegrained.export import checkpoint_outputs, crop_hw
     from finegrained.model import load_classifier
     from finegrained.network import FineGrainedNetwork
 
@@ -57,9 +57,9 @@ def export_hub_folder(checkpoint: str, out_dir: str, evaluation: Optional[Dict[s
     replace = _previous_folder_export(out_dir)
     model = load_classifier(checkpoint)
     hp, network = model.hparams, model.network
-    preprocessing = dict(hp.get("preprocessing") or _DEFAULT_PREPROCESSING)
+    class_names, preprocessing = checkpoint_outputs(hp)
     network.pretrained_cfg = {
-        "class_names": list(hp.get("class_names") or [str(i) for i in range(hp.num_classes)]),
+        "class_names": class_names,
         "preprocessing": {**preprocessing, "steps": preprocessing_steps(preprocessing)},
         "test_flip": bool(hp.test_flip)}
     if evaluation:
@@ -69,7 +69,7 @@ def export_hub_folder(checkpoint: str, out_dir: str, evaluation: Optional[Dict[s
                              f"is {hp.head} on {hp.backbone}; expected a record of this checkpoint")
         network.pretrained_cfg["evaluation"] = evaluation
     if images is None:
-        height, width = _crop_hw(network.pretrained_cfg["preprocessing"])
+        height, width = crop_hw(network.pretrained_cfg["preprocessing"])
         images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     out_dir = os.path.abspath(out_dir)
     staging = f"{out_dir}.partial-{os.getpid()}"

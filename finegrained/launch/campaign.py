@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -53,7 +54,7 @@ def job_names(recipes: List[str], seeds: List[int]) -> List[str]:
     while depth < deepest and len({label(p, depth) for p in paths}) < len(paths):
         depth += 1
     labels = {p: label(p, depth) for p in paths}
-    clashing = {name for name in labels.values() if list(labels.values()).count(name) > 1}
+    clashing = {name for name, count in Counter(labels.values()).items() if count > 1}
     labels = {p: f"{name}-{hashlib.sha256(p.encode()).hexdigest()[:6]}" if name in clashing else name
               for p, name in labels.items()}
     return [f"{labels[os.path.abspath(r)]}-s{seed}" for r in recipes for seed in seeds]

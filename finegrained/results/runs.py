@@ -337,8 +337,8 @@ def checkpoint_record(checkpoint: str, runs_csv: str, run_id: Optional[str] = No
         raise FileNotFoundError(f"{runs_csv}: not found; expected the run records finegrained test writes "
                                 f"(--runs-csv)")
     runs = read_runs(runs_csv)
-    written = datetime.datetime.fromtimestamp(os.path.getmtime(checkpoint), datetime.timezone.utc)
-    tested_after = [_parse_time(t) >= written.replace(microsecond=0) for t in runs["timestamp"].astype(str)]
+    written = pd.Timestamp(os.path.getmtime(checkpoint), unit="s", tz="UTC").floor("s")  # records keep seconds
+    tested_after = pd.to_datetime(runs["timestamp"], utc=True, errors="coerce", format="ISO8601") >= written
     if run_id is not None:
         chosen = runs[runs["run_id"].astype(str) == str(run_id)]
         if chosen.empty:
@@ -348,9 +348,11 @@ def checkpoint_record(checkpoint: str, runs_csv: str, run_id: Optional[str] = No
                              f"expected a test of this checkpoint")
     else:
         target = os.path.realpath(checkpoint)
-        same = [bool(p) and os.path.realpath(p) == target for p in runs["checkpoint"].fillna("").astype(str)]
-        softmax = [c != "svm" for c in runs["classifier"].fillna("").astype(str)]
-        chosen = runs[[a and b and c for a, b, c in zip(same, softmax, tested_after)]]
+        same = pd.Series([bool(p) and os.path.realpath(p) == target for p in runs["checkpoint"].fillna("").astype(str)],
+                         index=runs.index, dtype=bool)
+        softmax = pd.Series([c != "svm" for c in runs["classifier"].fillna("").astype(str)], index=runs.index,
+                            dtype=bool)
+        chosen = runs[same & softmax & tested_after]
         if chosen.empty:
             return None
     row = chosen.sort_values("timestamp").iloc[-1]
@@ -363,11 +365,3 @@ def checkpoint_record(checkpoint: str, runs_csv: str, run_id: Optional[str] = No
             continue
         record[key] = value.item() if hasattr(value, "item") else value
     return record
-
-
-def _parse_time(text: str) -> datetime.datetime:
-    try:
-        stamp = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        return datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=datetime.timezone.utc)

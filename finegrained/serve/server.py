@@ -19,7 +19,7 @@ from typing import Any, Dict
 
 import torch
 
-from finegrained.serve.model import ServedModel, describe
+from finegrained.serve.model import ServedModel
 from finegrained.serve.requests import EXPECTED
 
 PREDICT_PATH = "/predict"
@@ -47,16 +47,18 @@ class RequestChecks:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return await _refuse(send, 413, f"body of {declared} bytes; the server accepts at most "
                                             f"{self.max_body_bytes} bytes")
-        body, more = b"", True
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
+            if size > self.max_body_bytes:
                 return await _refuse(send, 413, f"body of more than {self.max_body_bytes} bytes; the server "
                                                 f"accepts at most {self.max_body_bytes} bytes")
+        body = b"".join(chunks)
 
         def replay():
             sent = False
@@ -115,8 +117,7 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size
         raise ValueError(f"--port {port}; expected a port from 1024 to 65535")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device here; expected --device cpu or auto")
-    metadata = describe(source)
-    ServedModel(source, "cpu")  # a broken model is one line here, not a traceback in a worker
+    metadata = ServedModel(source, "cpu").metadata  # a broken model is one line here, not a traceback in a worker
     device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     check_port(host, port)
     accelerator = device if metadata["format"] == "hf" else "cpu"

@@ -15,6 +15,8 @@ import subprocess
 import time
 from typing import Dict, Optional
 
+from finegrained.bench.serve import free_port
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 DAEMON_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -29,12 +31,6 @@ def why_not_available() -> Optional[str]:
         return (f"SLURM is not installed ({', '.join(missing)} not found): apt-get install slurm-wlm munge "
                 f"(make setup does it where it can)")
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _binary(name: str) -> str:
@@ -68,8 +64,8 @@ StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
 SlurmdPidFile={d}/slurmd.pid
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd.log
 ProctrackType=proctrack/linuxproc
