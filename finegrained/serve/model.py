@@ -37,6 +37,10 @@ def describe(source: str) -> Dict[str, Any]:
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: not found; expected a folder of finegrained export --format hf, or an "
                                 f".onnx / .pt export with its manifest")
+    if not os.path.isfile(manifest_path(source)):
+        raise FileNotFoundError(f"{manifest_path(source)}: not found; expected the manifest finegrained export writes "
+                                f"beside {os.path.basename(source)} (a checkpoint is served once exported: finegrained "
+                                f"export --format hf)")
     manifest = read_manifest(manifest_path(source))
     return {"format": manifest["format"], "source": os.path.abspath(source), "classes": manifest["class_names"],
             "preprocessing": manifest["preprocessing"],

@@ -156,6 +156,10 @@ def test_serve_refuses_what_it_cannot_serve_before_starting(hf_folder, tmp_path,
     import shutil
     import socket
 
+    (tmp_path / "model.ckpt").write_bytes(os.urandom(100))  # a checkpoint, not an export
+    assert entry_point(["serve", "--model", str(tmp_path / "model.ckpt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'model.ckpt'}.json: not found; expected the "
+                                              f"manifest finegrained export writes beside model.ckpt")
     assert entry_point(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'missing'}: not found; expected a folder")
     broken = tmp_path / "broken"
